@@ -1,0 +1,155 @@
+"""kvtier's one configuration dataclass, loadable from YAML and ``KVTIER_*`` environment variables.
+
+Precedence: defaults < YAML file < environment < explicit keyword overrides. Unknown keys and values of
+the wrong type or range are a ``ConfigError`` naming the key, so a typo never silently falls back to a default.
+Byte sizes accept integers or strings such as ``"4GiB"`` / ``"512MB"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "KVTIER_"
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+TRANSFER_IMPLS = ("auto", "torch", "triton", "cuda", "staged", "dma")
+
+
+class ConfigError(ValueError):
+    """A configuration key that does not exist or a value that is not acceptable."""
+
+
+def parse_bytes(value: int | str) -> int:
+    """``4096``, ``"4096"``, ``"4KiB"``, ``"1.5GB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a byte size: {value!r}")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"not a byte size: {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass
+class KvtierConfig:
+    # --- model / keys -----------------------------------------------------------------------------------
+    block_size: int = 16                      # tokens per block (the hash-chain unit)
+    chunk_blocks: int = 16                    # blocks per chunk below G1
+    cache_salt: str = ""                      # tenant salt; different salts never share entries
+    model_name: str = "model"
+    # --- kernels (G1 <-> G2) ----------------------------------------------------------------------------
+    transfer_impl: str = "auto"               # one of TRANSFER_IMPLS
+    sm_budget: int = 0                        # max CTAs' SMs a transfer may occupy; 0 = all
+    # --- G2 pinned host pool -----------------------------------------------------------------------------
+    host_capacity_bytes: int = 4 * 2**30
+    # --- G3 disk ------------------------------------------------------------------------------------------
+    disk_path: str = ""                       # empty: no disk tier
+    disk_capacity_bytes: int = 64 * 2**30
+    disk_io_threads: int = 8
+    disk_use_direct_io: bool = True
+    # --- G4 remote ----------------------------------------------------------------------------------------
+    remote_url: str = ""                      # redis://, rediss://, redis+cluster:// ; empty: no remote tier
+    remote_password: str = ""
+    remote_username: str = ""
+    remote_ttl_s: int = 0                     # 0: no expiry
+    remote_timeout_s: float = 0.5
+    remote_part_bytes: int = 8 * 2**20        # large chunks are split into parts of this size
+    # --- manager ------------------------------------------------------------------------------------------
+    policy: str = "agent"
+    pin_budget_frac: float = 0.5              # share of each tier that pins may hold
+    pin_lease_s: float = 600.0
+    admission_min_hits: int = 2               # G3/G4 admission: seen at least this often
+    write_through: bool = False
+    # --- engine -------------------------------------------------------------------------------------------
+    lower_tier_deadline_ms: float = 200.0     # wait no longer than this for G3/G4; recompute instead
+    events_endpoint: str = ""                 # e.g. tcp://*:5557 ; empty: no event publishing
+    events_replay_endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("block_size", "chunk_blocks", "disk_io_threads", "remote_part_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("sm_budget", "host_capacity_bytes", "disk_capacity_bytes", "remote_ttl_s",
+                     "admission_min_hits", "lower_tier_deadline_ms", "remote_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.transfer_impl not in TRANSFER_IMPLS:
+            raise ConfigError(f"transfer_impl must be one of {TRANSFER_IMPLS}, got {self.transfer_impl!r}")
+        if not 0.0 <= self.pin_budget_frac <= 1.0:
+            raise ConfigError(f"pin_budget_frac must be within [0, 1], got {self.pin_budget_frac}")
+
+    # --- loading ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> KvtierConfig:
+        return cls()._replace(values, source)
+
+    @classmethod
+    def load(cls, yaml_path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+             **overrides: Any) -> KvtierConfig:
+        """Defaults, then the YAML file, then ``KVTIER_*`` variables, then ``overrides``."""
+        config = cls()
+        if yaml_path is not None:
+            text = Path(yaml_path).read_text()
+            data = yaml.safe_load(text) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{yaml_path}: top level must be a mapping, got {type(data).__name__}")
+            config = config._replace(data, str(yaml_path))
+        env = os.environ if env is None else env
+        from_env = {k[len(ENV_PREFIX):].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        config = config._replace(from_env, "environment")
+        return config._replace(overrides, "arguments")
+
+    def _replace(self, values: Mapping[str, Any], source: str) -> KvtierConfig:
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for name, raw in values.items():
+            if name not in fields:
+                raise ConfigError(f"{source}: unknown configuration key {name!r}")
+            changes[name] = _coerce(name, fields[name].type, raw, source)
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, type_name: Any, raw: Any, source: str) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    try:
+        if name.endswith("_bytes"):
+            return parse_bytes(raw)
+        if type_name == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if type_name == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if type_name == "float":
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        if type_name == "str":
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise ValueError(raw)
+            return str(raw)
+    except (TypeError, ValueError, ConfigError):
+        raise ConfigError(f"{source}: {name} expects {type_name}, got {raw!r}") from None
+    raise ConfigError(f"{source}: {name} has unsupported type {type_name}")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One command from a fresh machine to a passing test suite: system packages, a virtual environment with the
+# CPU build of torch and the test extras, then pytest. Safe to re-run; extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
+command -v fio >/dev/null || need_apt+=(fio)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0          # the CPU build; never pull a CUDA build here
+python -m pip install -q -e '.[test]'
+if [ -f requirements-engines.txt ]; then
+  python -m pip install -q --no-deps -r requirements-engines.txt
+fi
+
+export TRITON_INTERPRET=1
+python -m pytest -q -p no:cacheprovider "$@"
