@@ -41,9 +41,11 @@ def _kernel(device_index: int):
 
     with cupy.cuda.Device(device_index):
         if FATBIN.exists():
-            module = cupy.RawModule(path=str(FATBIN))
-        else:
-            module = cupy.RawModule(code=source_path().read_text(), options=("-std=c++17",))
+            try:  # a fatbin from a newer toolkit than the driver supports fails to load: compile instead
+                return cupy.RawModule(path=str(FATBIN)).get_function(KERNEL_NAME)
+            except cupy.cuda.driver.CUDADriverError:
+                pass
+        module = cupy.RawModule(code=source_path().read_text(), options=("-std=c++17",))
         return module.get_function(KERNEL_NAME)
 
 
@@ -67,6 +69,7 @@ def copy(batch: TransferBatch, sm_budget: int = 0) -> None:
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, dev.index)
     with cupy.cuda.Device(dev.index), stream:
         _kernel(dev.index)((grid,), (THREADS,), (
-            seg_ptrs.data_ptr(), seg_strides.data_ptr(), block_ids.data_ptr(), host_ptrs.data_ptr(),
+            np.uint64(seg_ptrs.data_ptr()), np.uint64(seg_strides.data_ptr()), np.uint64(block_ids.data_ptr()),
+            np.uint64(host_ptrs.data_ptr()),
             np.int64(batch.num_blocks), np.int32(lay.num_segments), np.int64(lay.segment_bytes),
             np.int32(batch.to_host), np.int32(batch.alignment == 16)))

@@ -3,7 +3,7 @@
 ``offload`` gathers blocks from a KV cache into an arena (host memory for G2); ``load`` scatters them back.
 ``impl="auto"`` picks per device, direction and segment size from a findings table that
 ``benchmarks/bench_transfer.py --write-dispatch`` produces on a GPU; until one exists the zero-copy Triton
-kernel is used on GPUs (no launch per page, one launch per batch) and the torch path on CPU. GPU transfers
+kernel is used on GPUs (no launch per page, one launch per batch) and a memmove per segment on CPU. GPU transfers
 are asynchronous on torch's current stream: record an event (or synchronise) before reading the arena.
 """
 
@@ -61,7 +61,7 @@ def choose(layout: PageLayout, to_host: bool) -> str:
     ``max segment bytes`` bound covers the layout's segments, if it can run here; else the default."""
     usable = available_impls(layout.device)
     if layout.device.type != "cuda":
-        return "torch"
+        return "dma"  # one memmove per segment: 10x the torch path on CPU (benchmarks/RESULTS.md)
     for max_bytes, impl in _load_table().get("offload" if to_host else "load", []):
         if layout.segment_bytes <= max_bytes and impl in usable:
             return impl
