@@ -246,13 +246,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:  # `kvtier bench-transfer` passes its own argv
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
-
-
-def run(args: argparse.Namespace) -> int:
-    return main(args.rest)
-
-
 if __name__ == "__main__":
     raise SystemExit(main())

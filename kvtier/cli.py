@@ -12,7 +12,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("kvtier.runner.demo", "an agentic coding session with and without kvtier (the main job)"),
     "sim": ("kvtier.sim.cli", "replay a trace through the block manager and compare eviction policies"),
     "router": ("kvtier.router.cli", "KV-aware router with an OpenAI/Anthropic-compatible front"),
-    "bench-transfer": ("benchmarks.bench_transfer", "GPU<->host transfer bandwidth of every implementation"),
 }
 
 
