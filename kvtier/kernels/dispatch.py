@@ -3,7 +3,7 @@
 ``offload`` gathers blocks from a KV cache into an arena (host memory for G2); ``load`` scatters them back.
 ``impl="auto"`` picks per device, direction and segment size from a findings table that
 ``benchmarks/bench_transfer.py --write-dispatch`` produces on a GPU; until one exists the zero-copy Triton
-kernel is used on GPUs (no launch per page, one launch per batch) and a memmove per segment on CPU. GPU transfers
+kernel is used on GPUs (no launch per page, one launch per batch); on CPU the rule in ``choose``. GPU transfers
 are asynchronous on torch's current stream: record an event (or synchronise) before reading the arena.
 """
 
@@ -23,6 +23,7 @@ from kvtier.layout import PageLayout
 
 DISPATCH_TABLE_ENV = "KVTIER_DISPATCH_TABLE"
 DEFAULT_TABLE = Path(__file__).with_name("dispatch_table.json")
+CPU_TORCH_OFFLOAD_MAX_BYTES = 16 * 1024
 
 
 def _triton_usable_on(device: torch.device) -> bool:
@@ -61,7 +62,9 @@ def choose(layout: PageLayout, to_host: bool) -> str:
     ``max segment bytes`` bound covers the layout's segments, if it can run here; else the default."""
     usable = available_impls(layout.device)
     if layout.device.type != "cuda":
-        return "dma"  # one memmove per segment: 10x the torch path on CPU (benchmarks/RESULTS.md)
+        # measured on CPU (benchmarks/RESULTS.md): torch's strided gather wins for small pages on the way out;
+        # a memmove per segment wins otherwise, and by 3-6x on the way in (index_copy_ is slow)
+        return "torch" if to_host and layout.segment_bytes <= CPU_TORCH_OFFLOAD_MAX_BYTES else "dma"
     for max_bytes, impl in _load_table().get("offload" if to_host else "load", []):
         if layout.segment_bytes <= max_bytes and impl in usable:
             return impl
