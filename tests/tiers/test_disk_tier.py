@@ -122,7 +122,7 @@ def test_writer_killed_mid_write_is_never_served(tmp_path: Path) -> None:
         from kvtier.tiers.disk import DiskTier
         from tests.tiers.helpers import NS
         def half_then_hang(fd, buffers, offset):
-            os.pwrite(fd, bytes(8192), offset)
+            os.pwritev(fd, [buffers[0], memoryview(buffers[1])[:65536]], offset)  # header + part
             print("writing", flush=True)
             time.sleep(60)
         fileio.write_at = half_then_hang
