@@ -58,6 +58,8 @@ class KvtierConfig:
     disk_capacity_bytes: int = 64 * 2**30
     disk_io_threads: int = 8
     disk_use_direct_io: bool = True
+    disk_fsync: bool = True                   # fdatasync each chunk before it becomes visible
+    disk_max_pending_bytes: int = 2**30       # writes queued beyond this are skipped (slow disk)
     # --- G4 remote ----------------------------------------------------------------------------------------
     remote_url: str = ""                      # redis://, rediss://, redis+cluster:// ; empty: no remote tier
     remote_password: str = ""
@@ -65,6 +67,10 @@ class KvtierConfig:
     remote_ttl_s: int = 0                     # 0: no expiry
     remote_timeout_s: float = 0.5
     remote_part_bytes: int = 8 * 2**20        # large chunks are split into parts of this size
+    remote_connections: int = 4               # batches are split over this many pipelined connections
+    remote_tls_ca_file: str = ""              # rediss:// options; empty: system defaults
+    remote_tls_cert_file: str = ""
+    remote_tls_key_file: str = ""
     # --- manager ------------------------------------------------------------------------------------------
     policy: str = "agent"
     pin_budget_frac: float = 0.5              # share of each tier that pins may hold
@@ -80,7 +86,8 @@ class KvtierConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("block_size", "chunk_blocks", "disk_io_threads", "remote_part_bytes")
+        positive = ("block_size", "chunk_blocks", "disk_io_threads", "remote_part_bytes", "disk_max_pending_bytes",
+                    "remote_connections")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

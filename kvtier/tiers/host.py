@@ -1,0 +1,310 @@
+"""G2: one large host allocation carved into fixed slots, and the tier that keeps chunks in them.
+
+The pool is the source and destination of the GPU transfer kernels and of disk and remote I/O, so a chunk
+moves between tiers with one copy or one I/O. It is pinned through CUDA when a GPU exists (so kernels can
+read it over UVA), page-aligned always (so O_DIRECT reads land straight in a slot), and slots are a multiple
+of 4096 bytes (so a padded O_DIRECT read of a chunk's tail fits its slot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvtier.config import KvtierConfig
+from kvtier.hashing import Namespace
+from kvtier.tiers.base import Buffer, LruIndex, Tier, TierClosedError, check_key, completed
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+
+
+def round_up(n: int, multiple: int = PAGE) -> int:
+    return -(-n // multiple) * multiple
+
+
+class PoolExhausted(MemoryError):
+    """``HostPool.alloc`` found fewer free slots than asked for (nothing was taken)."""
+
+
+class HostPool:
+    """Fixed-size slots in one page-aligned host buffer; O(1) alloc and free from a free-list stack.
+
+    ``pin=None`` pins when CUDA is available. Pinned memory comes from ``torch.empty(pin_memory=True)``
+    (page-aligned by cudaHostAlloc) and is handed back to the driver on ``close``; plain memory is an
+    anonymous mmap, unmapped on ``close`` (or, if views of it are still alive then, when the last one dies).
+    Thread-safe.
+    """
+
+    def __init__(self, capacity_bytes: int, slot_bytes: int, pin: bool | None = None) -> None:
+        if slot_bytes <= 0:
+            raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
+        self.slot_bytes = round_up(slot_bytes)
+        self.num_slots = capacity_bytes // self.slot_bytes
+        if self.num_slots <= 0:
+            raise ValueError(f"capacity {capacity_bytes} B holds no slot of {self.slot_bytes} B")
+        self.pinned = torch.cuda.is_available() if pin is None else pin
+        if self.pinned and not torch.cuda.is_available():
+            raise ValueError("pin=True needs CUDA")
+        nbytes = self.num_slots * self.slot_bytes
+        self._mmap: mmap.mmap | None = None
+        if self.pinned:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            self._mmap = mmap.mmap(-1, nbytes)
+            self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        if self.buffer.data_ptr() % PAGE:
+            raise RuntimeError("host pool buffer is not page-aligned")
+        self._lock = threading.Lock()
+        self._free = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._in_use = bytearray(self.num_slots)
+        self._closed = False
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def try_alloc(self, n: int) -> list[int] | None:
+        """``n`` slots, or None (taking nothing) when fewer are free."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} slots")
+        with self._lock:
+            self._check_open()
+            if n > len(self._free):
+                return None
+            slots = self._free[len(self._free) - n:]
+            del self._free[len(self._free) - n:]
+            for s in slots:
+                self._in_use[s] = 1
+            return slots
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` slots, all or nothing; ``PoolExhausted`` when fewer are free."""
+        slots = self.try_alloc(n)
+        if slots is None:
+            raise PoolExhausted(f"{n} slots asked, {self.free_slots} of {self.num_slots} free")
+        return slots
+
+    def free(self, slots: Sequence[int]) -> None:
+        """Return slots; an unknown, repeated or already free slot is a ValueError (nothing is freed)."""
+        with self._lock:
+            self._check_open()
+            seen = set()
+            for s in slots:
+                if not isinstance(s, int) or not 0 <= s < self.num_slots:
+                    raise ValueError(f"slot {s!r} out of range 0..{self.num_slots - 1}")
+                if not self._in_use[s] or s in seen:
+                    raise ValueError(f"slot {s} is not allocated (double free?)")
+                seen.add(s)
+            for s in slots:
+                self._in_use[s] = 0
+                self._free.append(s)
+
+    def view(self, slot: int) -> torch.Tensor:
+        """The slot's ``slot_bytes`` bytes as a uint8 tensor sharing the pool's memory."""
+        self._check_slot(slot)
+        return self.buffer[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
+
+    def address(self, slot: int) -> int:
+        self._check_slot(slot)
+        return self.buffer.data_ptr() + slot * self.slot_bytes
+
+    def close(self) -> None:
+        """Release the memory; later calls raise ``TierClosedError``. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._free.clear()
+            self.buffer = torch.empty(0, dtype=torch.uint8)
+            if self.pinned:
+                torch.cuda.synchronize()  # no kernel may still read or write the slots
+                empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+                if empty_host_cache is not None:
+                    empty_host_cache()
+            elif self._mmap is not None:
+                with contextlib.suppress(BufferError):  # views still alive: unmapped when they die
+                    self._mmap.close()
+                self._mmap = None
+
+    def __enter__(self) -> HostPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierClosedError("host pool is closed")
+
+    def _check_slot(self, slot: int) -> None:
+        self._check_open()
+        if not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot!r} out of range 0..{self.num_slots - 1}")
+
+
+@dataclass
+class _Entry:
+    slot: int
+    nbytes: int
+    readers: int = 0
+    dropped: bool = False  # deleted while being read: the last reader frees the slot
+
+
+class HostTier(Tier):
+    """G2 as a Tier: each chunk in one pool slot, LRU (or the manager's hook) when full.
+
+    Entries being read (``get`` or ``borrow``) are never overwritten: dropping one defers freeing its slot
+    to the last reader. Operations complete synchronously (memory copies); the futures come back done.
+    """
+
+    name = "host"
+
+    def __init__(self, namespace: Namespace, pool: HostPool, own_pool: bool = False) -> None:
+        super().__init__(namespace)
+        self.pool = pool
+        self._own_pool = own_pool
+        self._lock = threading.Lock()
+        self._entries: dict[int, _Entry] = {}
+        self._index = LruIndex(pool.capacity_bytes)
+        self._set_gauges(capacity_bytes=pool.capacity_bytes)
+
+    @classmethod
+    def from_config(cls, cfg: KvtierConfig, namespace: Namespace, slot_bytes: int) -> HostTier:
+        """A tier over its own pool of ``cfg.host_capacity_bytes`` in slots of ``slot_bytes`` (one chunk)."""
+        return cls(namespace, HostPool(cfg.host_capacity_bytes, slot_bytes), own_pool=True)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.pool.capacity_bytes
+
+    def put_async(self, keys: Sequence[int], payloads: Sequence[Buffer]) -> Future[list[bool]]:
+        return completed(self.put(keys, payloads))
+
+    def get_async(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> Future[list[int | None]]:
+        return completed(self.get(keys, buffers))
+
+    def put(self, keys: Sequence[int], payloads: Sequence[Buffer]) -> list[bool]:
+        checked, views = self._check_batch(keys, payloads, writable=False)
+        too_big = [len(v) for v in views if len(v) > self.pool.slot_bytes]
+        if too_big:
+            raise ValueError(f"payload of {too_big[0]} B exceeds the host slot of {self.pool.slot_bytes} B")
+        return [self._put_one(k, v) for k, v in zip(checked, views)]
+
+    def _put_one(self, key: int, payload: memoryview) -> bool:
+        slot_bytes = self.pool.slot_bytes
+        with self._lock:
+            if key in self._entries:
+                self._index.touch(key)
+                return True
+            victims = self._index.victims_for(slot_bytes, self.choose_victims)
+            if victims is None:
+                self._count(put_skipped=1)
+                return False
+            for victim in victims:
+                self._drop_locked(victim)
+            slots = self.pool.try_alloc(1)  # None only when others share the pool and took the slots
+            if slots is None:
+                self._count(put_skipped=1, evictions=len(victims))
+                return False
+            slot = slots[0]
+            self._index.reserve(slot_bytes)
+        dst = self.pool.view(slot).numpy()[:len(payload)]
+        np.copyto(dst, np.frombuffer(payload, dtype=np.uint8))
+        with self._lock:
+            self._index.commit(key, slot_bytes)
+            self._entries[key] = _Entry(slot, len(payload))
+            self._count(puts=1, put_bytes=len(payload), evictions=len(victims))
+            self._gauges_locked()
+        if victims and self.on_evicted is not None:
+            self.on_evicted(victims)
+        return True
+
+    def get(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> list[int | None]:
+        checked, views = self._check_batch(keys, buffers, writable=True)
+        out: list[int | None] = []
+        for key, buf in zip(checked, views):
+            with self.borrow(key) as src:
+                if src is None or len(src) > len(buf):
+                    self._count(gets=1, misses=1)
+                    out.append(None)
+                    continue
+                np.copyto(np.frombuffer(buf, dtype=np.uint8)[:len(src)], src.numpy())
+                self._count(gets=1, hits=1, hit_bytes=len(src))
+                out.append(len(src))
+        return out
+
+    @contextlib.contextmanager
+    def borrow(self, key: int) -> Iterator[torch.Tensor | None]:
+        """Zero-copy access to a stored chunk (e.g. as the source of a disk write); None when absent.
+
+        The slot is not reused until the block exits, even if the entry is deleted meanwhile.
+        """
+        key = check_key(key)
+        with self._lock:
+            self._check_open()
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.readers += 1
+                self._index.touch(key)
+        if entry is None:
+            yield None
+            return
+        try:
+            yield self.pool.view(entry.slot)[:entry.nbytes]
+        finally:
+            with self._lock:
+                entry.readers -= 1
+                if entry.dropped and entry.readers == 0 and not self._closed:
+                    self.pool.free([entry.slot])
+
+    def contains(self, keys: Sequence[int]) -> list[bool]:
+        checked = [check_key(k) for k in keys]
+        with self._lock:
+            self._check_open()
+            return [k in self._entries for k in checked]
+
+    def delete(self, keys: Sequence[int]) -> list[bool]:
+        checked = [check_key(k) for k in keys]
+        with self._lock:
+            self._check_open()
+            out = [self._drop_locked(k) for k in checked]
+            self._count(deletes=sum(out))
+            self._gauges_locked()
+            return out
+
+    def _drop_locked(self, key: int) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._index.remove(key)
+        if entry.readers:
+            entry.dropped = True
+        else:
+            self.pool.free([entry.slot])
+        return True
+
+    def _gauges_locked(self) -> None:
+        self._set_gauges(used_bytes=self._index.used_bytes, entries=len(self._entries))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            super().close()
+            self._entries.clear()
+            if self._own_pool:
+                self.pool.close()

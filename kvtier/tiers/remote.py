@@ -1,0 +1,303 @@
+"""G4: chunks in Redis or Valkey (single server or Redis Cluster) through redis-py with hiredis.
+
+A chunk is stored as its parts (``remote_part_bytes`` each, raw payload) and a manifest (the 52-byte
+``ChunkHeader`` plus the part size) written LAST in the same pipeline, after deleting the old manifest:
+a reader sees the manifest only once every part is there, so a partial write is never a hit. All of a
+chunk's keys share a hash tag, so in a cluster they live on one shard and one ``MGET`` reads the manifest
+and every part atomically, in one round trip. Keys are namespaced by model, dtype, layout, tensor-parallel
+rank and tenant salt (``Namespace.prefix``).
+
+Payloads go out as memoryviews (no copy on the client); hiredis hands replies back as bytes, copied once
+into the caller's buffer. A value that fails its header or checksum is a miss and is deleted. A dead or
+slow server (socket timeouts) becomes misses and skipped writes; a circuit breaker then skips the server
+for an exponentially growing backoff and probes it again; redis-py reconnects on the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from kvtier.chunk import HEADER_BYTES, ChunkError, ChunkHeader
+from kvtier.config import KvtierConfig
+from kvtier.hashing import Namespace
+from kvtier.tiers.base import Buffer, Tier, check_key, gather, then
+from kvtier.tiers.breaker import CircuitBreaker
+
+log = logging.getLogger(__name__)
+
+_PART_SIZE = struct.Struct("<Q")
+MANIFEST_BYTES = HEADER_BYTES + _PART_SIZE.size
+_FAILURES = (redis.RedisError, OSError)
+T = TypeVar("T")
+
+
+def _zero_copy_packer() -> Any:
+    """redis-py's pure-Python command packer sends memoryviews as they are; its hiredis packer copies them
+    twice. Replies are still parsed by hiredis. None (library default) if redis-py's internals moved."""
+    try:
+        from redis._parsers.encoders import Encoder
+        from redis.connection import PythonRespSerializer
+    except ImportError:
+        return None
+    return PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+
+
+def connect(url: str, password: str = "", username: str = "", timeout_s: float = 0.5,
+            tls_ca_file: str = "", tls_cert_file: str = "", tls_key_file: str = "") -> redis.Redis | RedisCluster:
+    """A client for ``redis://``, ``rediss://`` (TLS) or ``redis+cluster://`` / ``rediss+cluster://`` URLs.
+
+    Timeouts bound every request; one immediate retry on a broken connection lets a restarted server be
+    picked up without a miss, and nothing retries longer (the circuit breaker does that, without blocking).
+    """
+    cluster = "+cluster://" in url
+    url = url.replace("+cluster://", "://")
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+    }
+    if password:
+        kwargs["password"] = password
+    if username:
+        kwargs["username"] = username
+    if url.startswith("rediss://"):
+        kwargs.update({k: v for k, v in (("ssl_ca_certs", tls_ca_file), ("ssl_certfile", tls_cert_file),
+                                         ("ssl_keyfile", tls_key_file)) if v})
+    packer = _zero_copy_packer()
+    if packer is not None:
+        kwargs["command_packer"] = packer
+    if cluster:
+        return RedisCluster.from_url(url, **kwargs)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+class RemoteTier(Tier):
+    """Chunks of one namespace in Redis; see the module docstring.
+
+    ``put``: True when every command of the chunk succeeded. ``get``: a buffer smaller than the stored
+    payload is a miss. Batches are split over ``connections`` worker threads, one pipeline each.
+    """
+
+    name = "remote"
+
+    def __init__(self, namespace: Namespace, client: redis.Redis | RedisCluster, part_bytes: int = 8 << 20,
+                 ttl_s: int = 0, connections: int = 4, breaker: CircuitBreaker | None = None) -> None:
+        super().__init__(namespace)
+        if part_bytes <= 0 or ttl_s < 0 or connections <= 0:
+            raise ValueError("part_bytes and connections must be positive, ttl_s not negative")
+        self.client = client
+        self.part_bytes = part_bytes
+        self.ttl_s = ttl_s or None
+        self.breaker = breaker or CircuitBreaker()
+        self._connections = connections
+        self._pool = ThreadPoolExecutor(connections, thread_name_prefix="kvtier-remote")
+
+    @classmethod
+    def from_config(cls, cfg: KvtierConfig, namespace: Namespace) -> RemoteTier:
+        if not cfg.remote_url:
+            raise ValueError("remote_url is empty: no remote tier configured")
+        client = connect(cfg.remote_url, cfg.remote_password, cfg.remote_username, cfg.remote_timeout_s,
+                         cfg.remote_tls_ca_file, cfg.remote_tls_cert_file, cfg.remote_tls_key_file)
+        return cls(namespace, client, cfg.remote_part_bytes, cfg.remote_ttl_s, cfg.remote_connections)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0  # bounded by the server (maxmemory and its eviction policy)
+
+    # --- keys ----------------------------------------------------------------------------------------------
+    def manifest_key(self, key: int) -> str:
+        """``<namespace prefix>/{<key hex>}``: the hash tag puts a chunk's keys in one cluster slot."""
+        return f"{self.namespace.prefix}/{{{check_key(key):016x}}}"
+
+    def part_keys(self, key: int, count: int) -> list[str]:
+        base = self.manifest_key(key)
+        return [f"{base}/p{i}" for i in range(count)]
+
+    def _parts_for(self, nbytes: int, part_bytes: int | None = None) -> int:
+        return max(1, -(-nbytes // (part_bytes or self.part_bytes)))
+
+    # --- batching --------------------------------------------------------------------------------------------
+    def _split(self, count: int) -> list[range]:
+        groups = min(self._connections, count)
+        return [range(count * g // groups, count * (g + 1) // groups) for g in range(groups)]
+
+    def _run_batch(self, count: int, job: Callable[[range], list[T]], failed: T) -> Future[list[T]]:
+        """Run ``job`` over slices of a batch on the worker threads; one future for the joined results."""
+        parts = [self._pool.submit(self._guarded, job, r, failed) for r in self._split(count)]
+        return then(gather(parts), lambda results: [x for part in results for x in part])
+
+    def _guarded(self, job: Callable[[range], list[T]], rows: range, failed: T) -> list[T]:
+        """The breaker around one pipeline: skipped while open, every failure a per-key ``failed``."""
+        if not self.breaker.allow():
+            return [failed] * len(rows)
+        try:
+            result = job(rows)
+        except _FAILURES as exc:
+            opened = self.breaker.record_failure()
+            self._count(errors=1, breaker_opens=int(opened))
+            log.warning("remote tier: %s %s", type(exc).__name__, exc)
+            return [failed] * len(rows)
+        self.breaker.record_success()
+        return result
+
+    # --- put -------------------------------------------------------------------------------------------------
+    def put_async(self, keys: Sequence[int], payloads: Sequence[Buffer]) -> Future[list[bool]]:
+        checked, views = self._check_batch(keys, payloads, writable=False)
+        if not checked:
+            return gather([])
+
+        def job(rows: range) -> list[bool]:
+            pipe = self.client.pipeline(transaction=False)
+            for i in rows:
+                self._queue_put(pipe, checked[i], views[i])
+            replies = pipe.execute(raise_on_error=False)
+            return self._per_chunk(replies, [self._commands_per_put(len(views[i])) for i in rows])
+
+        return then(self._run_batch(len(checked), job, False), lambda ok: self._count_puts(ok, views))
+
+    def _commands_per_put(self, nbytes: int) -> int:
+        return 2 + self._parts_for(nbytes)
+
+    def _queue_put(self, pipe: Any, key: int, payload: memoryview) -> None:
+        header = ChunkHeader.for_payload(self.namespace.id, key, payload)
+        manifest = header.pack() + _PART_SIZE.pack(self.part_bytes)
+        base = self.manifest_key(key)
+        pipe.execute_command("UNLINK", base)  # the old version disappears first: readers never pair it with new parts
+        for i, part in enumerate(self.part_keys(key, self._parts_for(len(payload)))):
+            pipe.set(part, payload[i * self.part_bytes:(i + 1) * self.part_bytes], ex=self.ttl_s)
+        pipe.set(base, manifest, ex=self.ttl_s)  # last: the chunk becomes visible complete
+
+    @staticmethod
+    def _per_chunk(replies: list[Any], counts: list[int]) -> list[bool]:
+        out, at = [], 0
+        for n in counts:
+            out.append(not any(isinstance(r, Exception) for r in replies[at:at + n]))
+            at += n
+        return out
+
+    def _count_puts(self, ok: list[bool], views: list[memoryview]) -> list[bool]:
+        stored = [len(v) for v, good in zip(views, ok) if good]
+        self._count(puts=len(stored), put_bytes=sum(stored), put_skipped=len(ok) - len(stored))
+        return ok
+
+    # --- get -------------------------------------------------------------------------------------------------
+    def get_async(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> Future[list[int | None]]:
+        checked, views = self._check_batch(keys, buffers, writable=True)
+        if not checked:
+            return gather([])
+
+        def job(rows: range) -> list[int | None]:
+            pipe = self.client.pipeline(transaction=False)
+            for i in rows:
+                pipe.execute_command("MGET", self.manifest_key(checked[i]),
+                                     *self.part_keys(checked[i], self._parts_for(len(views[i]))))
+            replies = pipe.execute(raise_on_error=False)
+            return [self._assemble(checked[i], views[i], reply) for i, reply in zip(rows, replies)]
+
+        return then(self._run_batch(len(checked), job, None), self._count_gets)
+
+    def _assemble(self, key: int, buf: memoryview, reply: Any) -> int | None:
+        """Copy a chunk's parts into ``buf`` and verify it; None (and the chunk deleted if damaged) otherwise."""
+        if isinstance(reply, Exception):
+            raise reply  # the server answered with an error: a failure like a dropped connection
+        manifest, parts = reply[0], reply[1:]
+        if manifest is None:
+            return None
+        try:
+            if len(manifest) != MANIFEST_BYTES:
+                raise ChunkError(f"manifest is {len(manifest)} bytes, expected {MANIFEST_BYTES}")
+            header = ChunkHeader.unpack(manifest)
+            (part_bytes,) = _PART_SIZE.unpack_from(manifest, HEADER_BYTES)
+            n = header.payload_bytes
+            if n > len(buf):
+                return None  # the caller's buffer is too small: a miss, the chunk is fine
+            count = self._parts_for(n, part_bytes)
+            if part_bytes != self.part_bytes or count > len(parts):  # written with another part size
+                parts = self.client.execute_command("MGET", *self.part_keys(key, count))
+            at = 0
+            for part in parts[:count]:
+                if part is None or at + len(part) > n:
+                    raise ChunkError("a part is missing or too long")
+                buf[at:at + len(part)] = part
+                at += len(part)
+            header.verify(self.namespace.id, key, buf[:at])
+            return n
+        except ChunkError as exc:
+            log.warning("remote tier: %016x is damaged (%s); deleted", key, exc)
+            self._count(corrupt=1)
+            self._delete_now([key], max(len(parts), self._parts_for(len(buf))))
+            return None
+
+    def _count_gets(self, sizes: list[int | None]) -> list[int | None]:
+        hits = [n for n in sizes if n is not None]
+        self._count(gets=len(sizes), hits=len(hits), hit_bytes=sum(hits), misses=len(sizes) - len(hits))
+        return sizes
+
+    # --- contains / delete -----------------------------------------------------------------------------------
+    def contains(self, keys: Sequence[int]) -> list[bool]:
+        """Whether each manifest exists (one pipelined round trip); False while the server is unreachable."""
+        self._check_open()
+        checked = [check_key(k) for k in keys]
+
+        def job(rows: range) -> list[bool]:
+            pipe = self.client.pipeline(transaction=False)
+            for i in rows:
+                pipe.exists(self.manifest_key(checked[i]))
+            return [r is not None and not isinstance(r, Exception) and r > 0 for r in pipe.execute(raise_on_error=False)]
+
+        return self._guarded(job, range(len(checked)), False)
+
+    def delete(self, keys: Sequence[int]) -> list[bool]:
+        """Delete manifests and parts; per key whether its manifest was there (False if unreachable)."""
+        self._check_open()
+        checked = [check_key(k) for k in keys]
+
+        def job(rows: range) -> list[bool]:
+            manifests = self.client.pipeline(transaction=False)
+            for i in rows:
+                manifests.get(self.manifest_key(checked[i]))
+            found = manifests.execute(raise_on_error=False)
+            pipe = self.client.pipeline(transaction=False)
+            for i, manifest in zip(rows, found):
+                count = self._stored_part_count(manifest)
+                pipe.execute_command("UNLINK", self.manifest_key(checked[i]), *self.part_keys(checked[i], count))
+            pipe.execute(raise_on_error=False)
+            return [isinstance(m, bytes) for m in found]
+
+        out = self._guarded(job, range(len(checked)), False)
+        self._count(deletes=sum(out))
+        return out
+
+    def _stored_part_count(self, manifest: Any) -> int:
+        """How many parts a manifest names; for a damaged or missing one, as many as one part size implies."""
+        try:
+            if isinstance(manifest, bytes) and len(manifest) == MANIFEST_BYTES:
+                (part_bytes,) = _PART_SIZE.unpack_from(manifest, HEADER_BYTES)
+                return self._parts_for(ChunkHeader.unpack(manifest).payload_bytes, part_bytes)
+        except ChunkError:
+            pass
+        return 1
+
+    def _delete_now(self, keys: list[int], part_count: int) -> None:
+        try:
+            for key in keys:
+                self.client.execute_command("UNLINK", self.manifest_key(key), *self.part_keys(key, part_count))
+        except _FAILURES as exc:
+            log.warning("remote tier: could not delete damaged chunks: %s", exc)
+
+    def close(self) -> None:
+        """Finish queued requests, then close the connections. Idempotent."""
+        if self._closed:
+            return
+        super().close()
+        self._pool.shutdown(wait=True)
+        self.client.close()

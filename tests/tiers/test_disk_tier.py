@@ -1,0 +1,291 @@
+"""G3: the disk tier, with real files, O_DIRECT, and faults injected at the syscall boundary."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.config import KvtierConfig
+from kvtier.tiers import fileio
+from kvtier.tiers.base import TierClosedError
+from kvtier.tiers.disk import DirectoryInUseError, DiskTier, file_bytes_for
+from kvtier.tiers.host import HostPool
+from tests.tiers.helpers import NS, SIZES, open_fds, payloads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tier(tmp_path: Path):
+    t = DiskTier(NS, tmp_path, 64 << 20, io_threads=4)
+    yield t
+    t.close()
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_round_trip_through_pool_slots_and_plain_buffers(tier: DiskTier) -> None:
+    data = payloads(SIZES)
+    keys = list(range(100, 100 + len(SIZES)))
+    with HostPool(len(SIZES) * 2 * (2 << 20), 2 << 20, pin=False) as pool:
+        src = pool.alloc(len(SIZES))
+        for slot, d in zip(src, data):
+            pool.view(slot)[:len(d)] = torch.from_numpy(d)
+        assert tier.put_async(keys, [pool.view(s)[:len(d)] for s, d in zip(src, data)]).result() == [True] * len(SIZES)
+        dst = pool.alloc(len(SIZES))
+        assert tier.get_async(keys, [pool.view(s) for s in dst]).result() == SIZES
+        for slot, d in zip(dst, data):
+            assert np.array_equal(pool.view(slot)[:len(d)].numpy(), d)
+        # exact-size buffers (tail through the tail block) and unaligned ones (bounce buffer)
+        exact = [pool.view(s)[:len(d)] for s, d in zip(dst, data)]
+        assert tier.get(keys, exact) == SIZES
+        plain = [bytearray(n + 1)[1:] for n in SIZES]
+        assert tier.get(keys, plain) == SIZES
+        assert all(bytes(p) == d.tobytes() for p, d in zip(plain, data))
+    s = tier.stats()
+    assert s.puts == len(SIZES) and s.hits == 3 * len(SIZES) and s.corrupt == s.errors == 0
+    assert s.bounce_copies == len(SIZES)  # only the unaligned bytearrays
+    assert s.used_bytes == sum(file_bytes_for(n) for n in SIZES)
+
+
+def test_files_have_padded_layout_and_no_temp_left(tier: DiskTier) -> None:
+    tier.put([5], [bytes(range(256)) * 20])
+    assert tier.path_of(5).stat().st_size == 4096 + 8192
+    assert [p.name for p in tier.directory.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_misses_and_small_buffers(tier: DiskTier) -> None:
+    tier.put([1], [bytes(5000)])
+    assert tier.get([1, 2], [bytearray(4999), bytearray(10)]) == [None, None]
+    assert tier.contains([1, 2]) == [True, False]
+    assert tier.delete([1, 2]) == [True, False] and not tier.path_of(1).exists()
+
+
+def test_index_is_rebuilt_on_restart_and_damage_dropped(tmp_path: Path) -> None:
+    data = payloads([5000, 9000, 70000, 4096])
+    with DiskTier(NS, tmp_path, 64 << 20) as t:
+        assert t.put([1, 2, 3, 4], data) == [True] * 4
+        paths = [t.path_of(k) for k in (1, 2, 3, 4)]
+    flip_bit(paths[0], 10)                     # header damaged: dropped at rebuild
+    os.truncate(paths[1], 4096 + 4096)         # truncated: dropped at rebuild
+    flip_bit(paths[2], 4096 + 12345)           # payload damaged: found on read
+    (paths[3].parent / ".0000000000000009.deadbeef.tmp").write_bytes(b"partial")
+    (paths[3].parent / "garbage.kvc").write_bytes(b"not ours")
+    with DiskTier(NS, tmp_path, 64 << 20) as t:
+        assert t.contains([1, 2, 3, 4]) == [False, False, True, True]
+        assert t.stats().corrupt == 2 and not paths[0].exists() and not paths[1].exists()
+        assert not list(paths[3].parent.glob("*.tmp"))
+        bufs = [bytearray(70000), bytearray(4096)]
+        assert t.get([3, 4], bufs) == [None, 4096] and bytes(bufs[1]) == data[3].tobytes()
+        assert t.stats().corrupt == 3 and t.contains([3]) == [False] and not paths[2].exists()
+
+
+def test_every_flipped_bit_is_a_miss(tmp_path: Path) -> None:
+    data = payloads([6000])[0]
+    rng = np.random.default_rng(1)
+    with DiskTier(NS, tmp_path, 64 << 20) as t:
+        for trial, offset in enumerate([*rng.integers(0, 52, 4), *rng.integers(4096, 4096 + 6000, 12)]):
+            t.put([trial], [data])
+            flip_bit(t.path_of(trial), int(offset))
+            assert t.get([trial], [bytearray(6000)]) == [None], offset
+        assert t.stats().corrupt == 16 and t.stats().hits == 0
+
+
+def test_truncated_file_is_never_served(tier: DiskTier) -> None:
+    tier.put([7], [bytes(20000)])
+    os.truncate(tier.path_of(7), 4096 + 8192)
+    assert tier.get([7], [bytearray(20000)]) == [None]
+    assert tier.stats().corrupt == 1
+
+
+def test_writer_killed_mid_write_is_never_served(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from kvtier.tiers import fileio
+        from kvtier.tiers.disk import DiskTier
+        from tests.tiers.helpers import NS
+        def half_then_hang(fd, buffers, offset):
+            os.pwritev(fd, [buffers[0], memoryview(buffers[1])[:65536]], offset)  # header + part
+            print("writing", flush=True)
+            time.sleep(60)
+        fileio.write_at = half_then_hang
+        DiskTier(NS, {str(tmp_path)!r}, 1 << 30).put([42], [bytes(1 << 20)])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"writing\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    temps = list(tmp_path.rglob("*.tmp"))
+    assert len(temps) == 1  # the torn file exists, under its temp name only
+    with DiskTier(NS, tmp_path, 1 << 30) as t:
+        assert t.contains([42]) == [False] and t.get([42], [bytearray(1 << 20)]) == [None]
+        assert not temps[0].exists()
+
+
+def test_enospc_skips_writes_and_the_tier_keeps_working(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = fileio.write_at
+
+    def full(fd, buffers, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio, "write_at", full)
+    assert tier.put([1, 2], [bytes(5000), bytes(7000)]) == [False, False]
+    s = tier.stats()
+    assert (s.put_skipped, s.errors, s.used_bytes, s.entries) == (2, 2, 0, 0)
+    assert not list(tier.directory.glob("*.tmp")) and tier.get([1], [bytearray(5000)]) == [None]
+    monkeypatch.setattr(fileio, "write_at", real)
+    assert tier.put([1], [b"ok"]) == [True] and tier.get([1], [bytearray(2)]) == [2]
+
+
+def test_short_write_and_eio_on_read_are_counted(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write, real_read = fileio.write_at, fileio.read_at
+    monkeypatch.setattr(fileio, "write_at", lambda fd, bufs, off: real_write(fd, bufs[:1], off))
+    assert tier.put([1], [bytes(9000)]) == [False]
+    monkeypatch.setattr(fileio, "write_at", real_write)
+    assert tier.put([1], [bytes(9000)]) == [True]
+
+    def eio(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fileio, "read_at", eio)
+    assert tier.get([1], [bytearray(9000)]) == [None]
+    monkeypatch.setattr(fileio, "read_at", real_read)
+    assert tier.get([1], [bytearray(9000)]) == [9000]
+    assert tier.stats().errors == 2
+
+
+def test_slow_disk_reads_past_deadline_are_misses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with DiskTier(NS, tmp_path, 64 << 20, io_threads=1) as t:
+        t.put(list(range(6)), [bytes(4096)] * 6)
+        real = fileio.read_at
+
+        def slow(fd, buffers, offset):
+            time.sleep(0.2)
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(fileio, "read_at", slow)
+        start = time.monotonic()
+        got = t.get(list(range(6)), [bytearray(4096) for _ in range(6)], timeout_s=0.05)
+        assert time.monotonic() - start < 0.5
+        assert got[0] == 4096 and got[2:] == [None] * 4
+
+
+def test_writes_beyond_the_pending_limit_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real = fileio.write_at
+
+    def blocked(fd, buffers, offset):
+        gate.wait(5)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(fileio, "write_at", blocked)
+    with DiskTier(NS, tmp_path, 64 << 20, max_pending_bytes=3 * 8192) as t:
+        future = t.put_async([1, 2, 3, 4], [bytes(4096)] * 4)
+        assert t.put([1], [bytes(4096)]) == [True]  # already being written
+        gate.set()
+        assert future.result() == [True, True, True, False]
+        assert t.stats().put_skipped == 1
+
+
+def test_capacity_evicts_lru_or_the_managers_choice(tmp_path: Path) -> None:
+    size = file_bytes_for(4096)
+    with DiskTier(NS, tmp_path, 3 * size) as t:
+        evicted: list[int] = []
+        t.on_evicted = evicted.extend
+        t.put([1, 2, 3], [bytes(4096)] * 3)
+        t.get([1], [bytearray(4096)])  # 1 is now recently used
+        assert t.put([4], [bytes(4096)]) == [True] and evicted == [2]
+        t.choose_victims = lambda need: [4]
+        assert t.put([5], [bytes(4096)]) == [True] and evicted == [2, 4]
+        assert t.contains([1, 2, 3, 4, 5]) == [True, False, True, False, True]
+        assert t.put([9], [bytes(4 * 4096)]) == [False]  # larger than the whole tier
+        assert t.stats().used_bytes == 3 * size and t.stats().evictions == 2
+
+
+def test_rebuild_respects_a_smaller_capacity(tmp_path: Path) -> None:
+    with DiskTier(NS, tmp_path, 1 << 20) as t:
+        for k in range(5):
+            t.put([k], [bytes(4096)])
+            time.sleep(0.01)  # distinct mtimes: oldest first
+    with DiskTier(NS, tmp_path, 2 * file_bytes_for(4096)) as t:
+        assert t.contains(list(range(5))) == [False, False, False, True, True]
+
+
+def test_buffered_fallback_when_o_direct_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with DiskTier(NS, tmp_path, 1 << 20) as t:
+        assert t.put([1], [b"x" * 5000]) == [True] and t.get([1], [bytearray(5000)]) == [5000]
+        assert t.stats().buffered_fallbacks == 1 and not t.direct_io
+
+
+def test_many_threads_put_and_get_without_mixups(tier: DiskTier) -> None:
+    errors: list[str] = []
+
+    def worker(me: int) -> None:
+        rng = np.random.default_rng(me)
+        for i in range(40):
+            key = me * 1000 + i
+            data = rng.integers(0, 256, int(rng.integers(1, 50000)), dtype=np.uint8)
+            if tier.put([key], [data]) != [True]:
+                errors.append(f"put {key}")
+            buf = bytearray(len(data))
+            if tier.get([key], [buf]) != [len(data)] or bytes(buf) != data.tobytes():
+                errors.append(f"get {key}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and tier.stats().entries == 240
+
+
+def test_fds_back_to_baseline_after_close(tmp_path: Path) -> None:
+    base = open_fds()
+    for _ in range(3):
+        with DiskTier(NS, tmp_path, 1 << 20) as t:
+            t.put([1, 2], [bytes(100), bytes(5000)])
+            t.get([1, 2], [bytearray(100), bytearray(5000)])
+    assert open_fds() == base
+
+
+def test_bad_input_use_after_close_and_a_second_owner(tmp_path: Path) -> None:
+    t = DiskTier.from_config(KvtierConfig(disk_path=str(tmp_path), disk_capacity_bytes=1 << 20), NS)
+    with pytest.raises(DirectoryInUseError):
+        DiskTier(NS, tmp_path, 1 << 20)
+    for call in (lambda: t.put([1], []), lambda: t.put([2**64], [b"x"]), lambda: t.put([1], [b""]),
+                 lambda: t.get([1], [b"read-only"]), lambda: t.get(["1"], [bytearray(1)])):
+        with pytest.raises(ValueError):
+            call()
+    t.close()
+    with pytest.raises(TierClosedError):
+        t.put([1], [b"x"])
+    with pytest.raises(TierClosedError):
+        t.contains([1])
+    with pytest.raises(ValueError):
+        DiskTier.from_config(KvtierConfig(), NS)
