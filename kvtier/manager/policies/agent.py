@@ -152,8 +152,9 @@ class AgentAware(Policy):
             del self._holding[sid]
 
     # --- eviction ----------------------------------------------------------------------------------------
-    def _victim(self, skip: set) -> Hashable | None:
-        best, best_score = None, None
+    def _victim(self, skip: set) -> Hashable:
+        """The session to evict from, or ``_NOBODY``."""
+        best, best_score = _NOBODY, None
         now = self._now
         for sid, s in self._holding.items():
             if sid in skip:
@@ -169,7 +170,7 @@ class AgentAware(Policy):
         skip: set = set()
         while len(out) < n:
             sid = self._victim(skip)
-            if sid is None:
+            if sid is _NOBODY:
                 break
             s = self._holding[sid]
             stale = len(s.order) - s.fresh
