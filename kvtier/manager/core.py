@@ -187,7 +187,10 @@ class Manager:
                 protect.update(self._busy)
             new = self._store(0, missing, protect)
         lane = self._lane
-        touched = keys if len(new) == len(missing) and not lane else [k for k in keys if k in members and k not in lane]
+        if len(new) == len(missing) and not lane and not t0.pending:
+            touched = keys
+        else:
+            touched = [k for k in keys if k in members and k not in lane]
         t0.policy.touch_request(touched, set(new) if new else ())
         if self.write_through and len(self.tiers) > 1 and new:
             self._store(1, [k for k in new if k not in lane], self._busy)
@@ -446,6 +449,8 @@ class Manager:
         lane, except normal keys of G1 in ``access``, which ``touch_request`` hands to the policy."""
         state = self.tiers[ti]
         lane = self._lane
+        if ti > 0:  # deduplicate: write once
+            keys = [k for k in keys if k not in state.sizes and k not in state.pending]
         if ti >= FIRST_COLD_TIER:
             floor = state.spec.admission_min_hits
             ok = [k for k in keys if lane.get(k) != EPHEMERAL and (floor <= 1 or self._freq.get(k, 0) >= floor)]
