@@ -26,7 +26,7 @@ class SyntheticSpec:
     system_blocks: int = 40          # system prompt + tool definitions, shared by all sessions
     subagent_system_blocks: int = 12
     mean_calls: float = 30.0          # calls per session (geometric)
-    tool_result_blocks: float = 2.0   # mean new input blocks per call (log-normal)
+    tool_result_blocks: float = 6.0   # mean new input blocks per call (log-normal)
     output_blocks: int = 1            # visible output re-sent next call
     reasoning_prob: float = 0.5
     reasoning_blocks: int = 2         # reasoning output: stored, never re-sent

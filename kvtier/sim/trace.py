@@ -66,3 +66,24 @@ class Trace:
             hits += len(ks) if found.all() else int(np.argmin(found))
             seen[ks] = True
         return hits / max(1, self.num_accesses)
+
+
+def workload_stats(trace: Trace) -> dict[str, float]:
+    """Agentic-workload statistics: how much of a session's previous call the next one re-sends (the share
+    of the previous request's blocks that form the next request's prefix), and reads per written block."""
+    last: dict[int, np.ndarray] = {}
+    overlaps = []
+    for i in range(trace.num_requests):
+        ks = trace.request(i)
+        sid = int(trace.sessions[i])
+        prev = last.get(sid)
+        if prev is not None and len(prev):
+            n = min(len(prev), len(ks))
+            same = prev[:n] == ks[:n]
+            common = n if same.all() else int(np.argmin(same))
+            overlaps.append(common / len(prev))
+        last[sid] = ks
+    unique = trace.unique_blocks()
+    return {"overlap_mean": float(np.mean(overlaps)) if overlaps else 0.0,
+            "overlap_median": float(np.median(overlaps)) if overlaps else 0.0,
+            "read_write_ratio": (trace.num_accesses - unique) / unique if unique else 0.0}
