@@ -334,12 +334,15 @@ class Manager:
                 self._relane(key, self._lane_after_pin(key))
 
     def mark_ephemeral(self, keys: Iterable[Key]) -> None:
-        """Reasoning / scratch blocks: evicted first, never demoted, dropped from G3/G4 if already there."""
+        """Reasoning / scratch blocks: evicted first, never demoted, dropped from G3/G4 if already there.
+        Pinned keys stay pinned; a key being read from G3/G4 is left as it is (its readers need it)."""
         for key in keys:
             if self.locate(key) is None or self._lane.get(key) == PINNED:
                 continue
-            self._relane(key, EPHEMERAL)
             cold = [i for i in range(FIRST_COLD_TIER, len(self.tiers)) if key in self.tiers[i].sizes]
+            if cold and key in self._busy:
+                continue
+            self._relane(key, EPHEMERAL)
             for i in cold:
                 self.discard([key], i)
 
