@@ -1,0 +1,157 @@
+"""``agent_hints``: what an agent client tells the server about a request's future, and how it maps to retention.
+
+A client sends the hints in a request body (``nvext.agent_hints``, or vLLM ``kv_transfer_params``). The schema
+is strict: an unknown field or a value out of range is a ``HintError`` naming it, so a typo never silently
+turns into "no hint". Everything is expressed in tokens; ``block_plan`` turns it into per-block retention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+DEFAULT_PRIORITY = 50
+
+
+class HintError(ValueError):
+    """Hints that do not parse or do not make sense."""
+
+
+class TokenRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Tokens ``[start, end)`` of the request's prompt."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.end <= self.start:
+            raise HintError(f"token range must satisfy 0 <= start < end, got [{self.start}, {self.end})")
+
+
+class Pin(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Keep these tokens' KV for ``lease_s`` seconds (renewable). ``target="system_and_tools"`` means
+    the first ``AgentHints.prefix_tokens`` tokens, i.e. the system prompt and tool definitions."""
+
+    range: TokenRange | None = None
+    target: Literal["system_and_tools"] | None = None
+    lease_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.range is None) == (self.target is None):
+            raise HintError("a pin names exactly one of 'range' or 'target'")
+        if self.lease_s is not None and self.lease_s <= 0:
+            raise HintError(f"pin lease_s must be positive, got {self.lease_s}")
+
+
+class PriorityRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Priority 0-100 for a token range, for ``duration_s`` seconds; then it decays to the default."""
+
+    range: TokenRange
+    priority: int
+    duration_s: float
+
+    def __post_init__(self) -> None:
+        _check_priority(self.priority)
+        if self.duration_s <= 0:
+            raise HintError(f"priority duration_s must be positive, got {self.duration_s}")
+
+
+class AgentHints(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    session_id: str | None = None
+    priority: int | None = None                 # the whole request, for priority_duration_s
+    priority_duration_s: float | None = None
+    pins: list[Pin] = []
+    priorities: list[PriorityRange] = []
+    ephemeral: list[TokenRange] = []            # reasoning / scratch tokens that will not be re-sent
+    prefix_tokens: int | None = None            # length of the system prompt + tool definitions
+    next_call_delay_s: float | None = None      # e.g. a tool call is running; the session returns after it
+    expected_output_tokens: int | None = None
+    prefetch: bool = False                      # bring this session's KV up before the next call
+
+    def __post_init__(self) -> None:
+        if self.priority is not None:
+            _check_priority(self.priority)
+            if self.priority_duration_s is None or self.priority_duration_s <= 0:
+                raise HintError("a request priority needs a positive priority_duration_s")
+        for name in ("prefix_tokens", "expected_output_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise HintError(f"{name} must not be negative, got {value}")
+        if self.next_call_delay_s is not None and self.next_call_delay_s < 0:
+            raise HintError(f"next_call_delay_s must not be negative, got {self.next_call_delay_s}")
+        if any(p.target == "system_and_tools" for p in self.pins) and not self.prefix_tokens:
+            raise HintError("pinning 'system_and_tools' needs prefix_tokens")
+
+
+def _check_priority(priority: int) -> None:
+    if not 0 <= priority <= 100:
+        raise HintError(f"priority must be within 0..100, got {priority}")
+
+
+def parse_hints(raw: AgentHints | dict[str, Any] | str | bytes | None) -> AgentHints:
+    """Hints from a decoded request body (dict), raw JSON, or ``None`` (no hints)."""
+    if raw is None:
+        return AgentHints()
+    if isinstance(raw, AgentHints):
+        return raw
+    try:
+        if isinstance(raw, (str, bytes, bytearray)):
+            return msgspec.json.decode(raw, type=AgentHints)
+        if isinstance(raw, dict):
+            return msgspec.convert(raw, type=AgentHints)
+    except HintError:
+        raise
+    except msgspec.ValidationError as exc:
+        raise HintError(f"agent_hints: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise HintError(f"agent_hints is not valid JSON: {exc}") from None
+    raise HintError(f"agent_hints must be a mapping or JSON text, got {type(raw).__name__}")
+
+
+def hints_from_body(body: dict[str, Any]) -> AgentHints:
+    """Find the hints in a request body: ``nvext.agent_hints`` or ``kv_transfer_params.agent_hints``."""
+    for outer in ("nvext", "kv_transfer_params"):
+        holder = body.get(outer)
+        if isinstance(holder, dict) and "agent_hints" in holder:
+            return parse_hints(holder["agent_hints"])
+    return AgentHints()
+
+
+@dataclass
+class BlockPlan:
+    """Per-block retention derived from hints, as block index lists (block i = tokens [i*bs, (i+1)*bs))."""
+
+    pins: dict[float | None, list[int]] = field(default_factory=dict)       # lease (None: default) -> blocks
+    priorities: list[tuple[list[int], int, float]] = field(default_factory=list)  # (blocks, priority, duration)
+    ephemeral: list[int] = field(default_factory=list)
+
+
+def _blocks_overlapping(rng: TokenRange, block_size: int, num_blocks: int) -> range:
+    return range(rng.start // block_size, min(num_blocks, -(-rng.end // block_size)))
+
+
+def block_plan(hints: AgentHints, num_blocks: int, block_size: int) -> BlockPlan:
+    """Map token-level hints onto the request's ``num_blocks`` full blocks.
+
+    A block is pinned or prioritised if it overlaps the range (keeping a little extra is harmless). A block
+    is ephemeral if it overlaps an ephemeral range: its prefix hash includes tokens that will not be re-sent,
+    so no later request can hit it.
+    """
+    if block_size <= 0 or num_blocks < 0:
+        raise HintError(f"bad block geometry: {num_blocks} blocks of {block_size} tokens")
+    plan = BlockPlan()
+    for pin in hints.pins:
+        rng = pin.range if pin.range is not None else TokenRange(0, int(hints.prefix_tokens or 0))
+        plan.pins.setdefault(pin.lease_s, []).extend(_blocks_overlapping(rng, block_size, num_blocks))
+    if hints.priority is not None:
+        plan.priorities.append((list(range(num_blocks)), hints.priority, float(hints.priority_duration_s or 0)))
+    for pr in hints.priorities:
+        plan.priorities.append((list(_blocks_overlapping(pr.range, block_size, num_blocks)), pr.priority,
+                                pr.duration_s))
+    seen: set[int] = set()
+    for rng in hints.ephemeral:
+        seen.update(_blocks_overlapping(rng, block_size, num_blocks))
+    plan.ephemeral = sorted(seen)
+    return plan

@@ -1,0 +1,197 @@
+"""The agent-aware default policy: sessions, lineage and learned call gaps.
+
+What it uses, all of it known to a real server at request time:
+- the session a request belongs to (``begin_request``: the client's session id, plus the model, since KV is
+  never shared across models) and the arrival time of each request;
+- the client's ``next_call_delay_s`` hint when one is sent (e.g. "a tool call is running");
+- statistics learned online: each session's past gaps between calls (a geometric mean), and all sessions'.
+It never sees a trace's future.
+
+How it evicts:
+1. Stale branches first: blocks of a session that were not part of its latest request (a new request of an
+   agent re-sends its context, so blocks it left out are almost never asked for again).
+2. Then whole sessions in order of their predicted next call, furthest first. A session that has been quiet
+   for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses).
+3. Within a session, leaves first: the deepest blocks of its context go before their ancestors, so what is
+   kept is always a usable prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Hashable, Sequence
+
+from collections import OrderedDict
+
+from kvtier.manager.policies.base import Key, Policy, pop_front
+
+DEFAULT_GAP_S = 30.0
+_GAP_WEIGHT = 0.3  # EMA weight of the newest gap (in log space)
+_MIN_GAP_S = 0.05
+_NOBODY = object()
+
+
+class _Session:
+    __slots__ = ("order", "fresh", "last_arrival", "log_gap", "hinted_delay")
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Key, None] = OrderedDict()  # leaf-first: oldest / deepest first
+        self.fresh = 0                        # entries (at the end of order) touched by the latest request
+        self.last_arrival: float | None = None
+        self.log_gap: float | None = None
+        self.hinted_delay: float | None = None
+
+
+class AgentAware(Policy):
+    name = "agent"
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._sessions: dict[Hashable, _Session] = {}
+        self._holding: dict[Hashable, _Session] = {}   # sessions with at least one entry
+        self._owner: dict[Key, Hashable] = {}
+        self._cur_id: Hashable = None
+        self._cur = self._session(None)
+        self._now = 0.0
+        self._global_log_gap: float | None = None
+
+    def _session(self, sid: Hashable) -> _Session:
+        s = self._sessions.get(sid)
+        if s is None:
+            s = self._sessions[sid] = _Session()
+        return s
+
+    # --- request context ---------------------------------------------------------------------------------
+    def begin_request(self, session: Hashable, now: float, next_call_delay_s: float | None = None) -> None:
+        s = self._session(session)
+        if s.last_arrival is not None:
+            log_gap = math.log(max(_MIN_GAP_S, now - s.last_arrival))
+            s.log_gap = log_gap if s.log_gap is None else (1 - _GAP_WEIGHT) * s.log_gap + _GAP_WEIGHT * log_gap
+            g = self._global_log_gap
+            self._global_log_gap = log_gap if g is None else 0.99 * g + 0.01 * log_gap
+        s.last_arrival = now
+        s.hinted_delay = None
+        s.fresh = 0
+        self._cur_id, self._cur, self._now = session, s, max(self._now, now)
+
+    def end_request(self, session: Hashable, now: float) -> None:
+        self._now = max(self._now, now)
+
+    def hint_next_call(self, session: Hashable, delay_s: float) -> None:
+        """The client says the session calls again in about ``delay_s`` (a running tool call)."""
+        self._session(session).hinted_delay = max(0.0, delay_s)
+
+    def predicted_next_call(self, s: _Session, now: float) -> float:
+        if s.last_arrival is None:
+            return math.inf
+        if s.hinted_delay is not None and now <= s.last_arrival + s.hinted_delay:
+            return s.last_arrival + s.hinted_delay
+        log_gap = s.log_gap if s.log_gap is not None else self._global_log_gap
+        gap = math.exp(log_gap) if log_gap is not None else DEFAULT_GAP_S
+        elapsed = now - s.last_arrival
+        if elapsed < gap:
+            return s.last_arrival + gap
+        return now + elapsed
+
+    # --- membership --------------------------------------------------------------------------------------
+    def _adopt(self, key: Key) -> None:
+        """Move ``key`` to the current session's end (shared prefixes follow their latest user)."""
+        owner = self._owner.get(key, _NOBODY)
+        cur = self._cur
+        if owner is _NOBODY:
+            self._owner[key] = self._cur_id
+            cur.order[key] = None
+        elif owner == self._cur_id:
+            cur.order.move_to_end(key)
+        else:
+            old = self._sessions[owner]
+            del old.order[key]
+            old.fresh = min(old.fresh, len(old.order))
+            if not old.order:
+                del self._holding[owner]
+            self._owner[key] = self._cur_id
+            cur.order[key] = None
+
+    def insert(self, key: Key) -> None:
+        self._adopt(key)
+        self._holding[self._cur_id] = self._cur
+        self._cur.fresh = min(self._cur.fresh + 1, len(self._cur.order))
+
+    def access(self, key: Key) -> None:
+        self.insert(key)
+
+    def insert_for(self, key: Key, session: Hashable) -> None:
+        """A demoted key joins its session's order; victims arrive leaf-first, so appending keeps that order."""
+        s = self._session(session)
+        if key in self._owner:
+            self.remove(key)
+        self._owner[key] = session
+        s.order[key] = None
+        s.fresh = min(s.fresh + 1, len(s.order))
+        self._holding[session] = s
+
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+        cur, cur_id, owner = self._cur, self._cur_id, self._owner
+        move = cur.order.move_to_end
+        for key in reversed(keys):
+            if owner.get(key, _NOBODY) == cur_id:
+                move(key)
+            else:
+                self._adopt(key)
+        order = cur.order
+        if order:
+            self._holding[cur_id] = cur
+        cur.fresh = min(len(keys), len(order))
+
+    def remove(self, key: Key) -> None:
+        sid = self._owner.pop(key)
+        s = self._sessions[sid]
+        del s.order[key]
+        s.fresh = min(s.fresh, len(s.order))
+        if not s.order:
+            del self._holding[sid]
+
+    # --- eviction ----------------------------------------------------------------------------------------
+    def _victim(self, skip: set) -> Hashable:
+        """The session to evict from, or ``_NOBODY``."""
+        best, best_score = _NOBODY, None
+        now = self._now
+        for sid, s in self._holding.items():
+            if sid in skip:
+                continue
+            stale = len(s.order) > s.fresh
+            score = (stale, self.predicted_next_call(s, now))
+            if best_score is None or score > best_score:
+                best, best_score = sid, score
+        return best
+
+    def evict(self, n: int, busy: Collection[Key]) -> list[Key]:
+        out: list[Key] = []
+        skip: set = set()
+        while len(out) < n:
+            sid = self._victim(skip)
+            if sid is _NOBODY:
+                break
+            s = self._holding[sid]
+            stale = len(s.order) - s.fresh
+            want = n - len(out)
+            if stale > 0:
+                want = min(want, stale)
+            got = pop_front(s.order, want, busy)
+            if len(got) < want:
+                skip.add(sid)
+            taken_stale = min(len(got), max(0, stale))
+            s.fresh -= len(got) - taken_stale
+            s.fresh = min(max(0, s.fresh), len(s.order))
+            for key in got:
+                del self._owner[key]
+            if not s.order:
+                del self._holding[sid]
+            out.extend(got)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._owner

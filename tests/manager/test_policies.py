@@ -1,0 +1,161 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from kvtier.manager import Manager, TierSpec
+from kvtier.manager.policies import POLICIES, NextUseOracle, make_policy
+
+
+def run(policy, capacity, requests, sessions=None, times=None, **kwargs):
+    m = Manager([TierSpec("G1", capacity)], policy=policy,
+                policy_kwargs={k: v for k, v in kwargs.items() if k == "oracle"})
+    hits = []
+    for i, keys in enumerate(requests):
+        if policy == "belady":
+            m.tiers[0].policy.advance(*kwargs["oracle_range"][i])
+        hits.append(m.access(keys, session=None if sessions is None else sessions[i],
+                             now=float(i) if times is None else times[i])[0])
+        m.check_invariants()
+    return hits, m
+
+
+def held(m):
+    return set(m.tiers[0].sizes)
+
+
+def test_lru_evicts_least_recent():
+    hits, m = run("lru", 2, [[1], [2], [1], [3], [1], [2]])
+    assert hits == [0, 0, 1, 0, 1, 0]  # 3 evicts 2; 2 then evicts 3
+    assert held(m) == {1, 2}
+
+
+def test_fifo_ignores_hits():
+    hits, m = run("fifo", 2, [[1], [2], [1], [3], [1]])
+    assert hits == [0, 0, 1, 0, 0]  # 3 evicts 1 although 1 was just used
+
+
+def test_lfu_keeps_frequent():
+    hits, m = run("lfu", 2, [[1], [1], [2], [3], [1], [2]])
+    assert hits == [0, 1, 0, 0, 1, 0]  # 3 evicts 2 (freq 1, older than 3)
+    assert held(m) == {1, 2}
+
+
+def test_lru_loses_the_head_and_lineage_the_leaf():
+    # capacity 3; a 3-block context, then one unrelated block, then the context again
+    reqs = [[1, 2, 3], [9], [1, 2, 3]]
+    assert run("lru", 3, reqs)[0] == [0, 0, 0]          # block 1 (the head) went: nothing hits
+    assert run("lineage", 3, reqs)[0] == [0, 0, 2]      # block 3 (the leaf) went: 2 prefix hits
+
+
+def test_arc_keeps_frequently_used_over_a_scan():
+    reqs = [[1], [1], [2], [2]] + [[k] for k in range(10, 14)] + [[1], [2]]
+    hits, _ = run("arc", 3, reqs)
+    assert hits[-2:] == [1, 1]
+    assert run("lru", 3, reqs)[0][-2:] == [0, 0]
+
+
+def test_s3fifo_drops_one_hit_wonders_first():
+    reqs = [[1], [1]] + [[k] for k in range(10, 30)] + [[1]]
+    assert run("s3fifo", 10, reqs)[0][-1] == 1
+    assert run("fifo", 10, reqs)[0][-1] == 0
+
+
+def test_tinylfu_rejects_rare_newcomers():
+    reqs = [[1], [1], [1], [2], [2], [2], [7], [1], [2]]
+    hits, m = run("tinylfu", 2, reqs)
+    assert 7 not in held(m) and hits[-2:] == [1, 1]
+
+
+def test_agent_evicts_stale_branch_then_furthest_session():
+    # session A re-sends [1,2] and drops 3 (a stale branch); session B calls every second, A every 100 s
+    reqs = [[1, 2, 3], [1, 2], [5, 6], [5, 6], [5, 6, 7]]
+    sessions = ["A", "A", "B", "B", "B"]
+    times = [0.0, 100.0, 101.0, 102.0, 103.0]
+    hits, m = run("agent", 5, reqs, sessions, times)
+    # 7 needs room: stale block 3 goes first, not B's blocks nor A's live prefix
+    assert held(m) == {1, 2, 5, 6, 7}
+    hits2 = m.access([5, 6, 7, 8], session="B", now=104.0)
+    # A is predicted to return at ~200 s, B at ~105 s: A's leaf (2) goes, A keeps its head
+    assert held(m) == {1, 5, 6, 7, 8} and hits2 == [3]
+
+
+def test_agent_prefers_hinted_delay():
+    from kvtier.hints import AgentHints
+    m = Manager([TierSpec("G1", 4)], policy="agent")
+    m.access([1, 2], session="A", now=0.0, hints=AgentHints(next_call_delay_s=1.0))
+    m.access([3, 4], session="B", now=0.5, hints=AgentHints(next_call_delay_s=500.0))
+    m.access([9], session="C", now=0.9)
+    assert {1, 2} <= held(m) and 4 not in held(m)
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("nope", 4)
+    with pytest.raises(ValueError, match="simulator-only"):
+        make_policy("belady", 4)
+
+
+def _belady_hits(seq, capacity):
+    keys = np.asarray(seq, np.int64)
+    offsets = np.arange(len(seq) + 1)
+    oracle = NextUseOracle(keys, offsets)
+    ranges = [(i, i + 1) for i in range(len(seq))]
+    hits, _ = run("belady", capacity, [[k] for k in seq], oracle=oracle, oracle_range=ranges)
+    return sum(hits)
+
+
+def _brute_force(seq, capacity):
+    best = {frozenset(): 0}
+    for key in seq:
+        nxt = {}
+        for cache, h in best.items():
+            if key in cache:
+                options = [(cache, h + 1)]
+            elif len(cache) < capacity:
+                options = [(cache | {key}, h)]
+            else:
+                options = [((cache - {v}) | {key}, h) for v in cache]
+            for c, v in options:
+                nxt[c] = max(nxt.get(c, -1), v)
+        best = nxt
+    return max(best.values())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_belady_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(0, 5, size=10).tolist()
+    capacity = int(rng.integers(1, 4))
+    assert _belady_hits(seq, capacity) == _brute_force(seq, capacity)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_respects_capacity_and_busy(name):
+    rng = np.random.default_rng(1)
+    reqs = [list(range(int(s), int(s) + 4)) for s in rng.integers(0, 12, 40)]
+    flat = np.asarray([k for r in reqs for k in r], np.int64)
+    offsets = np.r_[0, np.cumsum([len(r) for r in reqs])]
+    kwargs = {}
+    if name == "belady":
+        kwargs = dict(oracle=NextUseOracle(flat, offsets), oracle_range=list(zip(offsets[:-1], offsets[1:])))
+    m = Manager([TierSpec("G1", 6)], policy=name,
+                policy_kwargs={k: v for k, v in kwargs.items() if k == "oracle"})
+    for i, r in enumerate(reqs):
+        if name == "belady":
+            m.tiers[0].policy.advance(*kwargs["oracle_range"][i])
+        m.access(r, session=i % 3, now=float(i))
+        m.check_invariants()
+        assert m.tiers[0].used <= 6
+
+
+def test_policy_batch_matches_single_calls():
+    for name in ("lru", "fifo", "lfu", "arc", "s3fifo", "agent"):
+        a, b = make_policy(name, 8), make_policy(name, 8)
+        for key in range(5):
+            a.insert(key)
+        a.access(2)
+        b.touch_request(list(range(5)), set(range(5)))
+        b.touch_request([2], ())
+        assert len(a) == len(b) == 5
+        assert sorted(a.evict(5, ())) == sorted(b.evict(5, ())) == list(range(5))
