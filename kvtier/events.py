@@ -3,8 +3,8 @@
 Why vLLM's format: one router (kvtier's, NVIDIA Dynamo's, llm-d's) can then follow kvtier's tiers, vLLM
 and SGLang workers alike. The wire format, byte for byte:
 
-* a batch is a msgpack **array** ``[ts, events, data_parallel_rank]`` (``data_parallel_rank`` omitted when
-  ``None``);
+* a batch is a msgpack **array** ``[ts, events, data_parallel_rank]`` (all three always: msgspec omits no
+  field of an array-like struct; vLLM's publisher sets the rank);
 * each event is a msgpack **map** tagged ``{"type": "BlockStored", ...}`` with fields in declaration order;
   fields that have a default are omitted while they equal it; ``lora_id``, ``medium`` and ``lora_name``
   have none and are always written;
@@ -125,9 +125,11 @@ def _decode_legacy(payload: bytes) -> KVEventBatch:
     return KVEventBatch(ts=float(raw[0]), events=events, data_parallel_rank=rank)
 
 
-def _bind_or_connect(sock: zmq.Socket, endpoint: str) -> None:
-    """vLLM's convention: bind wildcard, ipc and inproc endpoints, connect to the rest."""
-    if "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://")):
+def _bind_or_connect(sock: zmq.Socket, endpoint: str, bind: bool | None = None) -> None:
+    """``bind=None``: vLLM's convention, bind wildcard, ipc and inproc endpoints and connect to the rest."""
+    if bind is None:
+        bind = "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+    if bind:
         sock.bind(endpoint)
     else:
         sock.connect(endpoint)
@@ -143,7 +145,7 @@ class EventPublisher:
 
     def __init__(self, endpoint: str, replay_endpoint: str | None = None, *, topic: str = "",
                  buffer_steps: int = 10_000, hwm: int = 100_000, data_parallel_rank: int | None = 0,
-                 auto_flush: bool = True, context: zmq.Context | None = None) -> None:
+                 auto_flush: bool = True, bind: bool | None = None, context: zmq.Context | None = None) -> None:
         if buffer_steps <= 0:
             raise ValueError(f"buffer_steps must be positive, got {buffer_steps}")
         self._ctx = context or zmq.Context.instance()
@@ -157,7 +159,7 @@ class EventPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.set_hwm(hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
-        _bind_or_connect(self._pub, endpoint)
+        _bind_or_connect(self._pub, endpoint, bind)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
         self.replay_endpoint: str | None = None
         self._closing = threading.Event()
