@@ -100,6 +100,7 @@ class SessionTable:
         if item is None or item[1] < time.monotonic():
             self._table.pop(session, None)
             return None
+        self._table.move_to_end(session)
         return item[0]
 
     def put(self, session: str, worker: str) -> None:
