@@ -99,23 +99,27 @@ class PromptHasher:
 
 def canonical_rendering(messages: list[dict], tools: list | None) -> str:
     """A stable text for a chat: equal histories give equal text, and an appended turn only appends."""
-    parts = [json.dumps(tools, sort_keys=True, ensure_ascii=False) + "\n"] if tools else []
+    parts = [_stable(tools) + "\n"] if tools else []
     for msg in messages:
         parts.append(f"<|{msg.get('role')}|>\n")
         reasoning = msg.get("reasoning_content") or msg.get("reasoning")
         if isinstance(reasoning, str):
             parts.append(f"<think>{reasoning}</think>")
         content = msg.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict):
-                    parts.append(part.get("text") if isinstance(part.get("text"), str) else json.dumps(part, sort_keys=True))
-        for call in msg.get("tool_calls") or []:
-            parts.append(json.dumps(call.get("function"), sort_keys=True, ensure_ascii=False) if isinstance(call, dict) else "")
+        if isinstance(content, list):
+            parts.extend(p["text"] if isinstance(p, dict) and isinstance(p.get("text"), str) else _stable(p) for p in content)
+        elif content is not None:
+            parts.append(content if isinstance(content, str) else _stable(content))
+        calls = msg.get("tool_calls")
+        if calls:
+            parts.extend(_stable(c.get("function") if isinstance(c, dict) else c) for c in calls) if isinstance(calls, list) \
+                else parts.append(_stable(calls))
         parts.append("\n")
     return "".join(parts)
+
+
+def _stable(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def _code_points(text: str) -> np.ndarray:

@@ -66,11 +66,21 @@ class FakeWorker:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self._validating(self.chat))
+        app.router.add_post("/v1/completions", self._validating(self.completions))
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         return app
+
+    @staticmethod
+    def _validating(handler):
+        """Like vLLM's pydantic request models: a body of the wrong shape is a 400, not a crash."""
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+                return web.json_response({"error": {"message": f"invalid request: {exc!r}", "code": 400}}, status=400)
+        return handle
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
