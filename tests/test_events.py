@@ -240,6 +240,16 @@ def test_batches_gone_from_the_ring_reset_the_consumer() -> None:
     assert len(got.resets) == 1 and "lost" in got.resets[0]
 
 
+def _rebind(endpoint: str) -> ev.EventPublisher:
+    """ZMQ releases a closed socket's port asynchronously: retry briefly."""
+    for _ in range(100):
+        try:
+            return ev.EventPublisher(endpoint, bind=True)
+        except zmq.ZMQError:
+            time.sleep(0.05)
+    raise AssertionError(f"could not bind {endpoint} again")
+
+
 def test_publisher_restart_resets_the_consumer() -> None:
     got = Collector()
     with ev.EventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", auto_flush=False) as pub:
@@ -254,7 +264,7 @@ def test_publisher_restart_resets_the_consumer() -> None:
         got.wait(6, sub)
         endpoint = pub.endpoint
     assert [len(b.events) for _, b in got.batches] == [2, 1, 1, 1, 1, 1]
-    with ev.EventPublisher(endpoint, bind=True) as again:  # same port, sequence starts over
+    with _rebind(endpoint) as again:  # same port, sequence starts over
         for _ in range(20):  # until the SUB has reconnected
             again.block_stored([5], None, [1, 2], block_size=2)
             got.wait(7, sub, timeout=0.1)
