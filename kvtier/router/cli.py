@@ -1,0 +1,53 @@
+"""``kvtier router --port P --worker URL [--worker URL ...] [--tokenizer PATH] [--events ENDPOINT ...]``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from aiohttp import web
+
+from kvtier.router.choice import CostWeights
+from kvtier.router.server import EventSource, KvRouter, RouterConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, required=True, help="port to listen on")
+    parser.add_argument("--worker", action="append", required=True, metavar="URL",
+                        help="an OpenAI-compatible worker (vLLM or SGLang server); repeat for each")
+    parser.add_argument("--events", action="append", default=[], metavar="ENDPOINT",
+                        help="the KV-event stream of the worker at the same position: tcp://h:p, or "
+                             "tcp://h:p,tcp://h:replay_port; '-' for a worker without events (approximate mode)")
+    parser.add_argument("--tokenizer", help="tokenizer.json or a model directory (enables exact block keys)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per block, as the workers use (16)")
+    parser.add_argument("--device-credit", type=float, default=1.0)
+    parser.add_argument("--host-credit", type=float, default=0.75)
+    parser.add_argument("--disk-credit", type=float, default=0.25)
+    parser.add_argument("--decode-weight", type=float, default=1.0, help="cost per KV block a worker is decoding with")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: cheapest worker; >0: softmax sampling")
+    parser.add_argument("--max-inflight", type=int, default=64, help="requests per worker before it counts as saturated")
+    parser.add_argument("--max-waiting", type=int, default=1024, help="bound of the queue when all are saturated")
+    parser.add_argument("--approx-ttl", type=float, default=120.0, help="seconds a routed prefix is assumed cached")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def build_router(args: argparse.Namespace) -> KvRouter:
+    if len(args.events) > len(args.worker):
+        raise ValueError(f"{len(args.events)} --events for {len(args.worker)} workers")
+    events = {url.rstrip("/"): EventSource.parse(ep) for url, ep in zip(args.worker, args.events) if ep != "-"}
+    weights = CostWeights(args.device_credit, args.host_credit, args.disk_credit, args.decode_weight, args.temperature)
+    config = RouterConfig(block_size=args.block_size, weights=weights, max_inflight_per_worker=args.max_inflight,
+                          max_waiting=args.max_waiting, approx_ttl_s=args.approx_ttl)
+    return KvRouter(args.worker, config, tokenizer=args.tokenizer, events=events)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        router = build_router(args)
+    except ValueError as exc:
+        print(f"kvtier router: {exc}")
+        return 2
+    web.run_app(router.app(), host=args.host, port=args.port, print=None)
+    return 0

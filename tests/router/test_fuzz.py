@@ -1,0 +1,84 @@
+"""Fuzzed request bodies: the router answers every one with a 4xx or a valid response, never a 5xx."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import Cluster, start_cluster, stop_cluster
+from .test_front import http
+
+ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"]
+
+scalars = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                           max_leaves=12)
+roles = st.sampled_from(["user", "assistant", "system", "tool", "developer", "robot"])
+block_types = st.sampled_from(["text", "thinking", "tool_use", "tool_result", "image", "input_text", "output_text",
+                               "function_call", "function_call_output", "reasoning", "message", "weird"])
+blocks = st.fixed_dictionaries({"type": block_types}, optional={
+    "text": scalars, "thinking": scalars, "id": scalars, "name": scalars, "input": json_values, "tool_use_id": scalars,
+    "content": json_values, "call_id": scalars, "arguments": scalars, "output": json_values, "role": roles,
+    "source": json_values, "signature": scalars})
+messages = st.lists(st.fixed_dictionaries({"role": roles}, optional={"content": st.text(max_size=20) | st.lists(blocks, max_size=3) | scalars,
+                                                                     "tool_calls": json_values}), max_size=4)
+good_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(min_size=1, max_size=20)}),
+                         min_size=1, max_size=3)
+def mostly(valid: st.SearchStrategy, invalid: st.SearchStrategy) -> st.SearchStrategy:
+    """Valid four times in five, so bodies get past the first check and reach translation and the workers."""
+    return st.integers(0, 4).flatmap(lambda roll: invalid if roll == 0 else valid)
+
+
+plausible = st.fixed_dictionaries({
+    "model": mostly(st.just("m"), scalars), "stream": mostly(st.booleans(), scalars),
+    "max_tokens": mostly(st.integers(1, 20), scalars), "messages": mostly(good_messages, messages | json_values),
+    "input": mostly(good_messages, st.text(max_size=10) | st.lists(blocks, max_size=3) | messages),
+    "prompt": mostly(st.text(min_size=1, max_size=10), st.lists(st.integers(-1, 2**33), max_size=5) | json_values)}, optional={
+    "max_output_tokens": st.integers(-2, 20) | scalars, "system": st.text(max_size=10) | st.lists(blocks, max_size=2),
+    "tools": st.lists(json_values, max_size=2) | json_values, "tool_choice": json_values, "thinking": json_values,
+    "nvext": mostly(st.fixed_dictionaries({}, optional={"agent_hints": st.fixed_dictionaries(
+        {}, optional={"session_id": mostly(st.text(max_size=4), scalars), "priority": mostly(st.integers(-3, 3), scalars)})}),
+        json_values),
+    "stop_sequences": json_values, "temperature": scalars, "instructions": scalars, "cache_salt": mostly(st.text(max_size=3), scalars)})
+
+
+@pytest.fixture(scope="module")
+def shared_cluster() -> Iterator[Cluster]:
+    c = start_cluster(2)
+    yield c
+    stop_cluster(c)
+
+
+def _check(cluster: Cluster, path: str, body: bytes) -> None:
+    reply = http(cluster.url + path, content=body)
+    assert reply.status_code < 500, (path, body, reply.status_code, reply.text)
+    if reply.status_code >= 400:
+        error = reply.json()
+        message = error["error"]["message"]
+        assert isinstance(message, str) and message
+        return
+    assert reply.status_code == 200
+    if reply.text.startswith(("data:", "event:")):
+        assert "data:" in reply.text
+        for line in reply.text.splitlines():
+            if line.startswith("data:") and line != "data: [DONE]":
+                json.loads(line[5:])
+    else:
+        assert isinstance(reply.json(), dict)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(ENDPOINTS), body=plausible)
+def test_structured_bodies(shared_cluster: Cluster, path: str, body: dict) -> None:
+    _check(shared_cluster, path, json.dumps(body).encode())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(ENDPOINTS), body=json_values | st.binary(max_size=30).map(lambda b: b.decode("latin-1")))
+def test_arbitrary_bodies(shared_cluster: Cluster, path: str, body) -> None:
+    raw = body.encode("latin-1", "replace") if isinstance(body, str) else json.dumps(body).encode()
+    _check(shared_cluster, path, raw)
