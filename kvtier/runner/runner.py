@@ -90,16 +90,16 @@ class Runner:
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, kv_hooks: KVHooks | None = None) -> Generation:
         """Greedy-decode ``max_new_tokens`` tokens after ``prompt``, reusing KV from G1 and ``kv_hooks``."""
-        tokens = self._validate(prompt, max_new_tokens)
-        needed = self.blocks_needed(len(tokens), max_new_tokens)
-        if needed > self.pool.num_blocks:
-            raise PoolExhaustedError(
-                f"one request of {len(tokens)} prompt + {max_new_tokens} new tokens needs {needed} KV blocks of "
-                f"{self.block_size} tokens; the pool has only {self.pool.num_blocks}")
         started = time.perf_counter()
-        stats = TurnStats(prompt_tokens=len(tokens), new_tokens=max_new_tokens)
         table: list[int] = []
-        try:
+        try:  # from here on, kv_hooks.release() runs whatever happens
+            tokens = self._validate(prompt, max_new_tokens)
+            needed = self.blocks_needed(len(tokens), max_new_tokens)
+            if needed > self.pool.num_blocks:
+                raise PoolExhaustedError(
+                    f"one request of {len(tokens)} prompt + {max_new_tokens} new tokens needs {needed} KV blocks "
+                    f"of {self.block_size} tokens; the pool has only {self.pool.num_blocks}")
+            stats = TurnStats(prompt_tokens=len(tokens), new_tokens=max_new_tokens)
             hashes = block_hashes(tokens.tolist(), self.block_size, self.salt)
             sources, table = self._plan(hashes, len(tokens), needed, kv_hooks)
             self._load(sources, hashes, table, kv_hooks, stats)

@@ -179,6 +179,7 @@ class HostTier(Tier):
         self._own_pool = own_pool
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
+        self._reserved: dict[int, _Entry] = {}   # slots being written in place (see ``reserve``)
         self._index = LruIndex(pool.capacity_bytes)
         self._set_gauges(capacity_bytes=pool.capacity_bytes)
 
@@ -205,33 +206,75 @@ class HostTier(Tier):
         return [self._put_one(k, v) for k, v in zip(checked, views)]
 
     def _put_one(self, key: int, payload: memoryview) -> bool:
-        slot_bytes = self.pool.slot_bytes
         with self._lock:
             if key in self._entries:
                 self._index.touch(key)
                 return True
+        slot_view = self.reserve(key, len(payload))
+        if slot_view is None:
+            return False
+        np.copyto(slot_view.numpy(), np.frombuffer(payload, dtype=np.uint8))
+        self.commit(key)
+        return True
+
+    def reserve(self, key: int, nbytes: int) -> torch.Tensor | None:
+        """A slot view of ``nbytes`` to write chunk ``key`` into in place (the GPU gather kernel writes there
+        directly: no staging copy). Invisible to readers until ``commit``; ``abort`` gives the slot back.
+        None when the key is already stored or being written, or no slot can be had (a skipped put)."""
+        key = check_key(key)
+        if not 0 < nbytes <= self.pool.slot_bytes:
+            raise ValueError(f"chunk of {nbytes} B does not fit a host slot of {self.pool.slot_bytes} B")
+        slot_bytes = self.pool.slot_bytes
+        with self._lock:
+            self._check_open()
+            if key in self._entries or key in self._reserved:
+                return None
             victims = self._index.victims_for(slot_bytes, self.choose_victims)
             if victims is None:
                 self._count(put_skipped=1)
-                return False
+                return None
             for victim in victims:
                 self._drop_locked(victim)
             slots = self.pool.try_alloc(1)  # None only when others share the pool and took the slots
             if slots is None:
                 self._count(put_skipped=1, evictions=len(victims))
-                return False
-            slot = slots[0]
+                return None
             self._index.reserve(slot_bytes)
-        dst = self.pool.view(slot).numpy()[:len(payload)]
-        np.copyto(dst, np.frombuffer(payload, dtype=np.uint8))
-        with self._lock:
-            self._index.commit(key, slot_bytes)
-            self._entries[key] = _Entry(slot, len(payload))
-            self._count(puts=1, put_bytes=len(payload), evictions=len(victims))
-            self._gauges_locked()
+            self._reserved[key] = _Entry(slots[0], nbytes)
+            self._count(evictions=len(victims))
         if victims and self.on_evicted is not None:
             self.on_evicted(victims)
-        return True
+        return self.pool.view(slots[0])[:nbytes]
+
+    def commit(self, key: int) -> None:
+        """The reserved slot of ``key`` holds its chunk: make it visible."""
+        with self._lock:
+            entry = self._reserved.pop(key, None)
+            if entry is None:
+                raise ValueError(f"commit of chunk {key:#x} that was not reserved")
+            if self._closed:
+                return
+            self._index.commit(key, self.pool.slot_bytes)
+            self._entries[key] = entry
+            self._count(puts=1, put_bytes=entry.nbytes)
+            self._gauges_locked()
+
+    def abort(self, key: int) -> None:
+        """Give back the reserved slot of ``key`` (its write failed or was not needed)."""
+        with self._lock:
+            entry = self._reserved.pop(key, None)
+            if entry is None:
+                raise ValueError(f"abort of chunk {key:#x} that was not reserved")
+            if self._closed:
+                return
+            self._index.unreserve(self.pool.slot_bytes)
+            self.pool.free([entry.slot])
+            self._count(put_skipped=1)
+
+    def slot_offset(self, view: torch.Tensor) -> int:
+        """Byte offset of a slot view (from ``reserve`` or ``borrow``) in ``pool.buffer``: kernels address
+        slots as offsets into the one pinned arena."""
+        return view.data_ptr() - self.pool.buffer.data_ptr()
 
     def get(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> list[int | None]:
         checked, views = self._check_batch(keys, buffers, writable=True)

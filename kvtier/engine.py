@@ -1,0 +1,528 @@
+"""The offload engine: what a model runner calls to keep KV below G1 and bring it back.
+
+``lookup`` / ``load`` / ``store`` / ``release`` per request (DESIGN.md, "Engine API"). The engine owns G2
+(a pinned ``HostTier``), and optionally G3 (``DiskTier``) and G4 (``RemoteTier``); the block ``Manager``
+decides what lives where, and this class moves the bytes it decides on:
+
+- ``store`` gathers a chunk's G1 blocks straight into a reserved G2 slot with the transfer kernels;
+- ``load`` scatters a G2 slot back into G1 blocks; a chunk found only in G3/G4 is read into a G2 slot first
+  (promotion in place: one I/O, no extra copy) within ``lower_tier_deadline_ms``, or the runner recomputes;
+- evictions chosen by the manager are demoted by a background mover (G2 -> G3 -> G4), so the serving path
+  never waits on a disk or a server. A few spare host slots absorb chunks in flight.
+
+Every tier change is published as vLLM-format KV events (G2 as ``CPU``, G3 and G4 together as ``STORAGE``)
+and counted in Prometheus metrics. Chunk ``c`` of a request is keyed by the seq hash of its last block.
+All manager state is guarded by one lock; transfers and I/O run outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier import kernels
+from kvtier.config import KvtierConfig
+from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE, EventPublisher
+from kvtier.hashing import Namespace, block_hashes
+from kvtier.hints import AgentHints, BlockPlan, block_plan
+from kvtier.layout import PageLayout
+from kvtier.manager import Manager, TierSpec
+from kvtier.metrics import EngineMetrics
+from kvtier.tiers.base import Tier
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.host import HostPool, HostTier
+from kvtier.tiers.remote import RemoteTier
+
+log = logging.getLogger(__name__)
+
+G1, G2, G3, G4 = 0, 1, 2, 3
+TIER_NAMES = ("G1", "G2", "G3", "G4")
+UNBOUNDED = 2**62  # G4's size is the server's business (maxmemory); its evictions surface as misses
+
+
+@dataclass
+class EngineRequest:
+    """One model call as the engine sees it: its prompt, tenant salt and agent hints."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    hints: AgentHints = field(default_factory=AgentHints)
+    salt: str | None = None
+
+    @property
+    def session(self) -> str | None:
+        return self.hints.session_id
+
+
+@dataclass
+class _RequestState:
+    request: EngineRequest
+    block_hashes: list[int]
+    chunk_keys: list[int]
+    plan: BlockPlan
+    acquired: list[int] = field(default_factory=list)
+    hit_tokens: dict[str, int] = field(default_factory=lambda: {"G2": 0, "G3": 0, "G4": 0})
+
+
+@dataclass(frozen=True)
+class _ChunkMeta:
+    """What a KV event needs about a chunk's blocks."""
+
+    block_hashes: tuple[int, ...]
+    parent_hash: int | None
+    token_ids: tuple[int, ...]
+
+
+class KvtierEngine:
+    def __init__(self, config: KvtierConfig, layout: PageLayout, namespace: Namespace, *,
+                 metrics: EngineMetrics | None = None, events: EventPublisher | None = None,
+                 spare_host_slots: int = 4) -> None:
+        self.config = config
+        self.layout = layout
+        self.namespace = namespace
+        self.chunk_blocks = config.chunk_blocks
+        self.chunk_tokens = config.block_size * config.chunk_blocks
+        self.chunk_bytes = layout.block_bytes * config.chunk_blocks
+        self.metrics = metrics or EngineMetrics()
+        self.events = events
+        self._lock = threading.RLock()
+        self._requests: dict[str, _RequestState] = {}
+        self._meta: dict[int, _ChunkMeta] = {}
+        self._closed = False
+
+        pool = HostPool(config.host_capacity_bytes, self.chunk_bytes)
+        if pool.num_slots <= spare_host_slots:
+            pool.close()
+            raise ValueError(f"host_capacity_bytes={config.host_capacity_bytes} holds {pool.num_slots} chunks of "
+                             f"{self.chunk_bytes} B; need more than {spare_host_slots} (the spare slots)")
+        self.host = HostTier(namespace, pool, own_pool=True)
+        self.unit = pool.slot_bytes
+        self.tiers: dict[int, Tier] = {G2: self.host}
+        specs = [TierSpec("G1", 0), TierSpec("G2", (pool.num_slots - spare_host_slots) * self.unit)]
+        if config.disk_path:
+            self.tiers[G3] = DiskTier.from_config(config, namespace)
+            specs.append(TierSpec("G3", max(self.unit, config.disk_capacity_bytes - spare_host_slots * self.unit),
+                                  config.admission_min_hits))
+        if config.remote_url:
+            self.tiers[G4] = RemoteTier.from_config(config, namespace)
+            specs.append(TierSpec("G4", UNBOUNDED, config.admission_min_hits))
+        # manager tier index -> G-number (G3 may be absent while G4 is present)
+        self._gnum = [G1, G2] + sorted(g for g in self.tiers if g > G2)
+        self._index = {g: i for i, g in enumerate(self._gnum)}
+        self.manager = Manager(specs, config.policy, write_through=config.write_through,
+                               pin_budget_frac=config.pin_budget_frac, pin_lease_s=config.pin_lease_s,
+                               block_bytes=self.unit, listener=self)
+        for g, tier in self.tiers.items():
+            tier.on_evicted = lambda keys, g=g: self._tier_dropped(g, keys)
+        self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
+        self._set_gauges()
+
+    # --- the engine API ----------------------------------------------------------------------------------------
+    def begin(self, request: EngineRequest) -> None:
+        """Register a request (hash its prompt once); ``lookup``/``load``/``store`` then refer to its id."""
+        hashes = block_hashes(request.token_ids, self.config.block_size, request.salt)
+        keys = hashes[self.chunk_blocks - 1::self.chunk_blocks]
+        plan = block_plan(request.hints, len(keys), self.chunk_tokens)
+        with self._lock:
+            self._check_open()
+            if request.request_id in self._requests:
+                raise ValueError(f"request {request.request_id!r} is already active")
+            self._requests[request.request_id] = _RequestState(request, hashes, keys, plan)
+            self.manager.begin_request(request.session, hints=request.hints)
+
+    def lookup(self, request_id: str, max_chunks: int | None = None) -> dict[str, int]:
+        """Hit tokens per tier by the prefix rule; the hit chunks are protected from eviction until
+        ``release``."""
+        with self._lock:
+            state = self._state(request_id)
+            keys = state.chunk_keys if max_chunks is None else state.chunk_keys[:max_chunks]
+            hits = self.manager.lookup(keys)  # cumulative, per manager tier
+            held = hits[-1]
+            fresh = [k for k in keys[:held] if k not in state.acquired]
+            self.manager.acquire(fresh)
+            state.acquired += fresh
+            out, prev = {}, 0
+            for i, total in enumerate(hits):
+                g = self._gnum[i]
+                if g > G1:
+                    out[TIER_NAMES[g]] = (total - prev) * self.chunk_tokens
+                    self.metrics.lookups.labels(TIER_NAMES[g], "hit").inc(total - prev)
+                prev = total
+            self.metrics.lookups.labels("none", "miss").inc(len(keys) - held)
+            return out
+
+    def load(self, request_id: str, chunk_index: int, block_ids: Sequence[int]) -> bool:
+        """Fill G1 blocks ``block_ids`` with chunk ``chunk_index``. False on any failure (miss, checksum,
+        deadline): the caller recomputes the chunk."""
+        with self._lock:
+            state = self._state(request_id)
+            key = self._chunk_key(state, chunk_index)
+            where = self.manager.locate(key)
+            if where is None:
+                return False
+            tier = self._gnum[where]
+        self._check_blocks(block_ids)
+        ok = self._load_from_host(key, block_ids) if tier == G2 else self._load_from_below(key, tier, block_ids)
+        if ok:
+            state.hit_tokens[TIER_NAMES[tier]] += self.chunk_tokens
+        return ok
+
+    def store(self, request_id: str, chunk_index: int, block_ids: Sequence[int]) -> bool:
+        """Copy a computed chunk from G1 blocks ``block_ids`` into G2. False when it was not stored (already
+        held, no room, ...); that is never an error for the caller."""
+        self._check_blocks(block_ids)
+        with self._lock:
+            state = self._state(request_id)
+            key = self._chunk_key(state, chunk_index)
+            self._remember(state, chunk_index, key)
+            if chunk_index in state.plan.ephemeral:
+                self.manager.mark_ephemeral([key])
+            plan = self.manager.prepare_store([key], self._index[G2], session=state.request.session)
+            if key not in plan.store:
+                return False
+            slot = self.host.reserve(key, self.chunk_bytes)
+        if slot is None:
+            self._complete_store(key, ok=False)
+            return False
+        try:
+            base = self.host.slot_offset(slot)
+            offsets = [base + i * self.layout.block_bytes for i in range(len(block_ids))]
+            kernels.offload(self.layout, block_ids, self.host.pool.buffer, offsets, impl=self.config.transfer_impl,
+                            sm_budget=self.config.sm_budget)
+            self._wait_for_device()
+        except Exception:
+            self.host.abort(key)
+            self._complete_store(key, ok=False)
+            raise
+        self.host.commit(key)
+        self._complete_store(key, ok=True)
+        if chunk_index in state.plan.ephemeral:
+            with self._lock:
+                self.manager.mark_ephemeral([key])
+        self.metrics.bytes_moved.labels("offload").inc(self.chunk_bytes)
+        return True
+
+    def release(self, request_id: str) -> dict[str, int]:
+        """The request is over: apply its retention hints, drop its reader protection, prefetch what the
+        hints ask for. Returns the tokens this request loaded per tier."""
+        with self._lock:
+            state = self._requests.pop(request_id, None)
+            if state is None:
+                raise ValueError(f"unknown request {request_id!r}")
+            self.manager.release(state.acquired)
+            self._apply_retention(state)
+            self._set_gauges()
+            below = [k for k in state.chunk_keys if (w := self.manager.locate(k)) is not None and self._gnum[w] > G2]
+        if below and (state.request.hints.prefetch or state.request.hints.next_call_delay_s):
+            self.prefetch(below)
+        return dict(state.hit_tokens)
+
+    def prefetch(self, keys: Sequence[int]) -> Future[int]:
+        """Bring chunks held only in G3/G4 up into G2 in the background; resolves to how many came up."""
+        return self._mover.submit(self._prefetch, list(keys))
+
+    # --- manager listener: demotions and evictions ---------------------------------------------------------------
+    def on_demote(self, src: int, dst: int, keys: list[int]) -> None:
+        """Called under the lock, before ``src`` frees the keys: queue the copies for the mover."""
+        g_src, g_dst = self._gnum[src], self._gnum[dst]
+        self.metrics.demotions.labels(TIER_NAMES[g_src], TIER_NAMES[g_dst]).inc(len(keys))
+        newly_stored = [k for k in keys if not self._in_storage(k, exclude=dst)]
+        self._publish_stored(newly_stored, MEDIUM_STORAGE)
+        if g_src == G2:  # hold the slots now: the entries are dropped right after this call
+            holds = [(k, self.host.borrow(k)) for k in keys]
+            views = [(k, cm, cm.__enter__()) for k, cm in holds]
+            self._mover.submit(self._write_down, views, g_dst)
+        else:
+            self._mover.submit(self._move_down, keys, g_src, g_dst)
+
+    def on_evict(self, tier: int, keys: list[int]) -> None:
+        """Called under the lock after the manager forgot ``keys`` in ``tier``: free the bytes."""
+        g = self._gnum[tier]
+        if g == G1:
+            return
+        self.metrics.evictions.labels(TIER_NAMES[g]).inc(len(keys))
+        if g == G2:
+            self.host.delete(keys)
+            self._publish_removed(keys, MEDIUM_CPU)
+        else:
+            self._mover.submit(self._delete_below, keys, g)
+            self._publish_removed([k for k in keys if not self._in_storage(k)], MEDIUM_STORAGE)
+        self._forget_meta(keys)
+
+    # --- views, stats, lifecycle ----------------------------------------------------------------------------------
+    def resident_blocks(self) -> dict[str, set[int]]:
+        """The block hashes the engine holds per event medium: what a subscriber of its events must rebuild."""
+        with self._lock:
+            cpu = self.manager.tiers[self._index[G2]].sizes
+            cold = set().union(*(self.manager.tiers[self._index[g]].sizes for g in self.tiers if g > G2))
+            return {MEDIUM_CPU: self._blocks_of(cpu), MEDIUM_STORAGE: self._blocks_of(cold)}
+
+    def held_chunks(self) -> dict[str, set[int]]:
+        """Chunk keys per tier (G2..G4) in the manager's view."""
+        with self._lock:
+            return {TIER_NAMES[g]: set(self.manager.tiers[self._index[g]].sizes) for g in self.tiers}
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued demotion, eviction and prefetch has run (tests, shutdown)."""
+        self._mover.submit(lambda: None).result(timeout=timeout_s)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._mover.shutdown(wait=True)
+        for tier in self.tiers.values():
+            tier.close()
+        if self.events is not None:
+            self.events.all_cleared()
+
+    def __enter__(self) -> KvtierEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- moving bytes ----------------------------------------------------------------------------------------------
+    def _load_from_host(self, key: int, block_ids: Sequence[int]) -> bool:
+        with self.host.borrow(key) as slot:
+            if slot is None:
+                self._lost(key, G2)
+                return False
+            self._scatter(slot, block_ids)
+        with self._lock:
+            self.manager.touch([key], self._index[G2])
+        return True
+
+    def _load_from_below(self, key: int, tier: int, block_ids: Sequence[int]) -> bool:
+        """Read the chunk into a G2 slot (promoting it in place), then load it from there; when G2 has no
+        room for it, read through a spare slot without promoting."""
+        with self._lock:
+            promoted = key in self.manager.prepare_store([key], self._index[G2]).store
+            slot = self.host.reserve(key, self.chunk_bytes) if promoted else None
+        if slot is None:
+            if promoted:
+                self._complete_store(key, ok=False)
+            return self._load_through_spare(key, tier, block_ids)
+
+        def settle(ok: bool) -> None:
+            (self.host.commit if ok else self.host.abort)(key)
+            self._complete_store(key, ok=ok)
+
+        if not self._read_before_deadline(key, tier, slot, settle):
+            return False
+        self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[tier]}").inc(self.chunk_bytes)
+        return self._load_from_host(key, block_ids)
+
+    def _load_through_spare(self, key: int, tier: int, block_ids: Sequence[int]) -> bool:
+        slots = self.host.pool.try_alloc(1)
+        if slots is None:
+            return False
+        view = self.host.pool.view(slots[0])[:self.chunk_bytes]
+        if not self._read_before_deadline(key, tier, view, lambda ok: None if ok else self.host.pool.free(slots)):
+            return False
+        self._scatter(view, block_ids)
+        self.host.pool.free(slots)
+        return True
+
+    def _read_before_deadline(self, key: int, tier: int, view: torch.Tensor, settle) -> bool:
+        """Read chunk ``key`` from a lower tier into ``view``. A read past the deadline is a miss: ``settle``
+        (False) runs when it finally completes, so its buffer is never reused while being written; a
+        damaged or missing chunk is forgotten and settled at once. ``settle(True)`` only on success."""
+        future = self.tiers[tier].get_async([key], [view])
+        try:
+            size = future.result(timeout=self.config.lower_tier_deadline_ms / 1000)[0]
+        except FutureTimeout:
+            self.metrics.recomputed.labels(TIER_NAMES[tier]).inc()
+            future.add_done_callback(lambda _f: settle(False))
+            return False
+        except Exception:  # noqa: BLE001 - tiers should not raise; if one does, it is a miss
+            log.exception("kvtier: %s get failed", TIER_NAMES[tier])
+            size = None
+        ok = size == self.chunk_bytes
+        settle(ok)
+        if not ok:
+            self.metrics.errors.labels(TIER_NAMES[tier], "get").inc()
+            self._lost(key, tier)
+        return ok
+
+    def _scatter(self, view: torch.Tensor, block_ids: Sequence[int]) -> None:
+        base = self.host.slot_offset(view)
+        offsets = [base + i * self.layout.block_bytes for i in range(len(block_ids))]
+        kernels.load(self.layout, block_ids, self.host.pool.buffer, offsets, impl=self.config.transfer_impl,
+                     sm_budget=self.config.sm_budget)
+        self._wait_for_device()
+        self.metrics.bytes_moved.labels("load").inc(self.chunk_bytes)
+
+    def _write_down(self, held: list, g_dst: int) -> None:
+        """Mover: write G2 slots (held since ``on_demote``) into G3/G4, then let the slots go."""
+        try:
+            keys = [k for k, _, view in held if view is not None]
+            views = [view for _, _, view in held if view is not None]
+            results = self._guarded(g_dst, "put", lambda: self.tiers[g_dst].put(keys, views), [False] * len(keys))
+        finally:
+            for _, cm, _ in held:
+                cm.__exit__(None, None, None)
+        self._after_put(keys, results, g_dst)
+
+    def _move_down(self, keys: list[int], g_src: int, g_dst: int) -> None:
+        """Mover: G3 -> G4 through a spare host slot (queued before the G3 delete, so the file still exists)."""
+        for key in keys:
+            slots = self.host.pool.try_alloc(1)
+            if slots is None:
+                self._after_put([key], [False], g_dst)
+                continue
+            try:
+                view = self.host.pool.view(slots[0])[:self.chunk_bytes]
+                got = self._guarded(g_src, "get", lambda: self.tiers[g_src].get([key], [view]), [None])[0]
+                ok = got == self.chunk_bytes and \
+                    self._guarded(g_dst, "put", lambda: self.tiers[g_dst].put([key], [view]), [False])[0]
+            finally:
+                self.host.pool.free(slots)
+            self._after_put([key], [ok], g_dst)
+
+    def _after_put(self, keys: list[int], results: list[bool], g_dst: int) -> None:
+        failed = [k for k, ok in zip(keys, results) if not ok]
+        self.metrics.bytes_moved.labels(f"demote_{TIER_NAMES[g_dst]}").inc((len(keys) - len(failed)) * self.chunk_bytes)
+        if failed:
+            self.metrics.errors.labels(TIER_NAMES[g_dst], "put").inc(len(failed))
+            self._lost_many(failed, g_dst)
+
+    def _delete_below(self, keys: list[int], g: int) -> None:
+        self._guarded(g, "delete", lambda: self.tiers[g].delete(keys), None)
+
+    def _prefetch(self, keys: list[int]) -> int:
+        done = 0
+        for key in keys:
+            with self._lock:
+                where = self.manager.locate(key)
+                if where is None or self._gnum[where] == G2:
+                    continue
+                tier = self._gnum[where]
+                promoted = key in self.manager.prepare_store([key], self._index[G2]).store
+                slot = self.host.reserve(key, self.chunk_bytes) if promoted else None
+            if slot is None:
+                if promoted:
+                    self._complete_store(key, ok=False)
+                continue
+            def settle(ok: bool, key: int = key) -> None:
+                (self.host.commit if ok else self.host.abort)(key)
+                self._complete_store(key, ok=ok)
+
+            done += self._read_before_deadline(key, tier, slot, settle)
+        return done
+
+    # --- helpers ---------------------------------------------------------------------------------------------------
+    def _complete_store(self, key: int, ok: bool) -> None:
+        with self._lock:
+            self.manager.complete_store([key], self._index[G2], ok=ok)
+            if ok:
+                self._publish_stored([key], MEDIUM_CPU)
+            self._set_gauges()
+
+    def _lost(self, key: int, g: int) -> None:
+        self._lost_many([key], g)
+
+    def _lost_many(self, keys: list[int], g: int) -> None:
+        """A tier does not have what the manager thinks it has (failed write, damage, expiry): forget it."""
+        with self._lock:
+            if not self._closed:
+                self.manager.discard(keys, self._index[g])
+
+    def _tier_dropped(self, g: int, keys: list[int]) -> None:
+        """A tier evicted or dropped keys on its own (damage found, its own capacity): tell the manager."""
+        with self._lock:
+            held = [k for k in keys if k in self.manager.tiers[self._index[g]].sizes]
+            if held and not self._closed:
+                self.manager.discard(held, self._index[g])
+
+    def _guarded(self, g: int, op: str, call, default):
+        """Tiers turn failures into misses; anything that still escapes is logged, counted and a miss too."""
+        try:
+            return call()
+        except Exception:  # noqa: BLE001 - a lower tier must never break the serving path
+            log.exception("kvtier: %s %s failed", TIER_NAMES[g], op)
+            self.metrics.errors.labels(TIER_NAMES[g], op).inc()
+            return default
+
+    def _apply_retention(self, state: _RequestState) -> None:
+        keys = state.chunk_keys
+        for lease, chunks in state.plan.pins.items():
+            report = self.manager.pin([keys[c] for c in chunks if self.manager.locate(keys[c]) is not None], lease)
+            if report.downgraded:
+                log.info("kvtier: %d pinned chunks over the pin budget were given priority 100 instead",
+                         len(report.downgraded))
+        for chunks, priority, duration in state.plan.priorities:
+            held = [keys[c] for c in chunks if self.manager.locate(keys[c]) is not None]
+            self.manager.set_priority(held, priority, duration)
+
+    def _remember(self, state: _RequestState, chunk: int, key: int) -> None:
+        if key in self._meta:
+            return
+        lo, hi = chunk * self.chunk_blocks, (chunk + 1) * self.chunk_blocks
+        bs = self.config.block_size
+        self._meta[key] = _ChunkMeta(tuple(state.block_hashes[lo:hi]), state.block_hashes[lo - 1] if lo else None,
+                                     tuple(int(t) for t in state.request.token_ids[lo * bs:hi * bs]))
+
+    def _forget_meta(self, keys: list[int]) -> None:
+        for key in keys:
+            if self.manager.locate(key) is None:
+                self._meta.pop(key, None)
+
+    def _in_storage(self, key: int, exclude: int | None = None) -> bool:
+        return any(key in self.manager.tiers[i].sizes for g, i in self._index.items() if g > G2 and i != exclude)
+
+    def _blocks_of(self, keys) -> set[int]:
+        return {h for k in keys if k in self._meta for h in self._meta[k].block_hashes}
+
+    def _publish_stored(self, keys: list[int], medium: str) -> None:
+        if self.events is None:
+            return
+        for key in keys:
+            meta = self._meta.get(key)
+            if meta is not None:
+                self.events.block_stored(meta.block_hashes, meta.parent_hash, meta.token_ids,
+                                         self.config.block_size, medium)
+
+    def _publish_removed(self, keys: list[int], medium: str) -> None:
+        if self.events is None:
+            return
+        hashes = [h for k in keys if k in self._meta for h in self._meta[k].block_hashes]
+        if hashes:
+            self.events.block_removed(hashes, medium)
+
+    def _set_gauges(self) -> None:
+        for g, i in self._index.items():
+            if g > G1:
+                self.metrics.resident_bytes.labels(TIER_NAMES[g]).set(self.manager.tiers[i].used)
+
+    def _state(self, request_id: str) -> _RequestState:
+        self._check_open()
+        state = self._requests.get(request_id)
+        if state is None:
+            raise ValueError(f"unknown request {request_id!r}; call begin() first")
+        return state
+
+    def _chunk_key(self, state: _RequestState, chunk_index: int) -> int:
+        if not 0 <= chunk_index < len(state.chunk_keys):
+            raise ValueError(f"chunk {chunk_index} out of range: the prompt has {len(state.chunk_keys)} full chunks")
+        return state.chunk_keys[chunk_index]
+
+    def _check_blocks(self, block_ids: Sequence[int]) -> None:
+        if len(block_ids) != self.chunk_blocks:
+            raise ValueError(f"a chunk is {self.chunk_blocks} blocks, got {len(block_ids)} block ids")
+
+    def _wait_for_device(self) -> None:
+        """Transfers run on the current stream; a G2 slot is published or released only once it is done."""
+        if self.layout.device.type == "cuda":
+            torch.cuda.current_stream(self.layout.device).synchronize()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
