@@ -292,3 +292,34 @@ def test_events_route_to_the_worker_whose_engine_cached_the_prompt(tmp_path) -> 
         assert len(owner.received) == 4 and sum(len(w.received) for w in c.workers) == 4
     finally:
         stop_cluster(c)
+
+
+def test_cli_serves_and_rejects_bad_arguments(cluster: Cluster) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from kvtier.cli import main
+
+    assert main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--events", "a", "--events", "b"]) == 2
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = cluster.workers[0].url
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--worker", worker,
+                             "--events", "-", "--log-level", "WARNING"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                health = http(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert health.status_code == 200 and health.json()["workers"][0]["url"] == worker
+        reply = http(f"http://127.0.0.1:{port}/v1/chat/completions",
+                     json_body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"].endswith("says: hi")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
