@@ -323,3 +323,19 @@ def test_cli_serves_and_rejects_bad_arguments(cluster: Cluster) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_workers_join_and_leave_at_runtime(cluster: Cluster) -> None:
+    first, second = cluster.workers
+    assert http(cluster.url + "/admin/workers", json_body={"url": "ftp://x"}).status_code == 400
+    assert http(cluster.url + "/admin/workers", json_body={"url": first.url}).status_code == 400  # already there
+    request = urllib.request.Request(cluster.url + "/admin/workers", data=json.dumps({"url": first.url}).encode(),
+                                     method="DELETE")
+    with urllib.request.urlopen(request) as resp:
+        assert resp.status == 200
+    client = oai(cluster)
+    for i in range(3):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"after leave {i}"}])
+    assert len(first.received) == 0 and len(second.received) == 3
+    assert http(cluster.url + "/admin/workers", json_body={"url": first.url}).json() == {"added": first.url}
+    assert [w["url"] for w in http(cluster.url + "/health").json()["workers"]] == [second.url, first.url]
