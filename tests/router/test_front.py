@@ -237,7 +237,6 @@ def test_dead_worker_requests_are_rerouted_and_it_comes_back(cluster: Cluster) -
     resp = http(cluster.url + "/v1/chat/completions", json_body={"model": "m", "messages": [{"role": "user", "content": "x"}]})
     assert resp.status_code == 503 and "no live worker" in resp.json()["error"]["message"]
     # the first worker restarts on its old port and the health loop takes it back
-    from .conftest import _serve
     from aiohttp import web
 
     async def restart() -> None:
