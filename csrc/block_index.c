@@ -89,6 +89,21 @@ static void erase(BlockIndex *self, Cell *hole_cell) {
     self->count--;
 }
 
+/* a block hash as uint64: checked like PyLong_AsUnsignedLongLong, but the digit loop of the mask variant is
+ * several times faster for full 64-bit values than the byte-array path the checked call takes */
+static inline int as_key(PyObject *o, uint64_t *out) {
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "block hashes must be ints, got %.50s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (_PyLong_Sign(o) < 0 || _PyLong_NumBits(o) > 64) {
+        PyErr_SetString(PyExc_OverflowError, "block hash out of range for an unsigned 64-bit integer");
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLongMask(o);
+    return 0;
+}
+
 static int parse_slot_medium(PyObject *args, int *slot, int *medium, PyObject **seq) {
     if (!PyArg_ParseTuple(args, "iiO", slot, medium, seq)) return -1;
     if (*slot < 0 || *slot >= MAX_WORKERS) {
@@ -111,8 +126,8 @@ static PyObject *BI_store(BlockIndex *self, PyObject *args) {
     PyObject **items = PySequence_Fast_ITEMS(seq);
     uint64_t bit = 1ULL << slot;
     for (Py_ssize_t k = 0; k < n; k++) {
-        uint64_t key = PyLong_AsUnsignedLongLong(items[k]);
-        if (key == (uint64_t)-1 && PyErr_Occurred()) { Py_DECREF(seq); return NULL; }
+        uint64_t key;
+        if (as_key(items[k], &key) < 0) { Py_DECREF(seq); return NULL; }
         Cell *c = upsert(self, key);
         if (!c) { Py_DECREF(seq); return NULL; }
         c->mask[medium] |= bit;
@@ -130,8 +145,8 @@ static PyObject *BI_remove(BlockIndex *self, PyObject *args) {
     PyObject **items = PySequence_Fast_ITEMS(seq);
     uint64_t keep = ~(1ULL << slot);
     for (Py_ssize_t k = 0; k < n; k++) {
-        uint64_t key = PyLong_AsUnsignedLongLong(items[k]);
-        if (key == (uint64_t)-1 && PyErr_Occurred()) { Py_DECREF(seq); return NULL; }
+        uint64_t key;
+        if (as_key(items[k], &key) < 0) { Py_DECREF(seq); return NULL; }
         Cell *c = lookup(self, key);
         if (!c) continue;
         c->mask[medium] &= keep;
@@ -180,14 +195,27 @@ static PyObject *BI_find(BlockIndex *self, PyObject *obj) {
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
+    /* pass 1: convert every key and prefetch its home cell, so the table's cache misses overlap */
+    uint64_t stack_keys[256];
+    uint64_t *keys = n <= 256 ? stack_keys : PyMem_Malloc((size_t)n * sizeof(uint64_t));
+    if (!keys) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    size_t m = self->cap - 1;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (as_key(items[k], &keys[k]) < 0) {
+            if (keys != stack_keys) PyMem_Free(keys);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        __builtin_prefetch(&self->cells[mix(keys[k]) & m]);
+    }
+    Py_DECREF(seq);
+    /* pass 2: walk the prefix; a slot drops out of a prefix at the first block it lacks there */
     uint64_t cur[3] = {~0ULL, ~0ULL, ~0ULL};
     uint16_t len[3][MAX_WORKERS];
     memset(len, 0, sizeof(len));
     Py_ssize_t depth = 0;
     for (; depth < n; depth++) {
-        uint64_t key = PyLong_AsUnsignedLongLong(items[depth]);
-        if (key == (uint64_t)-1 && PyErr_Occurred()) { Py_DECREF(seq); return NULL; }
-        const Cell *c = lookup(self, key);
+        const Cell *c = lookup(self, keys[depth]);
         if (!c) break;
         uint64_t host = c->mask[0] | c->mask[1];
         uint64_t next[3] = {cur[0] & c->mask[0], cur[1] & host, cur[2] & (host | c->mask[2])};
@@ -198,7 +226,7 @@ static PyObject *BI_find(BlockIndex *self, PyObject *obj) {
                     len[w][__builtin_ctzll(gone)] = (uint16_t)(depth > 65535 ? 65535 : depth);
         cur[0] = next[0]; cur[1] = next[1]; cur[2] = next[2];
     }
-    Py_DECREF(seq);
+    if (keys != stack_keys) PyMem_Free(keys);
     PyObject *out = PyList_New(0);
     if (!out || !depth) return out;
     uint16_t d = (uint16_t)(depth > 65535 ? 65535 : depth);

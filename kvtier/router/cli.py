@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", action="append", default=[], metavar="ENDPOINT",
                         help="the KV-event stream of the worker at the same position: tcp://h:p, or "
                              "tcp://h:p,tcp://h:replay_port; '-' for a worker without events (approximate mode)")
-    parser.add_argument("--tokenizer", help="tokenizer.json or a model directory (enables exact block keys)")
+    parser.add_argument("--tokenizer", help="tokenizer.json or a model directory (chat template from its "
+                        "tokenizer_config.json): exact block keys that match the workers' KV events. Without it the "
+                        "router hashes character blocks, which is approximate and only matches its own past decisions")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block, as the workers use (16)")
     parser.add_argument("--device-credit", type=float, default=1.0)
     parser.add_argument("--host-credit", type=float, default=0.75)

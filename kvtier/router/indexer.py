@@ -9,7 +9,6 @@ in *approximate* mode: the blocks of every request routed to them are assumed ca
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -18,8 +17,6 @@ from dataclasses import dataclass, field
 from kvtier.events import MEDIUM_CPU, MEDIUM_GPU, MEDIUM_STORAGE, AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from kvtier.hashing import chain_hashes, local_block_hashes
 from kvtier.router.block_index import MAX_WORKERS, BlockIndex
-
-log = logging.getLogger(__name__)
 
 MEDIUM_INDEX = {MEDIUM_GPU: 0, None: 0, MEDIUM_CPU: 1, MEDIUM_STORAGE: 2}
 

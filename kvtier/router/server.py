@@ -391,11 +391,15 @@ class KvRouter:
                         for piece in writer.chunk(chunk):
                             await response.write(piece)
         except _CONNECT_ERRORS as exc:
-            # bytes already reached the client: the stream cannot move; end it with an explicit error event
-            log.warning("worker stream broke: %r", exc)
+            # bytes already reached the client, so the stream cannot move to another worker: end it with an
+            # explicit error event (unless it is the client that went away)
+            log.warning("stream from the worker to the client broke: %r", exc)
             error = {"type": "error", "error": {"type": "api_error", "message": f"worker stream broke: {exc!r}"}}
-            await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
-            await response.write_eof()
+            try:
+                await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+                await response.write_eof()
+            except _CONNECT_ERRORS:
+                pass
             return response
         if writer is not None:
             for piece in writer.finish():

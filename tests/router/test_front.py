@@ -237,7 +237,6 @@ def test_dead_worker_requests_are_rerouted_and_it_comes_back(cluster: Cluster) -
     resp = http(cluster.url + "/v1/chat/completions", json_body={"model": "m", "messages": [{"role": "user", "content": "x"}]})
     assert resp.status_code == 503 and "no live worker" in resp.json()["error"]["message"]
     # the first worker restarts on its old port and the health loop takes it back
-    from .conftest import _serve
     from aiohttp import web
 
     async def restart() -> None:
@@ -292,3 +291,50 @@ def test_events_route_to_the_worker_whose_engine_cached_the_prompt(tmp_path) -> 
         assert len(owner.received) == 4 and sum(len(w.received) for w in c.workers) == 4
     finally:
         stop_cluster(c)
+
+
+def test_cli_serves_and_rejects_bad_arguments(cluster: Cluster) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from kvtier.cli import main
+
+    assert main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--events", "a", "--events", "b"]) == 2
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = cluster.workers[0].url
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--worker", worker,
+                             "--events", "-", "--log-level", "WARNING"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                health = http(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert health.status_code == 200 and health.json()["workers"][0]["url"] == worker
+        reply = http(f"http://127.0.0.1:{port}/v1/chat/completions",
+                     json_body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"].endswith("says: hi")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_workers_join_and_leave_at_runtime(cluster: Cluster) -> None:
+    first, second = cluster.workers
+    assert http(cluster.url + "/admin/workers", json_body={"url": "ftp://x"}).status_code == 400
+    assert http(cluster.url + "/admin/workers", json_body={"url": first.url}).status_code == 400  # already there
+    request = urllib.request.Request(cluster.url + "/admin/workers", data=json.dumps({"url": first.url}).encode(),
+                                     method="DELETE")
+    with urllib.request.urlopen(request) as resp:
+        assert resp.status == 200
+    client = oai(cluster)
+    for i in range(3):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"after leave {i}"}])
+    assert len(first.received) == 0 and len(second.received) == 3
+    assert http(cluster.url + "/admin/workers", json_body={"url": first.url}).json() == {"added": first.url}
+    assert [w["url"] for w in http(cluster.url + "/health").json()["workers"]] == [second.url, first.url]
