@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import ENGINES_MISSING
+from engines_env import ENGINES_MISSING
 
 pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory", reason=ENGINES_MISSING)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import ENGINES_MISSING
+from engines_env import ENGINES_MISSING
 
 pytest.importorskip("vllm.v1.kv_offload.cpu.spec", reason=ENGINES_MISSING)
 
@@ -106,3 +106,19 @@ def test_worker_side_round_trips_pages_bitwise(harness):
     for name in h.shape.layer_names():
         for i, block_id in enumerate(load.dst_spec.block_ids):
             assert torch.equal(h.block_bytes(name, int(block_id)), written[name][i])
+
+
+@pytest.mark.parametrize(
+    "extra_config, error",
+    [
+        ({"spec_name": "NoSuchSpec"}, "Unsupported spec type"),
+        ({"spec_name": "HostCopyOffloadingSpec", "spec_module_path": "host_copy_spec",
+          "num_chunks": 0}, "num_chunks"),
+        ({"spec_name": "CPUOffloadingSpec", "cpu_bytes_to_use": 1 << 20, "blocks_per_chunk": 0},
+         "blocks_per_chunk"),
+    ],
+)
+def test_bad_spec_config_fails_at_startup(extra_config, error):
+    # The spec is built when the Scheduler builds its connector: bad config stops start-up.
+    with pytest.raises(ValueError, match=error):
+        VllmSchedulerHarness(extra_config)
