@@ -59,9 +59,24 @@ def test_store_jobs_then_prefix_hits_and_load_jobs(harness):
         assert not any(step.store_jobs for step in steps)
 
 
+def test_concurrent_requests_share_one_load(harness):
+    h = harness(cpu_spec(1 << 20))
+    h.add_request("a", PREFIX + [1])
+    h.run()
+    h.drop_gpu_prefix_cache()
+    for i in range(3):
+        h.add_request(f"c{i}", PREFIX + [10 + i, 20 + i])
+    steps = h.run()
+    loads = [job for step in steps for job in step.load_jobs.values()]
+    assert [job.req_id for job in loads] == ["c0"]  # c1, c2 wait for it, then hit the GPU cache
+    local = {k: v for step in steps for k, v in step.local_hits.items()}
+    assert local == {"c0": 0, "c1": len(PREFIX), "c2": len(PREFIX)}
+
+
 def test_small_capacity_evicts(harness):
     h = harness(cpu_spec(1 << 20))
-    chunk_bytes = h.manager._config_info["cpu_kv_cache_size_bytes"] // h.manager._num_chunks
+    (info,) = h.manager.config_info()
+    chunk_bytes = info["cpu_kv_cache_size_bytes"] // info["cpu_num_chunks"]
     h.close()
     h = harness(cpu_spec(chunk_bytes * PREFIX_BLOCKS))  # room for exactly one prefix
     h.add_request("a", PREFIX + [1])
