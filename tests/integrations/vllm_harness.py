@@ -293,7 +293,7 @@ class VllmSchedulerHarness:
         cache_salt: str | None = None,
     ) -> Request:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        if kv_transfer_params is not None:
+        if kv_transfer_params is not None:  # where the OpenAI server puts them; Request reads them back
             params.extra_args = {"kv_transfer_params": kv_transfer_params}
         request = Request(
             request_id=req_id,
@@ -303,8 +303,6 @@ class VllmSchedulerHarness:
             cache_salt=cache_salt,
             block_hasher=self._block_hasher,
         )
-        if kv_transfer_params is not None:
-            request.kv_transfer_params = kv_transfer_params
         self._requests[req_id] = request
         self.scheduler.add_request(request)
         return request
