@@ -268,6 +268,18 @@ class KvtierEngine:
         with self._lock:
             return {TIER_NAMES[g]: set(self.manager.tiers[self._index[g]].sizes) for g in self.tiers}
 
+    def clear(self, tier: str) -> int:
+        """Drop every chunk not being read from one tier (``"G2"``, ``"G3"``, ``"G4"``), without demoting:
+        after a failover, to hand memory back, or to force reads from the tiers below. Returns how many."""
+        g = TIER_NAMES.index(tier) if tier in TIER_NAMES else -1
+        if g not in self.tiers:
+            raise ValueError(f"no tier {tier!r} in this engine; it has {[TIER_NAMES[g] for g in sorted(self.tiers)]}")
+        with self._lock:
+            keys = [k for k in self.manager.tiers[self._index[g]].sizes if self.manager.entry(k).readers == 0]
+            self.manager.discard(keys, self._index[g])
+            self._set_gauges()
+        return len(keys)
+
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued demotion, eviction and prefetch has run (tests, shutdown)."""
         self._mover.submit(lambda: None).result(timeout=timeout_s)

@@ -34,7 +34,8 @@ class ManagerError(RuntimeError):
 class ManagerListener(Protocol):
     """How the engine learns what to move. Called synchronously, demotions before the source is freed."""
 
-    def on_demote(self, src: int, dst: int, keys: list[Key]) -> None: ...
+    def on_demote(self, src: int, dst: int, keys: list[Key]) -> None:
+        """Copy ``keys`` from tier ``src`` into ``dst`` (an eviction's demotion, or write-through)."""
 
     def on_evict(self, tier: int, keys: list[Key]) -> None: ...
 
@@ -268,7 +269,9 @@ class Manager:
         if not ok:
             self._forget([k for k in keys if self.locate(k) is None and k not in self._busy])
         elif self.write_through and tier + 1 < len(self.tiers):
-            self._store(tier + 1, [k for k in keys if lane.get(k) != EPHEMERAL], self._busy, None, None)
+            copied = self._store(tier + 1, [k for k in keys if lane.get(k) != EPHEMERAL], self._busy, None, None)
+            if self.listener is not None and copied:
+                self.listener.on_demote(tier, tier + 1, list(copied))  # a copy down; the source keeps it
 
     def discard(self, keys: Iterable[Key], tier: int) -> None:
         """A tier lost these keys (failed write, checksum mismatch, remote expiry): forget them there."""

@@ -121,6 +121,18 @@ class PagedKVPool:
         self.evictions += 1
         return block
 
+    def reset_prefix_cache(self, poison: int | None = None) -> int:
+        """Forget every cached (unreferenced) block, like vLLM's ``reset_prefix_cache``; optionally overwrite
+        the whole pool with the byte ``poison`` so stale KV cannot pass for restored KV. Returns how many."""
+        if any(self._refcount):
+            raise ValueError("blocks are still referenced by running requests")
+        dropped = len(self._cached)
+        while self._cached:
+            self._free.append(self._evict_oldest())
+        if poison is not None:
+            self.kv_cache.view(torch.uint8).fill_(poison)
+        return dropped
+
     # --- prefix index ---------------------------------------------------------------------------------------
     def lookup(self, seq_hashes: Sequence[int]) -> list[int | None]:
         """The block holding each seq hash, or ``None`` where the pool does not hold it."""

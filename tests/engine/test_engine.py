@@ -1,0 +1,197 @@
+"""The engine end to end on the reference model: bitwise KV through every tier, faults, events, tenants."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kvtier.engine import EngineRequest
+from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE, AllBlocksCleared, BlockRemoved, BlockStored, EventPublisher, \
+    EventSubscriber
+from tests.engine.sessions import CHUNK_TOKENS, make_rig, random_tokens
+
+PROMPT = random_tokens(130, seed=1)          # 8 full chunks of 16 tokens
+FOLLOW_UP = PROMPT + random_tokens(40, seed=2)
+REUSABLE = (len(PROMPT) // CHUNK_TOKENS) * CHUNK_TOKENS
+
+
+def _rig_for(tier, tmp_path, request):
+    if tier == "G2":
+        return make_rig(tmp_path)
+    if tier == "G3":
+        return make_rig(tmp_path, disk=True, write_through=True)
+    server = request.getfixturevalue("redis_server")
+    return make_rig(tmp_path, remote_url=server.url, write_through=True)
+
+
+@pytest.mark.parametrize("tier", ["G2", "G3", "G4"])
+def test_every_chunk_through_one_tier_is_bitwise_identical(tier, tmp_path, request):
+    rig = _rig_for(tier, tmp_path, request)
+    with rig.engine:
+        first, _ = rig.call(rig.runner(), PROMPT)
+        assert rig.same_as_reference(PROMPT, first)
+        rig.engine.drain()
+        if tier != "G2":
+            assert rig.engine.clear("G2") == len(PROMPT) // CHUNK_TOKENS  # only the lower tier holds them now
+        again, hooks = rig.call(rig.runner(), FOLLOW_UP)
+        assert again.stats.loaded_tokens == REUSABLE and again.stats.failed_loads == 0
+        assert hooks.hit_tokens[tier] == REUSABLE
+        assert sum(v for k, v in hooks.hit_tokens.items() if k != tier) == 0
+        assert rig.same_as_reference(FOLLOW_UP, again)
+
+
+def test_redis_killed_mid_session_recomputes_and_recovers(tmp_path, redis_server):
+    rig = make_rig(tmp_path, remote_url=redis_server.url, write_through=True, remote_timeout_s=0.2)
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        rig.engine.drain()
+        rig.engine.clear("G2")
+        redis_server.kill()
+        got, hooks = rig.call(rig.runner(), FOLLOW_UP)
+        assert got.stats.loaded_tokens == 0 and got.stats.computed_tokens == len(FOLLOW_UP)
+        assert rig.same_as_reference(FOLLOW_UP, got)
+        redis_server.restart()
+        deadline = time.monotonic() + 20  # the circuit breaker's backoff: the tier comes back on its own
+        seed = 20
+        while True:
+            seed += 1
+            other = random_tokens(70, seed=seed)  # new content each time, so each call writes through to G4
+            rig.call(rig.runner(), other)
+            rig.engine.drain()
+            if rig.engine.held_chunks()["G4"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        rig.engine.clear("G2")
+        follow = other + random_tokens(20, seed=10)
+        back, hooks = rig.call(rig.runner(), follow)
+        assert hooks.hit_tokens["G4"] == (len(other) // CHUNK_TOKENS) * CHUNK_TOKENS
+        assert rig.same_as_reference(follow, back)
+
+
+def test_corrupted_disk_files_are_recomputed(tmp_path):
+    rig = make_rig(tmp_path, disk=True, write_through=True)
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        rig.engine.drain()
+        rig.engine.clear("G2")
+        files = [p for p in Path(tmp_path / "disk").rglob("*") if p.is_file() and p.stat().st_size > 4096]
+        assert len(files) == len(PROMPT) // CHUNK_TOKENS
+        for i, path in enumerate(files):
+            raw = bytearray(path.read_bytes())
+            raw[4096 + 97 * i] ^= 0x40  # one bit in each payload
+            path.write_bytes(bytes(raw))
+        got, _ = rig.call(rig.runner(), FOLLOW_UP)
+        assert got.stats.loaded_tokens == 0 and rig.same_as_reference(FOLLOW_UP, got)
+        assert rig.engine.tiers[2].stats().corrupt >= 1
+
+
+def test_events_rebuild_the_engines_view(tmp_path):
+    publisher = EventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    view: dict[str, set] = {MEDIUM_CPU: set(), MEDIUM_STORAGE: set()}
+
+    def apply(_seq, batch):
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                view[event.medium].update(event.block_hashes)
+            elif isinstance(event, BlockRemoved):
+                view[event.medium].difference_update(event.block_hashes)
+            elif isinstance(event, AllBlocksCleared):
+                for blocks in view.values():
+                    blocks.clear()
+
+    subscriber = EventSubscriber(publisher.endpoint, publisher.replay_endpoint, on_batch=apply).start()
+    try:
+        rig = make_rig(tmp_path, host_chunks=6, disk=True, events=publisher)
+        with rig.engine:
+            for seed in range(4):  # more chunks than G2 holds: demotions to G3 and evictions
+                prompt = random_tokens(100, seed=100 + seed)
+                rig.call(rig.runner(), prompt)
+                rig.engine.drain()
+            rig.call(rig.runner(), random_tokens(100, seed=100) + random_tokens(30, seed=7))  # promotions back
+            rig.engine.drain()
+            expected = rig.engine.resident_blocks()
+            assert expected[MEDIUM_CPU] and expected[MEDIUM_STORAGE]
+            deadline = time.monotonic() + 10
+            while view != expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert view == expected
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_tenants_never_share_chunks(tmp_path):
+    """Interleaved sessions of two tenants with the same prompts: each tenant reuses only its own KV."""
+    rig = make_rig(tmp_path, host_chunks=128)
+    prompt = random_tokens(120, seed=42)
+    with rig.engine:
+        for turn in range(3):
+            for tenant in ("tenant-a", "tenant-b"):
+                p = prompt + random_tokens(17 * turn, seed=turn)
+                got, hooks = rig.call(rig.runner(tenant), p, salt=tenant, session=tenant)
+                assert rig.same_as_reference(p, got)
+                # turn 0: tenant-b finds nothing although tenant-a just stored the same tokens
+                expected = 0 if turn == 0 else (len(prompt) // CHUNK_TOKENS) * CHUNK_TOKENS
+                assert got.stats.loaded_tokens >= expected and (turn or got.stats.loaded_tokens == 0), (turn, tenant)
+        keys = {}
+        for tenant in ("tenant-a", "tenant-b"):
+            rig.engine.begin(EngineRequest(tenant, prompt, salt=tenant))
+            keys[tenant] = set(rig.engine._requests[tenant].chunk_keys)
+            rig.engine.release(tenant)
+        held = set().union(*rig.engine.held_chunks().values())
+        assert keys["tenant-a"] <= held and keys["tenant-b"] <= held
+        assert not keys["tenant-a"] & keys["tenant-b"]
+
+
+def test_concurrent_engine_calls_are_safe(tmp_path):
+    """Many threads hammer lookup/store/load/release on one engine with separate block ranges."""
+    rig = make_rig(tmp_path, host_chunks=8, disk=True)
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(6):
+                prompt = random_tokens(64, seed=1000 * i + j % 3)
+                req = EngineRequest(f"w{i}-{j}", prompt)
+                rig.engine.begin(req)
+                rig.engine.lookup(req.request_id)
+                blocks = list(range(i * 16, i * 16 + 4))
+                for c in range(4):
+                    if not rig.engine.load(req.request_id, c, blocks):
+                        rig.engine.store(req.request_id, c, blocks)
+                rig.engine.release(req.request_id)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with rig.engine:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rig.engine.drain()
+        rig.engine.manager.check_invariants()
+    assert not errors, errors
+
+
+def test_bad_calls_are_clear_errors(tmp_path):
+    rig = make_rig(tmp_path)
+    with rig.engine:
+        with pytest.raises(ValueError, match="unknown request"):
+            rig.engine.lookup("nope")
+        req = EngineRequest("r", PROMPT)
+        rig.engine.begin(req)
+        with pytest.raises(ValueError, match="already active"):
+            rig.engine.begin(req)
+        with pytest.raises(ValueError, match="out of range"):
+            rig.engine.store("r", 99, [0, 1, 2, 3])
+        with pytest.raises(ValueError, match="4 blocks"):
+            rig.engine.store("r", 0, [0, 1])
+        with pytest.raises(ValueError, match="block id out of range"):
+            rig.engine.store("r", 0, [0, 1, 2, 10**6])
+        with pytest.raises(ValueError, match="no tier"):
+            rig.engine.clear("G3")
+        rig.engine.release("r")
+    with pytest.raises(RuntimeError, match="closed"):
+        rig.engine.begin(EngineRequest("late", PROMPT))
