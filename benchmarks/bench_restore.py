@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Restoring a context from kvtier against recomputing its prefill, on the reference model, same run.
+
+For each context length: time to first token when the whole prompt is recomputed, and when every reusable
+chunk is restored from G2 (pinned host memory) or from G3 (files; G2 emptied first), with G1 emptied before
+each timed call. Restored runs must produce logits bitwise equal to the recompute run's reference. On a GPU
+the model is Llama-3-8B-shaped (random bf16 weights; ``--layers`` cuts depth, which scales both sides
+alike); on CPU the reference runner's ``small`` preset.
+
+    python benchmarks/bench_restore.py [--lengths 8192 32768 131072] [--layers N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import device_name, print_table, write_json  # noqa: E402
+from kvtier.config import KvtierConfig  # noqa: E402
+from kvtier.engine import EngineRequest, KvtierEngine  # noqa: E402
+from kvtier.hashing import Namespace  # noqa: E402
+from kvtier.layout import paired_kv_layout  # noqa: E402
+from kvtier.runner.kv_cache import PagedKVPool  # noqa: E402
+from kvtier.runner.model import LlamaModel, ModelConfig  # noqa: E402
+from kvtier.runner.offload import EngineHooks  # noqa: E402
+from kvtier.runner.runner import Runner  # noqa: E402
+
+BLOCK = 16
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--layers", type=int, default=32, help="GPU model depth (Llama-3-8B has 32)")
+    parser.add_argument("--chunk-blocks", type=int, help="blocks per chunk (default 64 on GPU, 16 on CPU)")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    lengths = args.lengths or ([8192, 32768, 131072] if on_gpu else [1024, 4096])
+    config = ModelConfig.llama3_8b_layers(args.layers) if on_gpu else ModelConfig.small()
+    chunk_blocks = args.chunk_blocks or (64 if on_gpu else 16)
+    chunk_tokens = BLOCK * chunk_blocks
+    model = LlamaModel(config, device)
+    longest = max(lengths) + chunk_tokens
+    pool = PagedKVPool(config, -(-longest // BLOCK), BLOCK, device)
+    layout = paired_kv_layout(pool.per_layer_views())
+    chunk_bytes = layout.block_bytes * chunk_blocks
+    Runner(model, pool, chunk_blocks, prefix_caching=False).generate(list(range(2 * chunk_tokens)), 1)  # warm-up
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvtier-restore-") as disk:
+        engine_config = KvtierConfig(block_size=BLOCK, chunk_blocks=chunk_blocks, model_name=config.model_id,
+                                     host_capacity_bytes=(longest // chunk_tokens + 8) * chunk_bytes,
+                                     disk_path=disk, disk_capacity_bytes=(longest // chunk_tokens + 8) * (chunk_bytes + 8192),
+                                     write_through=True, admission_min_hits=0, lower_tier_deadline_ms=60_000)
+        with KvtierEngine(engine_config, layout, Namespace(config.model_id, config.dtype, layout.name)) as engine:
+            for n in tqdm(lengths, desc="contexts", unit="ctx"):
+                prompt = torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                runner = Runner(model, pool, chunk_blocks, prefix_caching=False)
+                recompute = runner.generate(prompt, 1)
+                pool.reset_prefix_cache()
+                cached = Runner(model, pool, chunk_blocks)
+                cached.generate(prompt, 1, kv_hooks=EngineHooks(engine, EngineRequest(f"store-{n}", prompt)))
+                engine.drain()
+                for tier in ("G2", "G3"):
+                    if tier == "G3":
+                        engine.clear("G2")
+                    pool.reset_prefix_cache(poison=0xA5)
+                    hooks = EngineHooks(engine, EngineRequest(f"{tier}-{n}", prompt))
+                    restored = Runner(model, pool, chunk_blocks).generate(prompt, 1, kv_hooks=hooks)
+                    engine.drain()
+                    rows.append({"context": n, "source": tier, "restored_tokens": restored.stats.loaded_tokens,
+                                 "recompute_ms": recompute.stats.ttft_s * 1e3, "restore_ms": restored.stats.ttft_s * 1e3,
+                                 "speedup": recompute.stats.ttft_s / restored.stats.ttft_s,
+                                 "identical": bool(torch.equal(restored.first_logits, recompute.first_logits))})
+                engine.clear("G3")
+                engine.clear("G2")
+    name = device_name(device)
+    print_table(rows, ["context", "source", "restored_tokens", "recompute_ms", "restore_ms", "speedup", "identical"],
+                f"restore vs recompute, {config.model_id} ({config.num_layers} layers) on {name}")
+    write_json(args.json, {"device": name, "model": config.model_id, "layers": config.num_layers,
+                           "chunk_tokens": chunk_tokens, "rows": rows})
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
