@@ -90,6 +90,9 @@ class KvtierEngine:
         self.chunk_tokens = config.block_size * config.chunk_blocks
         self.chunk_bytes = layout.block_bytes * config.chunk_blocks
         self.metrics = metrics or EngineMetrics()
+        self._own_events = events is None and bool(config.events_endpoint)
+        if self._own_events:
+            events = EventPublisher(config.events_endpoint, config.events_replay_endpoint or None)
         self.events = events
         self._lock = threading.RLock()
         self._requests: dict[str, _RequestState] = {}
@@ -294,6 +297,8 @@ class KvtierEngine:
             tier.close()
         if self.events is not None:
             self.events.all_cleared()
+            if self._own_events:
+                self.events.close()
 
     def __enter__(self) -> KvtierEngine:
         return self

@@ -195,3 +195,38 @@ def test_bad_calls_are_clear_errors(tmp_path):
         rig.engine.release("r")
     with pytest.raises(RuntimeError, match="closed"):
         rig.engine.begin(EngineRequest("late", PROMPT))
+
+
+def test_prefetch_hint_brings_a_session_back_into_g2(tmp_path):
+    from kvtier.hints import AgentHints
+
+    rig = make_rig(tmp_path, disk=True, write_through=True)
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        rig.engine.drain()
+        rig.engine.clear("G2")
+        req = EngineRequest("tool-running", PROMPT, AgentHints(session_id="s", next_call_delay_s=5.0))
+        rig.engine.begin(req)
+        rig.engine.lookup(req.request_id)
+        rig.engine.release(req.request_id)  # the session will be back after its tool call: prefetch
+        rig.engine.drain()
+        assert len(rig.engine.held_chunks()["G2"]) == len(PROMPT) // CHUNK_TOKENS
+        got, hooks = rig.call(rig.runner(), FOLLOW_UP)
+        assert hooks.hit_tokens["G2"] == REUSABLE and rig.same_as_reference(FOLLOW_UP, got)
+
+
+def test_metrics_and_configured_events(tmp_path):
+    from kvtier.config import KvtierConfig
+    from kvtier.engine import KvtierEngine
+    from kvtier.hashing import Namespace
+
+    rig = make_rig(tmp_path, disk=True)
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        rig.call(rig.runner(), FOLLOW_UP)
+        text = rig.engine.metrics.render().decode()
+        assert 'kvtier_lookup_chunks_total{result="hit",tier="G2"} 8.0' in text
+        assert 'kvtier_bytes_moved_total{direction="offload"}' in text
+    cfg = KvtierConfig(block_size=4, chunk_blocks=4, host_capacity_bytes=2**20, events_endpoint="tcp://127.0.0.1:*")
+    with KvtierEngine(cfg, rig.engine.layout, Namespace("tiny", "float32", "x")) as engine:
+        assert engine.events is not None and engine.events.endpoint.startswith("tcp://127.0.0.1:")
