@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from kvtier.manager.policies import POLICIES, NextUseOracle
-from kvtier.sim.replay import ReplayResult, capacity_from_frac, replay
+from kvtier.sim.replay import capacity_from_frac, replay
 from kvtier.sim.trace import Trace
 
 FORMATS = ("weka", "mooncake", "synthetic")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import os
 import tarfile
 from pathlib import Path
