@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
 command -v fio >/dev/null || need_apt+=(fio)
+command -v g++ >/dev/null || need_apt+=(g++)
+[ -f /usr/include/openssl/sha.h ] || need_apt+=(libssl-dev)   # SGLang builds its page-key extension
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
@@ -18,9 +20,8 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0          # the CPU build; never pull a CUDA build here
 python -m pip install -q -e '.[test]'
-if [ -f requirements-engines.txt ]; then
-  python -m pip install -q --no-deps -r requirements-engines.txt
-fi
+# vLLM 0.33 and SGLang 0.5.23 for the plug-in tests: pinned, without their CUDA dependencies
+python -m pip install -q --no-deps -r requirements-engines.txt
 
 export TRITON_INTERPRET=1
 python -m pytest -q -p no:cacheprovider "$@"
