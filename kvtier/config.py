@@ -79,6 +79,7 @@ class KvtierConfig:
     write_through: bool = False
     # --- engine -------------------------------------------------------------------------------------------
     lower_tier_deadline_ms: float = 200.0     # wait no longer than this for G3/G4; recompute instead
+    layerwise_load: bool = False              # GPU: load chunks layer by layer (see KvtierEngine.wait_layer)
     events_endpoint: str = ""                 # e.g. tcp://*:5557 ; empty: no event publishing
     events_replay_endpoint: str = ""
 

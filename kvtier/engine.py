@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -68,6 +68,9 @@ class _RequestState:
     plan: BlockPlan
     acquired: list[int] = field(default_factory=list)
     hit_tokens: dict[str, int] = field(default_factory=lambda: {"G2": 0, "G3": 0, "G4": 0})
+    layer_ready: dict[int, torch.cuda.Event] = field(default_factory=dict)   # GPU: latest load per layer
+    stores_done: list[torch.cuda.Event] = field(default_factory=list)       # GPU: offloads reading G1
+    after_loads: list[Callable[[], None]] = field(default_factory=list)      # slot releases once loads land
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,15 @@ class KvtierEngine:
         for g, tier in self.tiers.items():
             tier.on_evicted = lambda keys, g=g: self._tier_dropped(g, keys)
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
+        # GPU transfers run on a side stream ordered against the compute stream by events; CPU ones inline
+        self._side = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
+        self._parts = [(layout, 0)]
+        if config.layerwise_load:
+            slices = layout.layer_slices()
+            if slices is None:
+                raise ValueError(f"layerwise_load needs per-layer segments; layout {layout.name} stores each "
+                                 "block's layers as one segment")
+            self._parts = slices
         self._set_gauges()
 
     # --- the engine API ----------------------------------------------------------------------------------------
@@ -171,7 +183,8 @@ class KvtierEngine:
                 return False
             tier = self._gnum[where]
         self._check_blocks(block_ids)
-        ok = self._load_from_host(key, block_ids) if tier == G2 else self._load_from_below(key, tier, block_ids)
+        ok = self._load_from_host(key, block_ids, state) if tier == G2 else \
+            self._load_from_below(key, tier, block_ids, state)
         if ok:
             state.hit_tokens[TIER_NAMES[tier]] += self.chunk_tokens
         return ok
@@ -184,8 +197,6 @@ class KvtierEngine:
             state = self._state(request_id)
             key = self._chunk_key(state, chunk_index)
             self._remember(state, chunk_index, key)
-            if chunk_index in state.plan.ephemeral:
-                self.manager.mark_ephemeral([key])
             plan = self.manager.prepare_store([key], self._index[G2], session=state.request.session)
             if key not in plan.store:
                 return False
@@ -194,22 +205,27 @@ class KvtierEngine:
             self._complete_store(key, ok=False)
             return False
         try:
-            base = self.host.slot_offset(slot)
-            offsets = [base + i * self.layout.block_bytes for i in range(len(block_ids))]
-            kernels.offload(self.layout, block_ids, self.host.pool.buffer, offsets, impl=self.config.transfer_impl,
-                            sm_budget=self.config.sm_budget)
-            self._wait_for_device()
+            done = self._transfer(kernels.offload, self.layout, block_ids, slot, 0)
         except Exception:
             self.host.abort(key)
             self._complete_store(key, ok=False)
             raise
-        self.host.commit(key)
-        self._complete_store(key, ok=True)
-        if chunk_index in state.plan.ephemeral:
-            with self._lock:
-                self.manager.mark_ephemeral([key])
         self.metrics.bytes_moved.labels("offload").inc(self.chunk_bytes)
+        ephemeral = chunk_index in state.plan.ephemeral
+        if done is None:
+            self._publish_store(key, ephemeral)
+        else:  # the slot is published once the copy has landed; G1 blocks wait for it at release
+            state.stores_done.append(done)
+            self._mover.submit(lambda: (done.synchronize(), self._publish_store(key, ephemeral)))
         return True
+
+    def wait_layer(self, request_id: str, layer: int) -> None:
+        """Order the compute stream after this request's loads of ``layer`` (``layerwise_load``): layer i+1
+        keeps arriving while layer i computes. A no-op on CPU, where loads are synchronous."""
+        with self._lock:
+            event = self._state(request_id).layer_ready.get(layer)
+        if event is not None:
+            torch.cuda.current_stream(self.layout.device).wait_event(event)
 
     def release(self, request_id: str) -> dict[str, int]:
         """The request is over: apply its retention hints, drop its reader protection, prefetch what the
@@ -218,6 +234,8 @@ class KvtierEngine:
             state = self._requests.pop(request_id, None)
             if state is None:
                 raise ValueError(f"unknown request {request_id!r}")
+        self._settle_transfers(state)
+        with self._lock:
             self.manager.release(state.acquired)
             self._apply_retention(state)
             self._set_gauges()
@@ -307,17 +325,19 @@ class KvtierEngine:
         self.close()
 
     # --- moving bytes ----------------------------------------------------------------------------------------------
-    def _load_from_host(self, key: int, block_ids: Sequence[int]) -> bool:
-        with self.host.borrow(key) as slot:
-            if slot is None:
-                self._lost(key, G2)
-                return False
-            self._scatter(slot, block_ids)
+    def _load_from_host(self, key: int, block_ids: Sequence[int], state: _RequestState) -> bool:
+        hold = self.host.borrow(key)
+        slot = hold.__enter__()
+        if slot is None:
+            hold.__exit__(None, None, None)
+            self._lost(key, G2)
+            return False
+        self._scatter(slot, block_ids, state, lambda: hold.__exit__(None, None, None))
         with self._lock:
             self.manager.touch([key], self._index[G2])
         return True
 
-    def _load_from_below(self, key: int, tier: int, block_ids: Sequence[int]) -> bool:
+    def _load_from_below(self, key: int, tier: int, block_ids: Sequence[int], state: _RequestState) -> bool:
         """Read the chunk into a G2 slot (promoting it in place), then load it from there; when G2 has no
         room for it, read through a spare slot without promoting."""
         with self._lock:
@@ -326,7 +346,7 @@ class KvtierEngine:
         if slot is None:
             if promoted:
                 self._complete_store(key, ok=False)
-            return self._load_through_spare(key, tier, block_ids)
+            return self._load_through_spare(key, tier, block_ids, state)
 
         def settle(ok: bool) -> None:
             (self.host.commit if ok else self.host.abort)(key)
@@ -335,17 +355,16 @@ class KvtierEngine:
         if not self._read_before_deadline(key, tier, slot, settle):
             return False
         self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[tier]}").inc(self.chunk_bytes)
-        return self._load_from_host(key, block_ids)
+        return self._load_from_host(key, block_ids, state)
 
-    def _load_through_spare(self, key: int, tier: int, block_ids: Sequence[int]) -> bool:
+    def _load_through_spare(self, key: int, tier: int, block_ids: Sequence[int], state: _RequestState) -> bool:
         slots = self.host.pool.try_alloc(1)
         if slots is None:
             return False
         view = self.host.pool.view(slots[0])[:self.chunk_bytes]
         if not self._read_before_deadline(key, tier, view, lambda ok: None if ok else self.host.pool.free(slots)):
             return False
-        self._scatter(view, block_ids)
-        self.host.pool.free(slots)
+        self._scatter(view, block_ids, state, lambda: self.host.pool.free(slots))
         return True
 
     def _read_before_deadline(self, key: int, tier: int, view: torch.Tensor, settle) -> bool:
@@ -369,13 +388,64 @@ class KvtierEngine:
             self._lost(key, tier)
         return ok
 
-    def _scatter(self, view: torch.Tensor, block_ids: Sequence[int]) -> None:
-        base = self.host.slot_offset(view)
-        offsets = [base + i * self.layout.block_bytes for i in range(len(block_ids))]
-        kernels.load(self.layout, block_ids, self.host.pool.buffer, offsets, impl=self.config.transfer_impl,
-                     sm_budget=self.config.sm_budget)
-        self._wait_for_device()
+    def _scatter(self, slot: torch.Tensor, block_ids: Sequence[int], state: _RequestState,
+                 release_slot: Callable[[], None]) -> None:
+        """Load a slot into G1 blocks, layer by layer when configured. On a GPU the copies are queued on the
+        side stream and the slot is let go at ``release``; on CPU they are done when this returns."""
+        try:
+            for layer, (part, offset) in enumerate(self._parts):
+                ready = self._transfer(kernels.load, part, block_ids, slot, offset)
+                if ready is not None:
+                    state.layer_ready[layer] = ready
+        except Exception:
+            release_slot()
+            raise
+        if self._side is None:
+            release_slot()
+        else:
+            state.after_loads.append(release_slot)
+            if len(self._parts) == 1:  # not layer by layer: the compute stream waits for the whole chunk
+                torch.cuda.current_stream(self.layout.device).wait_event(state.layer_ready[0])
         self.metrics.bytes_moved.labels("load").inc(self.chunk_bytes)
+
+    def _transfer(self, move, part: PageLayout, block_ids: Sequence[int], slot: torch.Tensor,
+                  offset: int) -> torch.cuda.Event | None:
+        """One kernel batch between G1 blocks and a slot; on a GPU on the side stream after the compute
+        stream's work so far, returning the event that marks its end."""
+        base = self.host.slot_offset(slot) + offset
+        offsets = [base + i * self.layout.block_bytes for i in range(len(block_ids))]
+        if self._side is None:
+            move(part, block_ids, self.host.pool.buffer, offsets, impl=self.config.transfer_impl,
+                 sm_budget=self.config.sm_budget)
+            return None
+        self._side.wait_stream(torch.cuda.current_stream(self.layout.device))
+        with torch.cuda.stream(self._side):
+            move(part, block_ids, self.host.pool.buffer, offsets, impl=self.config.transfer_impl,
+                 sm_budget=self.config.sm_budget)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        return done
+
+    def _settle_transfers(self, state: _RequestState) -> None:
+        """At release: G1 blocks may be reused by later compute only after this request's offloads read them,
+        and slots held for loads are let go once those loads landed."""
+        if self._side is not None:
+            compute = torch.cuda.current_stream(self.layout.device)
+            for done in state.stores_done:
+                compute.wait_event(done)
+            for ready in state.layer_ready.values():
+                ready.synchronize()
+        for release_slot in state.after_loads:
+            release_slot()
+
+    def _publish_store(self, key: int, ephemeral: bool) -> None:
+        """A stored chunk's bytes are in its slot: make it visible (ephemeral chunks go to the front of
+        eviction and are never copied below G2, not even by write-through)."""
+        self.host.commit(key)
+        if ephemeral:
+            with self._lock:
+                self.manager.mark_ephemeral([key])
+        self._complete_store(key, ok=True)
 
     def _write_down(self, held: list, g_dst: int) -> None:
         """Mover: write G2 slots (held since ``on_demote``) into G3/G4, then let the slots go."""
@@ -534,11 +604,6 @@ class KvtierEngine:
     def _check_blocks(self, block_ids: Sequence[int]) -> None:
         if len(block_ids) != self.chunk_blocks:
             raise ValueError(f"a chunk is {self.chunk_blocks} blocks, got {len(block_ids)} block ids")
-
-    def _wait_for_device(self) -> None:
-        """Transfers run on the current stream; a G2 slot is published or released only once it is done."""
-        if self.layout.device.type == "cuda":
-            torch.cuda.current_stream(self.layout.device).synchronize()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -57,6 +57,20 @@ class PageLayout:
     def contiguous_per_layer(self) -> bool:
         return self.segments_per_layer <= 1
 
+    def layer_slices(self) -> list[tuple[PageLayout, int]] | None:
+        """Per layer tensor: a layout of only its segments and their byte offset inside a block's record, so
+        a chunk can be loaded layer by layer. None for coalesced layouts (a block's layers are one segment)."""
+        per = self.segments_per_layer
+        if per == 0:
+            return None
+        out = []
+        for layer in range(self.num_layer_tensors):
+            part = slice(layer * per, (layer + 1) * per)
+            out.append((PageLayout(f"{self.name}[{layer}]", self.device, self.num_blocks, self.segment_bytes,
+                                   self.seg_ptrs[part], self.seg_block_strides[part], per, 1, self.seg_storage[part],
+                                   self.seg_storage_offsets[part], self.storages), layer * per * self.segment_bytes))
+        return out
+
     def segment_rows(self, j: int) -> torch.Tensor:
         """Segment ``j`` of every block as a ``[num_blocks, segment_bytes]`` uint8 view (no copy)."""
         storage = self.storages[self.seg_storage[j]]
@@ -131,7 +145,7 @@ def build_layout(name: str, layer_parts: Sequence[Sequence[torch.Tensor]]) -> Pa
                 seg_storage.append(storage_index[key])
                 seg_offsets.append(base - key + off)
             pieces += len(offsets)
-        pieces_per_layer.add(pieces // max(len(parts), 1))
+        pieces_per_layer.add(pieces)
     assert segment_bytes is not None
     _check_no_block_overlap(name, ptrs, strides, segment_bytes, num_blocks)
     layout = PageLayout(name, device, num_blocks, segment_bytes, tuple(ptrs), tuple(strides),

@@ -338,9 +338,14 @@ class Manager:
 
     def mark_ephemeral(self, keys: Iterable[Key]) -> None:
         """Reasoning / scratch blocks: evicted first, never demoted, dropped from G3/G4 if already there.
-        Pinned keys stay pinned; a key being read from G3/G4 is left as it is (its readers need it)."""
+        Pinned keys stay pinned; a key being read from G3/G4 is left as it is (its readers need it). A key
+        still being written (``prepare_store``) enters the ephemeral lane when its store completes."""
         for key in keys:
-            if self.locate(key) is None or self._lane.get(key) == PINNED:
+            if self.locate(key) is None:
+                if any(key in t.pending for t in self.tiers):
+                    self._lane[key] = EPHEMERAL
+                continue
+            if self._lane.get(key) == PINNED:
                 continue
             cold = [i for i in range(FIRST_COLD_TIER, len(self.tiers)) if key in self.tiers[i].sizes]
             if cold and key in self._busy:

@@ -13,7 +13,7 @@ KV *bytes* of the positions before it, never on which block ids hold them or wha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -23,7 +23,8 @@ class PagedAttention:
     """Prepared once per chunk (the slot indices and mask are shared by all layers), called once per layer."""
 
     def __init__(self, kv_layers: Sequence[torch.Tensor], block_size: int, block_table: Sequence[int],
-                 start: int, num_tokens: int, group_size: int) -> None:
+                 start: int, num_tokens: int, group_size: int,
+                 before_layer: Callable[[int], None] | None = None) -> None:
         end = start + num_tokens
         if start < 0 or num_tokens <= 0:
             raise ValueError(f"bad chunk: start {start}, {num_tokens} tokens")
@@ -31,6 +32,7 @@ class PagedAttention:
         if len(block_table) < needed:
             raise ValueError(f"block table has {len(block_table)} blocks, positions up to {end} need {needed}")
         self.kv_layers = kv_layers
+        self.before_layer = before_layer  # e.g. wait until a layer-by-layer load of this layer has landed
         device = kv_layers[0].device
         table = torch.as_tensor(list(block_table[:needed]), dtype=torch.long, device=device)
         context = torch.arange(end, device=device)
@@ -50,6 +52,8 @@ class PagedAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this chunk's ``k``/``v`` ``(T, Hkv, D)`` in the layer's pages, then attend ``q`` ``(T, Hq, D)``
         to the whole context; returns ``(T, Hq, D)``."""
+        if self.before_layer is not None:
+            self.before_layer(layer)
         pages = self.kv_layers[layer].flatten(1, 2)                      # (2, num_blocks * block_size, Hkv, D)
         pages[0].index_copy_(0, self.write_slots, k)
         pages[1].index_copy_(0, self.write_slots, v)

@@ -13,7 +13,7 @@ indexed or stored, so it can never stand in for a full chunk's KV.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -191,7 +191,7 @@ class Runner:
                 continue
             start = chunk * self.chunk_tokens
             end = min(start + self.chunk_tokens, len(tokens))
-            attention = self._attention(table, start, end - start)
+            attention = self._attention(table, start, end - start, getattr(kv_hooks, "wait_layer", None))
             logits = self.model(device_tokens[start:end], attention)
             stats.computed_tokens += end - start
             if end - start == self.chunk_tokens:
@@ -201,10 +201,11 @@ class Runner:
                     kv_hooks.store(chunk, chunk_hashes, blocks)
         return logits
 
-    def _attention(self, table: list[int], start: int, num_tokens: int) -> PagedAttention:
+    def _attention(self, table: list[int], start: int, num_tokens: int,
+                   before_layer: Callable[[int], None] | None = None) -> PagedAttention:
         config = self.model.config
         return PagedAttention(self._kv_layers, self.block_size, table, start, num_tokens,
-                              config.num_heads // config.num_kv_heads)
+                              config.num_heads // config.num_kv_heads, before_layer)
 
     def _chunk_blocks(self, table: list[int], chunk: int) -> list[int]:
         return table[chunk * self.chunk_blocks:(chunk + 1) * self.chunk_blocks]

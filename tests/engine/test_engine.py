@@ -230,3 +230,25 @@ def test_metrics_and_configured_events(tmp_path):
     cfg = KvtierConfig(block_size=4, chunk_blocks=4, host_capacity_bytes=2**20, events_endpoint="tcp://127.0.0.1:*")
     with KvtierEngine(cfg, rig.engine.layout, Namespace("tiny", "float32", "x")) as engine:
         assert engine.events is not None and engine.events.endpoint.startswith("tcp://127.0.0.1:")
+
+
+def test_ephemeral_reasoning_never_leaves_g2(tmp_path):
+    from kvtier.hints import AgentHints, TokenRange
+
+    rig = make_rig(tmp_path, host_chunks=4, disk=True, write_through=True)
+    reasoning = TokenRange(4 * CHUNK_TOKENS, len(PROMPT))  # chunks 4.. hold the reasoning tail
+    with rig.engine:
+        req = EngineRequest("think", PROMPT, AgentHints(session_id="s", ephemeral=[reasoning]))
+        hooks_request = req
+        from kvtier.runner.offload import EngineHooks
+        rig.runner().generate(PROMPT, 3, kv_hooks=EngineHooks(rig.engine, hooks_request))
+        rig.engine.drain()
+        for seed in range(3):  # push everything out of G2
+            rig.call(rig.runner(), random_tokens(100, seed=300 + seed))
+            rig.engine.drain()
+        rig.engine.begin(EngineRequest("probe", PROMPT))
+        keys = rig.engine._requests["probe"].chunk_keys
+        rig.engine.release("probe")
+        held = rig.engine.held_chunks()
+        assert all(k in held["G3"] for k in keys[:4]), "the system part was written through to G3"
+        assert not any(k in held["G3"] for k in keys[4:]), "reasoning chunks reached G3"

@@ -132,3 +132,23 @@ def test_wide_body_with_byte_tail(impl):
         expected = torch.cat([p[b, :, :37].contiguous().view(torch.uint8).flatten() for p in padded])
         assert torch.equal(arena[o:o + 37], expected)
         assert bool((arena[o + 37:o + 128] == POISON).all())
+
+
+def test_layer_slices_move_exactly_their_layer():
+    """Loading a record layer by layer through ``layer_slices`` equals loading it whole."""
+    for case in all_cases(torch.bfloat16, seed=21):
+        lay = case.layout
+        slices = lay.layer_slices()
+        if slices is None:
+            assert lay.segments_per_layer == 0  # BL* orders: a block's layers are one segment
+            continue
+        ids = torch.arange(lay.num_blocks)
+        offs = ids * lay.block_bytes
+        arena = torch.empty(lay.num_blocks * lay.block_bytes, dtype=torch.uint8)
+        offload(lay, ids, arena, offs)
+        expected = [case.oracle(b) for b in range(lay.num_blocks)]
+        for t in case.tensors:
+            t.view(torch.uint8).fill_(POISON)
+        for sub, byte_offset in slices:
+            load(sub, ids, arena, offs + byte_offset)
+        assert all(torch.equal(case.oracle(b), expected[b]) for b in range(lay.num_blocks)), case.name
