@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvtier.config import KvtierConfig  # noqa: E402
 from kvtier.hashing import Namespace  # noqa: E402
 from kvtier.tiers.disk import DiskTier  # noqa: E402
 from kvtier.tiers.host import HostPool  # noqa: E402
@@ -39,6 +40,13 @@ KiB, MiB = 1 << 10, 1 << 20
 
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
+
+
+def best_of(reps: int, measure, *args):
+    """Element-wise best of ``reps`` runs: a shared VM's disk and CPUs are noisy, for the tier and its
+    ceiling alike, so both get the same number of tries."""
+    runs = [measure(*args) for _ in range(reps)]
+    return tuple(max(col) if isinstance(col[0], float) else col[0] for col in zip(*runs))
 
 
 # --- disk ----------------------------------------------------------------------------------------------------
@@ -165,7 +173,7 @@ def main() -> int:
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", help="write a PNG of GB/s against chunk size here")
     ap.add_argument("--dir", default=None, help="directory on the disk to test (default: a temp dir in the cwd)")
-    ap.add_argument("--disk-threads", type=int, default=4)
+    ap.add_argument("--disk-threads", type=int, default=KvtierConfig().disk_io_threads)
     ap.add_argument("--fsync", action="store_true", help="benchmark the disk tier with disk_fsync on")
     args = ap.parse_args()
 
@@ -173,12 +181,13 @@ def main() -> int:
     disk_bytes = 64 * MiB if args.quick else 512 * MiB
     redis_bytes = 48 * MiB if args.quick else 384 * MiB
     conns = 4
+    reps = 2 if args.quick else 3
     machine = f"{platform.node()} {os.cpu_count()} CPUs, " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
     directory = Path(args.dir or tempfile.mkdtemp(prefix=".bench-tiers-", dir=os.getcwd()))
     directory.mkdir(parents=True, exist_ok=True)
     fsync = args.fsync
-    results: dict = {"machine": machine, "disk": {"by_size": [], "threads": args.disk_threads, "fsync": fsync,
+    results: dict = {"machine": machine, "repetitions": reps, "disk": {"by_size": [], "threads": args.disk_threads, "fsync": fsync,
                                                   "directory": str(directory)},
                      "redis": {"by_size": [], "connections": conns}}
     steps = tqdm(total=2 * len(sizes) + 1, desc="bench_tiers", unit="step")
@@ -186,8 +195,8 @@ def main() -> int:
         for size in sizes:
             count = max(args.disk_threads, disk_bytes // size)
             with HostPool(count * size, size) as pool:
-                w, r = tier_disk(directory, size, count, args.disk_threads, fsync, pool)
-            cw, cr, tool = fio_disk(directory, size, count, args.disk_threads)
+                w, r = best_of(reps, tier_disk, directory, size, count, args.disk_threads, fsync, pool)
+            cw, cr, tool = best_of(reps, fio_disk, directory, size, count, args.disk_threads)
             results["disk"]["by_size"].append({"size": size, "write": w, "read": r, "ceiling_write": cw,
                                                "ceiling_read": cr, "write_ratio": w / cw, "read_ratio": r / cr})
             results["disk"]["ceiling_tool"] = tool
@@ -198,8 +207,8 @@ def main() -> int:
                 batch = conns * depth
                 rounds = max(2, redis_bytes // (size * batch))
                 keyspace = max(batch, (128 * MiB) // size)
-                p, g = tier_redis(server, size, rounds, conns, depth, keyspace)
-                cs, cg = redis_benchmark(server, size, rounds * batch, conns, depth)
+                p, g = best_of(reps, tier_redis, server, size, rounds, conns, depth, keyspace)
+                cs, cg = best_of(reps, redis_benchmark, server, size, rounds * batch, conns, depth)
                 results["redis"]["by_size"].append({"size": size, "pipeline": depth, "put": p, "get": g, "ceiling_set": cs,
                                                     "ceiling_get": cg, "put_ratio": p / cs, "get_ratio": g / cg})
                 steps.update()
@@ -214,7 +223,7 @@ def main() -> int:
         rows = results[name]["by_size"]
         for k in keys:  # the headline figure is the worst size: the target must hold for every size
             results[name][k] = min(r[k] for r in rows)
-    print(f"\n{machine}; disk: {results['disk']['ceiling_tool']}, {args.disk_threads} threads, fsync={fsync}; "
+    print(f"\n{machine}; best of {reps} runs each; disk: {results['disk']['ceiling_tool']}, {args.disk_threads} threads, fsync={fsync}; "
           f"redis: {conns} connections, pipeline depth per size below")
     print(f"{'size':>8} | {'disk W':>7} {'fio W':>7} {'ratio':>5} | {'disk R':>7} {'fio R':>7} {'ratio':>5} | "
           f"{'put':>6} {'SET':>6} {'ratio':>5} | {'get':>6} {'GET':>6} {'ratio':>5}   (GB/s)")
