@@ -29,9 +29,11 @@ Buffer = torch.Tensor | memoryview | bytearray | bytes | np.ndarray
 """A chunk payload: a 1-D uint8 CPU tensor (e.g. a host-pool slot view), or any C-contiguous buffer."""
 
 ChooseVictims = Callable[[int], Iterable[int]]
-"""Manager hook: given the bytes a tier must free, return the keys it should drop (best first)."""
+"""Manager hook: given the bytes a tier must free, return the keys it should drop (best first).
+Runs under the tier's lock, so it must not call back into the tier."""
 OnEvicted = Callable[[list[int]], None]
-"""Manager hook: told which keys a tier dropped on its own (its default LRU eviction or damage)."""
+"""Manager hook: told which keys a tier dropped on its own (its default LRU eviction or damage).
+May run on a tier's I/O thread: it must not wait on that tier's synchronous calls."""
 
 U64_MAX = 2**64 - 1
 T = TypeVar("T")
