@@ -221,7 +221,8 @@ def test_capacity_evicts_lru_or_the_managers_choice(tmp_path: Path) -> None:
     with DiskTier(NS, tmp_path, 3 * size) as t:
         evicted: list[int] = []
         t.on_evicted = evicted.extend
-        t.put([1, 2, 3], [bytes(4096)] * 3)
+        for key in (1, 2, 3):  # one by one: within a batch, recency follows completion order
+            t.put([key], [bytes(4096)])
         t.get([1], [bytearray(4096)])  # 1 is now recently used
         assert t.put([4], [bytes(4096)]) == [True] and evicted == [2]
         t.choose_victims = lambda need: [4]
