@@ -64,7 +64,7 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, namespace: Namespace, root: str | os.PathLike[str], capacity_bytes: int,
-                 io_threads: int = 8, direct_io: bool = True, fsync: bool = True,
+                 io_threads: int = 8, direct_io: bool = True, fsync: bool = False,
                  max_pending_bytes: int = 1 << 30) -> None:
         super().__init__(namespace)
         if capacity_bytes <= 0 or io_threads <= 0 or max_pending_bytes <= 0:
