@@ -11,26 +11,29 @@ use after ``close``), raised before anything touches memory.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from kvtier.hashing import Namespace
 
-Buffer = Union[torch.Tensor, memoryview, bytearray, bytes, np.ndarray]
+Buffer = torch.Tensor | memoryview | bytearray | bytes | np.ndarray
 """A chunk payload: a 1-D uint8 CPU tensor (e.g. a host-pool slot view), or any C-contiguous buffer."""
 
 ChooseVictims = Callable[[int], Iterable[int]]
-"""Manager hook: given the bytes a tier must free, return the keys it should drop (best first)."""
+"""Manager hook: given the bytes a tier must free, return the keys it should drop (best first).
+Runs under the tier's lock, so it must not call back into the tier."""
 OnEvicted = Callable[[list[int]], None]
-"""Manager hook: told which keys a tier dropped on its own (its default LRU eviction or damage)."""
+"""Manager hook: told which keys a tier dropped on its own (its default LRU eviction or damage).
+May run on a tier's I/O thread: it must not wait on that tier's synchronous calls."""
 
 U64_MAX = 2**64 - 1
 T = TypeVar("T")
@@ -190,6 +193,14 @@ class Tier(abc.ABC):
 
     def get(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> list[int | None]:
         return self.get_async(keys, buffers).result()
+
+    async def put_aio(self, keys: Sequence[int], payloads: Sequence[Buffer]) -> list[bool]:
+        """``put`` for asyncio callers: awaits the I/O threads without blocking the event loop."""
+        return await asyncio.wrap_future(self.put_async(keys, payloads))
+
+    async def get_aio(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> list[int | None]:
+        """``get`` for asyncio callers: awaits the I/O threads without blocking the event loop."""
+        return await asyncio.wrap_future(self.get_async(keys, buffers))
 
     def stats(self) -> TierStats:
         with self._stats_lock:

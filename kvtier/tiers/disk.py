@@ -1,8 +1,9 @@
 """G3: chunks as files on local NVMe, written and read with O_DIRECT straight from/to host-pool slots.
 
 File format: ``[ChunkHeader, zero-padded to 4096][payload, zero-padded to a multiple of 4096]``. A put
-writes the whole file with one ``pwritev`` to a hidden temp name, ``fdatasync``s it and renames it into
-place, so a chunk is visible only once complete; the header's checksum catches anything a crash or a
+writes the whole file with one ``pwritev`` to a hidden temp name and renames it into place once the
+device has it (O_DIRECT returns after the device accepted the data; buffered fallback writes and
+``fsync=True`` add an ``fdatasync`` for power loss), so a chunk is visible only once complete; the header's checksum catches anything a crash or a
 disk still manages to damage. On start the tier rebuilds its index from the headers on disk and deletes
 temp files and damaged entries. Payload checksums are verified on every read.
 
@@ -63,7 +64,7 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, namespace: Namespace, root: str | os.PathLike[str], capacity_bytes: int,
-                 io_threads: int = 8, direct_io: bool = True, fsync: bool = True,
+                 io_threads: int = 8, direct_io: bool = True, fsync: bool = False,
                  max_pending_bytes: int = 1 << 30) -> None:
         super().__init__(namespace)
         if capacity_bytes <= 0 or io_threads <= 0 or max_pending_bytes <= 0:
@@ -164,7 +165,7 @@ class DiskTier(Tier):
                 written = fileio.write_at(fd, [head, *buffers], 0)
                 if written != PAGE + _padded(n):
                     raise OSError(errno.EIO, f"short write: {written} of {PAGE + _padded(n)} bytes")
-                if self.fsync:
+                if self.fsync or not self.direct_io:  # buffered data may still sit in the page cache
                     os.fdatasync(fd)
             finally:
                 os.close(fd)

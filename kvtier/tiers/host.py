@@ -9,7 +9,6 @@ of 4096 bytes (so a padded O_DIRECT read of a chunk's tail fits its slot).
 from __future__ import annotations
 
 import contextlib
-import logging
 import mmap
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,8 +21,6 @@ import torch
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
 from kvtier.tiers.base import Buffer, LruIndex, Tier, TierClosedError, check_key, completed
-
-log = logging.getLogger(__name__)
 
 PAGE = 4096
 

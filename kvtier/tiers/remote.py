@@ -64,6 +64,7 @@ def connect(url: str, password: str = "", username: str = "", timeout_s: float =
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        "socket_read_size": 4 << 20,  # large replies in few reads: measured 2x get throughput on 32 MiB chunks
     }
     if password:
         kwargs["password"] = password

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
@@ -63,6 +64,16 @@ def test_round_trip_through_pool_slots_and_plain_buffers(tier: DiskTier) -> None
     assert s.puts == len(SIZES) and s.hits == 3 * len(SIZES) and s.corrupt == s.errors == 0
     assert s.bounce_copies == len(SIZES)  # only the unaligned bytearrays
     assert s.used_bytes == sum(file_bytes_for(n) for n in SIZES)
+
+
+def test_asyncio_callers_await_without_blocking(tier: DiskTier) -> None:
+    async def main() -> tuple[list[bool], list[int | None], bytearray]:
+        buf = bytearray(5000)
+        stored = await tier.put_aio([1], [b"z" * 5000])
+        return stored, await tier.get_aio([1], [buf]), buf
+
+    stored, got, buf = asyncio.run(main())
+    assert stored == [True] and got == [5000] and buf == b"z" * 5000
 
 
 def test_files_have_padded_layout_and_no_temp_left(tier: DiskTier) -> None:
@@ -210,7 +221,8 @@ def test_capacity_evicts_lru_or_the_managers_choice(tmp_path: Path) -> None:
     with DiskTier(NS, tmp_path, 3 * size) as t:
         evicted: list[int] = []
         t.on_evicted = evicted.extend
-        t.put([1, 2, 3], [bytes(4096)] * 3)
+        for key in (1, 2, 3):  # one by one: within a batch, recency follows completion order
+            t.put([key], [bytes(4096)])
         t.get([1], [bytearray(4096)])  # 1 is now recently used
         assert t.put([4], [bytes(4096)]) == [True] and evicted == [2]
         t.choose_victims = lambda need: [4]
