@@ -3,7 +3,6 @@ against. One strided copy per (affine run of arena offsets) x (segment), never a
 
 from __future__ import annotations
 
-import torch
 
 from kvtier.kernels.batch import TransferBatch
 

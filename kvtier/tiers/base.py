@@ -311,3 +311,33 @@ class LruIndex:
         if size is not None:
             self._stored -= size
         return size
+
+
+class LocalTier(Tier):
+    """A tier whose index lives in this process (G2, G3): membership and deletes under one lock."""
+
+    _lock: threading.Lock
+
+    @abc.abstractmethod
+    def _holds_locked(self, key: int) -> bool: ...
+
+    @abc.abstractmethod
+    def _drop_locked(self, key: int) -> bool: ...
+
+    @abc.abstractmethod
+    def _gauges_locked(self) -> None: ...
+
+    def contains(self, keys: Sequence[int]) -> list[bool]:
+        checked = [check_key(k) for k in keys]
+        with self._lock:
+            self._check_open()
+            return [self._holds_locked(k) for k in checked]
+
+    def delete(self, keys: Sequence[int]) -> list[bool]:
+        checked = [check_key(k) for k in keys]
+        with self._lock:
+            self._check_open()
+            out = [self._drop_locked(k) for k in checked]
+            self._count(deletes=sum(out))
+            self._gauges_locked()
+            return out

@@ -30,7 +30,7 @@ from kvtier.chunk import HEADER_BYTES, ChunkError, ChunkHeader
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
 from kvtier.tiers import fileio
-from kvtier.tiers.base import Buffer, LruIndex, Tier, buffer_address, check_key, completed, gather
+from kvtier.tiers.base import Buffer, LruIndex, LocalTier, buffer_address, check_key, completed, gather
 from kvtier.tiers.fileio import PAGE
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class DirectoryInUseError(RuntimeError):
     """Another live DiskTier owns this namespace directory (two owners would delete each other's files)."""
 
 
-class DiskTier(Tier):
+class DiskTier(LocalTier):
     """Chunk files under ``root/<namespace id>/``; see the module docstring.
 
     ``put``: True when written, already stored or being written by an earlier put; payload buffers must
@@ -285,20 +285,8 @@ class DiskTier(Tier):
         return os.open(path, flags, 0o644)
 
     # --- contains / delete / index ---------------------------------------------------------------------------
-    def contains(self, keys: Sequence[int]) -> list[bool]:
-        checked = [check_key(k) for k in keys]
-        with self._lock:
-            self._check_open()
-            return [k in self._index for k in checked]
-
-    def delete(self, keys: Sequence[int]) -> list[bool]:
-        checked = [check_key(k) for k in keys]
-        with self._lock:
-            self._check_open()
-            out = [self._drop_locked(k) for k in checked]
-            self._count(deletes=sum(out))
-            self._gauges_locked()
-            return out
+    def _holds_locked(self, key: int) -> bool:
+        return key in self._index
 
     def _drop_locked(self, key: int) -> bool:
         """Forget ``key`` and unlink its file; under the lock so a concurrent re-put cannot lose its file."""

@@ -20,7 +20,7 @@ import torch
 
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
-from kvtier.tiers.base import Buffer, LruIndex, Tier, TierClosedError, check_key, completed
+from kvtier.tiers.base import Buffer, LruIndex, LocalTier, TierClosedError, check_key, completed
 
 PAGE = 4096
 
@@ -161,7 +161,7 @@ class _Entry:
     dropped: bool = False  # deleted while being read: the last reader frees the slot
 
 
-class HostTier(Tier):
+class HostTier(LocalTier):
     """G2 as a Tier: each chunk in one pool slot, LRU (or the manager's hook) when full.
 
     Entries being read (``get`` or ``borrow``) are never overwritten: dropping one defers freeing its slot
@@ -311,20 +311,8 @@ class HostTier(Tier):
                 if entry.dropped and entry.readers == 0 and not self._closed:
                     self.pool.free([entry.slot])
 
-    def contains(self, keys: Sequence[int]) -> list[bool]:
-        checked = [check_key(k) for k in keys]
-        with self._lock:
-            self._check_open()
-            return [k in self._entries for k in checked]
-
-    def delete(self, keys: Sequence[int]) -> list[bool]:
-        checked = [check_key(k) for k in keys]
-        with self._lock:
-            self._check_open()
-            out = [self._drop_locked(k) for k in checked]
-            self._count(deletes=sum(out))
-            self._gauges_locked()
-            return out
+    def _holds_locked(self, key: int) -> bool:
+        return key in self._entries
 
     def _drop_locked(self, key: int) -> bool:
         entry = self._entries.pop(key, None)
