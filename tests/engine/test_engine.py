@@ -252,3 +252,36 @@ def test_ephemeral_reasoning_never_leaves_g2(tmp_path):
         held = rig.engine.held_chunks()
         assert all(k in held["G3"] for k in keys[:4]), "the system part was written through to G3"
         assert not any(k in held["G3"] for k in keys[4:]), "reasoning chunks reached G3"
+
+
+def test_a_slow_disk_never_holds_a_request_past_the_deadline(tmp_path, monkeypatch):
+    from kvtier.tiers import fileio
+
+    rig = make_rig(tmp_path, disk=True, write_through=True, lower_tier_deadline_ms=100)
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        rig.engine.drain()
+        rig.engine.clear("G2")
+        real_read = fileio.read_at
+
+        def slow_read(fd, buffers, offset):
+            time.sleep(0.5)
+            return real_read(fd, buffers, offset)
+
+        monkeypatch.setattr(fileio, "read_at", slow_read)
+        started = time.monotonic()
+        got, _ = rig.call(rig.runner(), FOLLOW_UP)
+        # every chunk gave up after ~100 ms (the reads were queued behind each other), never 0.5 s each
+        assert time.monotonic() - started < 0.5 * len(PROMPT) // CHUNK_TOKENS
+        assert got.stats.loaded_tokens < REUSABLE and rig.same_as_reference(FOLLOW_UP, got)
+        assert rig.engine.metrics.render().decode().count("kvtier_deadline_misses_total") >= 1
+        rig.engine.drain()
+        pool = rig.engine.host.pool
+
+        def leaked() -> int:  # slots neither free nor holding a stored chunk
+            return pool.num_slots - pool.free_slots - len(rig.engine.held_chunks()["G2"])
+
+        deadline = time.monotonic() + 10  # late reads land, then their slots come back
+        while leaked() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert leaked() == 0
