@@ -20,12 +20,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+)
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
 from kvtier import kernels
@@ -226,10 +230,11 @@ class KvtierHiCacheStorage(HiCacheStorage):
                   target_sizes: Any = None) -> bool:
         if values is None or len(values) != len(keys):
             raise ValueError(f"{WHERE}.batch_set needs one value per key")
-        return all([self.set(k, v) for k, v in zip(keys, values)])
+        stored = [self.set(k, v) for k, v in zip(keys, values)]  # every page, not up to the first failure
+        return all(stored)
 
     def get(self, key: str, target_location: torch.Tensor | None = None, target_sizes: Any = None) -> torch.Tensor | None:
-        host = self._ready()
+        self._ready()
         if target_location is None:
             raise ValueError(f"{WHERE}.get needs a target_location tensor")
         target = _flat_bytes(target_location)
@@ -261,7 +266,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
             slot = self.host.reserve(key, self.layout.block_bytes)
             if slot is None:
                 return False
-            got = self._guarded(tier, "get", lambda t=tier: t.get([key], [slot]), [None])[0]
+            got = self._guarded(tier, "get", lambda t=tier, s=slot: t.get([key], [s]), [None])[0]
             if got == self.layout.block_bytes:
                 self.host.commit(key)
                 return True
@@ -273,10 +278,14 @@ class KvtierHiCacheStorage(HiCacheStorage):
         for tier in self.lower:
             holds = [self.host.borrow(k) for k in keys]
             views = [cm.__enter__() for cm in holds]
-            kept = [(k, v) for k, v in zip(keys, views) if v is not None]
-            future = self._guarded(tier, "put", lambda t=tier: t.put_async([k for k, _ in kept], [v for _, v in kept]),
-                                   None)
-            release = lambda _f=None, holds=holds: [cm.__exit__(None, None, None) for cm in holds]  # noqa: E731
+            kept_keys = [k for k, v in zip(keys, views) if v is not None]
+            kept_views = [v for v in views if v is not None]
+            future = self._guarded(tier, "put", lambda t=tier, k=kept_keys, v=kept_views: t.put_async(k, v), None)
+
+            def release(_f: Future | None = None, holds: list = holds) -> None:
+                for cm in holds:
+                    cm.__exit__(None, None, None)
+
             if future is None:
                 release()
                 continue
@@ -300,7 +309,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         """Tiers report failures as misses; anything that still escapes is logged and is a miss too."""
         try:
             return call()
-        except Exception:  # noqa: BLE001 - a lower tier must never break SGLang's I/O threads
+        except Exception:
             log.exception("kvtier: %s %s failed", tier.name, op)
             return default
 

@@ -115,7 +115,7 @@ class KvtierOffloadingManager(OffloadingManager):
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
 
     @property
-    def lock(self):  # noqa: D102 - no background thread enters this manager
+    def lock(self):
         return nullcontext()
 
     # --- keys and requests -----------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
 """kvtier's HiCache storage backend created by SGLang 0.5.23's own factory over real host pools (CPU)."""
 
 import pytest
-
 from engines_env import ENGINES_MISSING
 
 pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory", reason=ENGINES_MISSING)
 
-import torch  # noqa: E402
-
-from sglang_harness import LAYOUTS, fill_pages, make_backend, make_host_pool, page_bytes, page_keys  # noqa: E402
+import torch
+from sglang_harness import (
+    LAYOUTS,
+    fill_pages,
+    make_backend,
+    make_host_pool,
+    page_bytes,
+    page_keys,
+)
 
 KVTIER = {"backend_name": "kvtier", "module_path": "kvtier.integrations.sglang",
           "class_name": "KvtierHiCacheStorage", "interface_v1": 1, "host_capacity_bytes": "1MiB"}

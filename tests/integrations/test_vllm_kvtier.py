@@ -1,16 +1,15 @@
 """kvtier's OffloadingSpec inside vLLM 0.33's real Scheduler and OffloadingConnector (CPU)."""
 
 import pytest
-
 from engines_env import ENGINES_MISSING
 
 pytest.importorskip("vllm.v1.kv_offload.base", reason=ENGINES_MISSING)
 
-import torch  # noqa: E402
+import torch
+from vllm_harness import VllmSchedulerHarness
 
-from kvtier.integrations.vllm import KvtierOffloadingWorker  # noqa: E402
-from kvtier.layout import vllm_layout  # noqa: E402
-from vllm_harness import VllmSchedulerHarness  # noqa: E402
+from kvtier.integrations.vllm import KvtierOffloadingWorker
+from kvtier.layout import vllm_layout
 
 BLOCK = 16
 PREFIX = list(range(1, 8 * BLOCK + 1))  # 8 full blocks
