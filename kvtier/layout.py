@@ -222,6 +222,11 @@ def flashinfer_layout(kv_per_layer: Sequence[torch.Tensor]) -> PageLayout:
 def _token_pages(buf: torch.Tensor, page_size: int, what: str) -> torch.Tensor:
     if buf.dim() != 3:
         raise ValueError(f"SGLang {what} buffer must be [tokens, heads, head_dim], got shape {tuple(buf.shape)}")
+    return _pages_of(buf, page_size, what)
+
+
+def _pages_of(buf: torch.Tensor, page_size: int, what: str) -> torch.Tensor:
+    """A token-major ``[tokens, ...]`` buffer as ``[pages, page_size, ...]`` (a trailing partial page dropped)."""
     if page_size <= 0:
         raise ValueError(f"page_size must be positive, got {page_size}")
     pages = buf.shape[0] // page_size
@@ -243,6 +248,34 @@ def sglang_mha_layout(k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[tor
 def sglang_mla_layout(kv_buffers: Sequence[torch.Tensor], page_size: int) -> PageLayout:
     """SGLang MLA device pool: per layer one token-major ``[tokens, 1, kv_lora_rank + rope_dim]`` buffer."""
     return build_layout("sglang-mla", [[_token_pages(kv, page_size, "MLA KV")] for kv in kv_buffers])
+
+
+def sglang_host_layout(kv_buffer: torch.Tensor, layout: str, page_size: int, mla: bool) -> PageLayout:
+    """SGLang 0.5.23 host pool (``HostKVCache.kv_buffer``): block ``b`` = host page ``b`` (token slot
+    ``b * page_size``). A record is the page's bytes in ``get_page_buffer_meta`` order: per layer K then V
+    (layer_first), or all of K then all of V (page_first, page_first_direct); MLA has no V."""
+    if layout not in SGLANG_HOST_LAYOUTS:
+        raise ValueError(f"unsupported SGLang host layout {layout!r}; expected one of {SGLANG_HOST_LAYOUTS}")
+    want = {("layer_first", False): 5, ("page_first", False): 5, ("page_first_direct", False): 6,
+            ("layer_first", True): 4, ("page_first", True): 4, ("page_first_direct", True): 5}[layout, mla]
+    if kv_buffer.dim() != want:
+        raise ValueError(f"SGLang {'MLA' if mla else 'MHA'} {layout} host buffer must have {want} dims, "
+                         f"got shape {tuple(kv_buffer.shape)}")
+    name = f"sglang-host-{'mla' if mla else 'mha'}-{layout}"
+    if mla:
+        if layout == "layer_first":  # (L, tokens, 1, dim)
+            return build_layout(name, [[_pages_of(kv_buffer[i], page_size, "MLA")] for i in range(kv_buffer.shape[0])])
+        parts = [kv_buffer] if layout == "page_first_direct" else [_pages_of(kv_buffer, page_size, "MLA")]
+        return build_layout(name, [parts])
+    if kv_buffer.shape[0] != 2:
+        raise ValueError(f"SGLang MHA host buffer must start with a K/V dim of 2, got shape {tuple(kv_buffer.shape)}")
+    k, v = kv_buffer[0], kv_buffer[1]
+    if layout == "layer_first":  # (2, L, tokens, H, D)
+        return build_layout(name, [[_pages_of(k[i], page_size, "K"), _pages_of(v[i], page_size, "V")]
+                                   for i in range(k.shape[0])])
+    if layout == "page_first":  # (2, tokens, L, H, D)
+        return build_layout(name, [[_pages_of(k, page_size, "K"), _pages_of(v, page_size, "V")]])
+    return build_layout(name, [[k, v]])  # (2, pages, L, page_size, H, D)
 
 
 def alignment(*values: int) -> int:

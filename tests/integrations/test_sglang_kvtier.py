@@ -1,0 +1,174 @@
+"""kvtier's HiCache storage backend created by SGLang 0.5.23's own factory over real host pools (CPU)."""
+
+import pytest
+from engines_env import ENGINES_MISSING
+
+pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory", reason=ENGINES_MISSING)
+
+import torch
+from sglang_harness import (
+    LAYOUTS,
+    fill_pages,
+    make_backend,
+    make_host_pool,
+    page_bytes,
+    page_keys,
+)
+
+KVTIER = {"backend_name": "kvtier", "module_path": "kvtier.integrations.sglang",
+          "class_name": "KvtierHiCacheStorage", "interface_v1": 1, "host_capacity_bytes": "1MiB"}
+
+
+@pytest.fixture
+def backends():
+    made = []
+
+    def build(pool, extra, **kwargs):
+        made.append(make_backend(pool, extra, **kwargs))
+        return made[-1]
+
+    yield build
+    for backend in made:
+        backend.close()
+
+
+def stored_pages(pool, n, seed):
+    tokens = list(range(100 + seed * 1000, 100 + seed * 1000 + n * pool.page_size))
+    indices = pool.alloc(len(tokens))
+    fill_pages(pool, indices, seed=seed)
+    return page_keys(tokens, pool.page_size), indices, page_bytes(pool, indices)
+
+
+def read_back(backend, pool, keys, seed=99):
+    dst = pool.alloc(len(keys) * pool.page_size)
+    fill_pages(pool, dst, seed=seed)
+    got = backend.batch_get_v1(keys, dst)
+    return got, page_bytes(pool, dst)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_v1_round_trip_is_bitwise(backends, kind, layout):
+    pool = make_host_pool(kind, layout)
+    backend = backends(pool, KVTIER)
+    assert type(backend).__name__ == "KvtierHiCacheStorage"
+    # kvtier's descriptor of the pool is exactly SGLang's own page pointers, in SGLang's order
+    probe = pool.alloc(2 * pool.page_size)
+    ptrs, sizes = pool.get_page_buffer_meta(probe)
+    lay = backend.layout
+    pages = (probe[::pool.page_size] // pool.page_size).tolist()
+    ours = [lay.seg_ptrs[j] + p * lay.seg_block_strides[j] for p in pages for j in range(lay.num_segments)]
+    if lay.num_segments == len(ptrs) // 2:
+        assert ours == ptrs and set(sizes) == {lay.segment_bytes}
+    else:  # segments that sit back to back were merged into one
+        assert ours == ptrs[:: len(ptrs) // 2 // lay.num_segments] and sum(sizes) == 2 * lay.block_bytes
+    pool.free(probe)
+
+    keys, src, expected = stored_pages(pool, 4, seed=1)
+    assert backend.batch_exists(keys) == 0
+    assert backend.batch_set_v1(keys, src) == [True] * 4
+    assert backend.batch_set_v1(keys[:2], src[: 2 * pool.page_size]) == [True] * 2  # already held
+    assert backend.batch_exists(keys) == 4
+    assert backend.batch_exists(keys[:2] + ["0" * 64] + keys[3:]) == 2
+    assert backend.exists(keys[3]) and not backend.exists("f" * 64)
+
+    got, data = read_back(backend, pool, keys)
+    assert got == [True] * 4
+    assert all(torch.equal(a, b) for a, b in zip(data, expected))
+    got, _ = read_back(backend, pool, keys[:1] + ["e" * 64] + keys[2:3])
+    assert got == [True, False, False]  # stops at the first miss
+
+
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_copying_interface_round_trips(backends, kind):
+    pool = make_host_pool(kind, "page_first")
+    backend = backends(pool, {k: v for k, v in KVTIER.items() if k != "interface_v1"})
+    keys, src, expected = stored_pages(pool, 3, seed=3)
+    starts = src[:: pool.page_size].tolist()
+    assert backend.batch_set(keys, [pool.get_data_page(i) for i in starts])
+    targets = [pool.get_dummy_flat_data_page() for _ in keys]
+    out = backend.batch_get(keys, targets)
+    assert all(o is t for o, t in zip(out, targets))
+    for target, want in zip(targets, expected):
+        assert torch.equal(target.contiguous().view(torch.uint8).flatten(), want)
+    assert backend.get("d" * 64, pool.get_dummy_flat_data_page()) is None
+
+
+def disk_config(path, pages_in_host):
+    return {**KVTIER, "host_capacity_bytes": pages_in_host * 4096, "disk_path": str(path),
+            "disk_capacity_bytes": "4MiB", "disk_fsync": False}
+
+
+def test_disk_tier_serves_evicted_pages_and_survives_a_restart(backends, tmp_path):
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, disk_config(tmp_path, 2))
+    keys, src, expected = stored_pages(pool, 5, seed=5)
+    assert backend.batch_set_v1(keys, src) == [True] * 5  # the host tier keeps the last two
+    backend.flush()
+    assert backend.host.stats().evictions >= 3
+    assert backend.batch_exists(keys) == 5  # the rest from disk
+    got, data = read_back(backend, pool, keys)
+    assert got == [True] * 5 and all(torch.equal(a, b) for a, b in zip(data, expected))
+    backend.close()
+
+    # a new process (same model, rank, layout) finds the pages on disk; other namespaces do not
+    again = backends(pool, disk_config(tmp_path, 2))
+    assert again.batch_exists(keys) == 5
+    got, data = read_back(again, pool, keys)
+    assert got == [True] * 5 and all(torch.equal(a, b) for a, b in zip(data, expected))
+    again.close()
+    assert backends(pool, disk_config(tmp_path, 2), model_name="other-model").batch_exists(keys) == 0
+    assert backends(pool, disk_config(tmp_path, 2), tp_rank=1, tp_size=2).batch_exists(keys) == 0
+
+
+def test_mla_pages_are_shared_across_tp_ranks(backends, tmp_path):
+    pool = make_host_pool("mla", "page_first_direct")
+    writer = backends(pool, disk_config(tmp_path, 4), tp_rank=0, tp_size=2)
+    keys, src, _ = stored_pages(pool, 2, seed=7)
+    assert writer.batch_set_v1(keys, src) == [True, True]
+    writer.flush()
+    writer.close()
+    reader = backends(pool, disk_config(tmp_path, 4), tp_rank=1, tp_size=2)
+    assert reader.batch_exists(keys) == 2
+    assert reader.batch_set_v1(keys, src) == [True, True]  # not the writer rank: nothing written
+
+
+def test_remote_tier_round_trip_and_outage_is_a_miss(backends, redis_server):
+    pool = make_host_pool("mha", "layer_first")
+    extra = {**KVTIER, "host_capacity_bytes": 4096, "remote_url": redis_server.url, "remote_timeout_s": 0.2}
+    backend = backends(pool, extra)
+    keys, src, expected = stored_pages(pool, 3, seed=9)
+    assert backend.batch_set_v1(keys, src) == [True] * 3  # through a one-page host tier
+    backend.flush()
+    assert backend.batch_exists(keys) == 3
+    got, data = read_back(backend, pool, keys)
+    assert got == [True] * 3 and all(torch.equal(a, b) for a, b in zip(data, expected))
+
+    redis_server.kill()
+    more, more_src, _ = stored_pages(pool, 2, seed=10)
+    backend.batch_set_v1(more, more_src)
+    backend.flush()
+    assert backend.batch_exists(more[:1]) == 0  # evicted from the host, never reached the dead server
+    got, _ = read_back(backend, pool, more[:1])
+    assert got == [False]
+
+
+@pytest.mark.parametrize("extra, error", [
+    ({k: v for k, v in KVTIER.items() if k != "host_capacity_bytes"}, "host_capacity_bytes"),
+    ({**KVTIER, "host_capacity_bytes": 0}, "host_capacity_bytes must be positive"),
+    ({**KVTIER, "host_capacity_bytes": 16}, "holds no page"),
+    ({**KVTIER, "disk_pth": "/tmp/x"}, "unsupported key"),
+    ({**KVTIER, "policy": "lru"}, "unsupported key"),
+    ({**KVTIER, "remote_timeout_s": "soon"}, "remote_timeout_s"),
+])
+def test_bad_configuration_fails_when_attached(extra, error):
+    pool = make_host_pool("mha", "page_first")
+    with pytest.raises(ValueError, match=error):
+        make_backend(pool, extra)
+
+
+def test_unsupported_pool_layout_fails_when_attached():
+    pool = make_host_pool("mha", "page_first")
+    pool.layout = "page_head"
+    with pytest.raises(ValueError, match="unsupported SGLang host layout"):
+        make_backend(pool, KVTIER)
