@@ -8,7 +8,7 @@ Only turn 1's 3 full prompt chunks can be reused; everything else is recomputed.
 import pytest
 import torch
 
-from kvtier.runner import Generation, LlamaModel, ModelConfig, PagedKVPool, PoolExhaustedError, Runner
+from kvtier.runner import Generation, KVHooks, LlamaModel, ModelConfig, PagedKVPool, PoolExhaustedError, Runner
 
 BLOCK, CHUNK_BLOCKS, CHUNK = 4, 4, 16
 NEW_TOKENS = 6
@@ -202,3 +202,7 @@ def test_bad_requests_are_rejected():
     assert runner.pool.num_free == 64
     with pytest.raises(ValueError, match="another model config"):
         Runner(runner.model, PagedKVPool(ModelConfig.tiny(seed=1), 4, BLOCK))
+
+
+def test_the_test_hooks_satisfy_the_protocol(make_hooks):
+    assert isinstance(make_hooks(PagedKVPool(ModelConfig.tiny(), 2, BLOCK), CHUNK_BLOCKS), KVHooks)

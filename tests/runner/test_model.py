@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kvtier.runner import LlamaModel, ModelConfig, Runner
+from kvtier.runner import LlamaModel, ModelConfig, PagedKVPool, Runner
+from kvtier.runner.attention import PagedAttention
 
 
 def test_config_validation():
@@ -56,3 +57,11 @@ def test_paged_attention_matches_dense_reference(device, block_size, chunk_block
     reference = runner.model.reference_logits(full).cpu()
     torch.testing.assert_close(first_logits, reference[44], rtol=1e-4, atol=1e-4)
     assert reference[44:-1].argmax(-1).tolist() == tokens     # every decode step agrees with dense greedy
+
+
+def test_paged_attention_rejects_a_short_block_table():
+    pool = PagedKVPool(ModelConfig.tiny(), 8, block_size=4)
+    with pytest.raises(ValueError, match="need 3"):
+        PagedAttention(pool.per_layer_views(), 4, [0, 1], start=8, num_tokens=2, group_size=2)
+    with pytest.raises(ValueError, match="bad chunk"):
+        PagedAttention(pool.per_layer_views(), 4, [0, 1], start=0, num_tokens=0, group_size=2)
