@@ -386,9 +386,8 @@ class DiskTier(LocalTier):
                 os.unlink(path)
                 continue
             size = slabs.adopt(slab)
-            first = slab * slabs.per_slab
-            scan += [e for e in range(first, first + slabs.slab_bytes(slab) // extent_bytes)
-                     if slabs.locate(e)[1] + PAGE <= size]
+            scan += [e for e in slabs.extents_of(slab) if slabs.locate(e)[1] + PAGE <= size]
+        scan.sort()  # extent order: of two extents holding one key, the lower wins on every restart
         headers = list(self._pool.map(self._check_extent, scan, chunksize=256))
         with self._lock:
             used = []

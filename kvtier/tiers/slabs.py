@@ -1,10 +1,13 @@
 """The disk tier's storage geometry: a few large preallocated slab files carved into equal extents.
 
 A slab file is named ``slab-<extent bytes>-<index>.kvs`` so a restart knows its geometry without a
-superblock. Extent ``e`` lives in slab ``e // per_slab`` at offset ``(e % per_slab) * extent_bytes``.
-Slabs are created and ``fallocate``-d when their first extent is written (a tier sized for terabytes
-does not claim the disk at start), then stay open for the tier's lifetime: a put or get is one syscall.
-The lowest free extent is handed out first, so data stays in the first slabs.
+superblock. Extents are striped over ``STRIPES`` slabs: extent ``e`` lives in slab ``e % STRIPES`` at
+offset ``(e // STRIPES) * extent_bytes``, so the mapping does not depend on the capacity (a restart with
+another capacity keeps every extent below it) and concurrent writes of neighbouring extents land in
+different files: ext4 serialises O_DIRECT writes into not-yet-written (fallocated) blocks of one file
+under its inode lock, which one big file would turn into one writer at a time. A slab is created and
+``fallocate``-d when its first extent is written, then stays open for the tier's lifetime: a put or get
+is one syscall. The lowest free extent is handed out first.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from kvtier.tiers import fileio
 
-SLAB_BYTES = 1 << 30  # per file: few files, yet a truncated or lost file costs at most this much
+STRIPES = 16  # slab files per tier: at least the I/O threads one expects (``disk_io_threads``, 8 by default)
 _SLAB_NAME = re.compile(r"^slab-(\d+)-(\d+)\.kvs$")
 
 Opener = Callable[[Path, int], int]
@@ -64,8 +67,7 @@ class SlabFiles:
         self.directory = directory
         self.extent_bytes = extent_bytes
         self.extent_count = extent_count
-        self.per_slab = max(1, min(extent_count, SLAB_BYTES // extent_bytes))
-        self.slab_count = -(-extent_count // self.per_slab)
+        self.slab_count = min(STRIPES, extent_count)
         self._open = opener
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
@@ -74,12 +76,15 @@ class SlabFiles:
     def path(self, slab: int) -> Path:
         return self.directory / f"slab-{self.extent_bytes}-{slab}.kvs"
 
+    def extents_of(self, slab: int) -> range:
+        return range(slab, self.extent_count, STRIPES)
+
     def slab_bytes(self, slab: int) -> int:
-        return min(self.per_slab, self.extent_count - slab * self.per_slab) * self.extent_bytes
+        return len(self.extents_of(slab)) * self.extent_bytes
 
     def locate(self, extent: int) -> tuple[int, int]:
         """(slab index, byte offset in it) of ``extent``."""
-        slab, nth = divmod(extent, self.per_slab)
+        nth, slab = divmod(extent, STRIPES)
         return slab, nth * self.extent_bytes
 
     def adopt(self, slab: int) -> int:

@@ -22,6 +22,7 @@ from kvtier.tiers import fileio
 from kvtier.tiers.base import TierClosedError
 from kvtier.tiers.disk import DirectoryInUseError, DiskTier, extent_bytes_for
 from kvtier.tiers.host import HostPool
+from kvtier.tiers.slabs import STRIPES
 from tests.tiers.helpers import NS, SIZES, open_fds, payloads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,17 +83,20 @@ def test_asyncio_callers_await_without_blocking(tier: DiskTier) -> None:
     assert stored == [True] and got == [5000] and buf == b"z" * 5000
 
 
-def test_extents_are_laid_out_in_one_preallocated_slab(tmp_path: Path) -> None:
-    with DiskTier(NS, tmp_path, 10 * 12288) as t:
+def test_extents_are_striped_over_preallocated_slabs(tmp_path: Path) -> None:
+    with DiskTier(NS, tmp_path, (STRIPES + 3) * 12288 + 100) as t:
         assert t.extent_bytes is None and t.location(5) is None
         data = bytes(range(256)) * 20
-        assert t.put([5, 6], [data, b"x" * 8000]) == [True, True]  # the first put sets the extent size
-        assert t.extent_bytes == 4096 + 8192 and t.capacity_bytes == 10 * 12288
-        (path, first), (same, second) = t.location(5), t.location(6)
-        assert path == same and path.stat().st_size == 10 * 12288 and sorted([first, second]) == [0, 12288]
-        raw = path.read_bytes()
-        assert raw[first + 4096:first + 4096 + len(data)] == data and raw[first + 4096 + len(data):first + 12288] == bytes(8192 - len(data))
-        assert sorted(p.name for p in t.directory.iterdir()) == [".lock", path.name]
+        for key in range(STRIPES + 1):  # the first put sets the extent size
+            assert t.put([key], [data if key == 0 else b"x" * 8000]) == [True]
+        assert t.extent_bytes == 4096 + 8192 and t.capacity_bytes == (STRIPES + 3) * 12288
+        slabs = [t.location(k) for k in range(STRIPES + 1)]
+        assert [offset for _, offset in slabs] == [0] * STRIPES + [12288]  # extent e: slab e % STRIPES
+        assert len({path for path, _ in slabs}) == STRIPES and slabs[0][0] == slabs[STRIPES][0]
+        assert [slabs[i][0].stat().st_size for i in (0, 2, 3)] == [2 * 12288, 2 * 12288, 12288]  # fallocated: 19 extents
+        raw = slabs[0][0].read_bytes()
+        assert raw[4096:4096 + len(data)] == data and raw[4096 + len(data):12288] == bytes(8192 - len(data))
+        assert len(list(t.directory.iterdir())) == STRIPES + 1  # the slabs and the lock
 
 
 def test_larger_payloads_than_the_extent_are_skipped(tmp_path: Path) -> None:
@@ -146,23 +150,25 @@ def test_index_is_rebuilt_on_restart_and_damage_dropped(tmp_path: Path) -> None:
         for key, d in zip((1, 2, 3, 4), data):  # one by one: extents 0..3 in key order
             assert t.put([key], [d]) == [True]
         where = [t.location(k) for k in (1, 2, 3, 4)]
-        assert [offset for _, offset in where] == [0, extent, 2 * extent, 3 * extent]
+        assert [offset for _, offset in where] == [0, 0, 0, 0]  # extents 0-3: the first of slabs 0-3
         assert t.delete([3]) == [True]
-    slab = where[0][0]
-    flip_bit(slab, 10)                                    # header of 1 damaged: dropped at rebuild
-    flip_bit(slab, extent + 4096 + 12345)                 # payload of 2 damaged: found on read
-    os.truncate(slab, 3 * extent + 4096 + 4096)           # 4 cut inside its payload: dropped at rebuild
-    (slab.parent / ".0000000000000009.deadbeef.tmp").write_bytes(b"partial")   # the old format's leftovers
-    (slab.parent / "0000000000000009.kvc").write_bytes(b"old")
+    slabs = [path for path, _ in where]
+    full = slabs[3].stat().st_size
+    flip_bit(slabs[0], 10)                                # header of 1 damaged: dropped at rebuild
+    flip_bit(slabs[1], 4096 + 12345)                      # payload of 2 damaged: found on read
+    os.truncate(slabs[3], 4096 + 4096)                    # 4 cut inside its payload: dropped at rebuild
+    directory = slabs[0].parent
+    (directory / ".0000000000000009.deadbeef.tmp").write_bytes(b"partial")   # the old format's leftovers
+    (directory / "0000000000000009.kvc").write_bytes(b"old")
     with DiskTier(NS, tmp_path, 64 << 20, chunk_bytes=70000) as t:
         # 3 was deleted but its extent kept a valid header: it comes back, checksummed, and is served
         assert t.contains([1, 2, 3, 4]) == [False, True, True, False]
-        assert t.stats().corrupt == 2 and sorted(p.name for p in slab.parent.iterdir()) == [".lock", slab.name]
-        assert slab.stat().st_size == 3 * extent + 8192  # a write there preallocates the slab again
+        assert t.stats().corrupt == 2 and not list(directory.glob("*.tmp")) and not list(directory.glob("*.kvc"))
         bufs = [bytearray(70000), bytearray(4096)]
         assert t.get([2, 3], bufs) == [None, 4096] and bytes(bufs[1]) == data[2].tobytes()
         assert t.stats().corrupt == 3 and t.contains([2]) == [False]
-        assert t.put([5, 6, 7], data[:3]) == [True] * 3 and slab.stat().st_size == (64 << 20) // extent * extent
+        # the freed extents 0, 1 and 3 are reused; writing into the truncated slab preallocates it again
+        assert t.put([5, 6, 7], data[:3]) == [True] * 3 and slabs[3].stat().st_size == full
         assert t.get([5, 6, 7], [bytearray(70000)] * 3) == [5000, 70000, 4096]
 
 
@@ -314,7 +320,7 @@ def test_rebuild_respects_a_smaller_capacity(tmp_path: Path) -> None:
     with DiskTier(NS, tmp_path, 2 * extent_bytes_for(4096) + 100) as t:  # the extents past the end go
         assert t.contains(list(range(5))) == [True, True, False, False, False]
         assert t.capacity_bytes == 2 * extent_bytes_for(4096)
-        assert [p.stat().st_size for p in t.directory.glob("*.kvs")] == [2 * extent_bytes_for(4096)]
+        assert [p.stat().st_size for p in t.directory.glob("*.kvs")] == [extent_bytes_for(4096)] * 2
 
 
 def test_buffered_fallback_when_o_direct_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
