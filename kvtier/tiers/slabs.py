@@ -3,11 +3,10 @@
 A slab file is named ``slab-<extent bytes>-<index>.kvs`` so a restart knows its geometry without a
 superblock. Extents are striped over ``STRIPES`` slabs: extent ``e`` lives in slab ``e % STRIPES`` at
 offset ``(e // STRIPES) * extent_bytes``, so the mapping does not depend on the capacity (a restart with
-another capacity keeps every extent below it) and concurrent writes of neighbouring extents land in
-different files: ext4 serialises O_DIRECT writes into not-yet-written (fallocated) blocks of one file
-under its inode lock, which one big file would turn into one writer at a time. A slab is created and
-``fallocate``-d when its first extent is written, then stays open for the tier's lifetime: a put or get
-is one syscall. The lowest free extent is handed out first.
+another capacity keeps every extent below it, the slabs are trimmed) and concurrent writes of
+neighbouring extents land in different files, as fio's jobs do. A slab is created and ``fallocate``-d
+when its first extent is written, then stays open for the tier's lifetime: a put or get is one syscall.
+The lowest free extent is handed out first.
 """
 
 from __future__ import annotations
