@@ -5,7 +5,7 @@ one job per tier thread, same block size, same directory; dd with oflag/iflag=di
 Remote (G4): RemoteTier put/get GB/s against redis-benchmark SET/GET with the same value size, connections
 and pipeline depth, on the same redis-server started by this script. Host (G2): slot allocs+frees per second.
 
-    python benchmarks/bench_tiers.py [--quick] [--json PATH] [--plot PATH] [--dir DIR]
+    python benchmarks/bench_tiers.py [--quick] [--disk-only] [--json PATH] [--plot PATH] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-def best_of(reps: int, measure, *args):
-    """Element-wise best of ``reps`` runs: a shared VM's disk and CPUs are noisy, for the tier and its
-    ceiling alike, so both get the same number of tries."""
-    runs = [measure(*args) for _ in range(reps)]
-    return tuple(max(col) if isinstance(col[0], float) else col[0] for col in zip(*runs))
+def best_of(reps: int, *measures: tuple) -> list[tuple]:
+    """Element-wise best of ``reps`` runs of each ``(measure, *args)``: a shared VM's disk and CPUs are noisy,
+    for the tier and its ceiling alike, so both get the same number of tries, taken in turns so that a
+    noisy spell hits both alike."""
+    runs: list[list[tuple]] = [[] for _ in measures]
+    for _ in range(reps):
+        for out, (measure, *args) in zip(runs, measures):
+            out.append(measure(*args))
+    return [tuple(max(col) if isinstance(col[0], float) else col[0] for col in zip(*r)) for r in runs]
 
 
 # --- disk ----------------------------------------------------------------------------------------------------
@@ -54,7 +58,7 @@ def tier_disk(directory: Path, size: int, count: int, threads: int, fsync: bool,
     """Write then read ``count`` chunks of ``size`` from/to pool slots; (write GB/s, read GB/s)."""
     sub = Path(tempfile.mkdtemp(dir=directory))
     try:
-        with DiskTier(NS, sub, count * (size + 8192), io_threads=threads, fsync=fsync,
+        with DiskTier(NS, sub, count * (size + 8192), io_threads=threads, fsync=fsync, chunk_bytes=size,
                       max_pending_bytes=count * (size + 8192)) as tier:
             slots = pool.alloc(count)
             try:
@@ -175,13 +179,15 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="directory on the disk to test (default: a temp dir in the cwd)")
     ap.add_argument("--disk-threads", type=int, default=KvtierConfig().disk_io_threads)
     ap.add_argument("--fsync", action="store_true", help="benchmark the disk tier with disk_fsync on")
+    ap.add_argument("--disk-only", action="store_true", help="skip the redis and host parts")
+    ap.add_argument("--reps", type=int, default=None, help="runs per measurement, best kept (default 2 quick, 3 full)")
     args = ap.parse_args()
 
     sizes = [256 * KiB, 2 * MiB, 32 * MiB] if args.quick else [256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 32 * MiB]
     disk_bytes = 64 * MiB if args.quick else 512 * MiB
     redis_bytes = 48 * MiB if args.quick else 384 * MiB
     conns = 4
-    reps = 2 if args.quick else 3
+    reps = args.reps or (2 if args.quick else 3)
     machine = f"{platform.node()} {os.cpu_count()} CPUs, " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
     directory = Path(args.dir or tempfile.mkdtemp(prefix=".bench-tiers-", dir=os.getcwd()))
@@ -190,55 +196,71 @@ def main() -> int:
     results: dict = {"machine": machine, "repetitions": reps, "disk": {"by_size": [], "threads": args.disk_threads, "fsync": fsync,
                                                   "directory": str(directory)},
                      "redis": {"by_size": [], "connections": conns}}
-    steps = tqdm(total=2 * len(sizes) + 1, desc="bench_tiers", unit="step")
+    steps = tqdm(total=len(sizes) if args.disk_only else 2 * len(sizes) + 1, desc="bench_tiers", unit="step")
     try:
         for size in sizes:
             count = max(args.disk_threads, disk_bytes // size)
             with HostPool(count * size, size) as pool:
-                w, r = best_of(reps, tier_disk, directory, size, count, args.disk_threads, fsync, pool)
-            cw, cr, tool = best_of(reps, fio_disk, directory, size, count, args.disk_threads)
+                (w, r), (cw, cr, tool) = best_of(reps, (tier_disk, directory, size, count, args.disk_threads, fsync, pool),
+                                                 (fio_disk, directory, size, count, args.disk_threads))
             results["disk"]["by_size"].append({"size": size, "write": w, "read": r, "ceiling_write": cw,
                                                "ceiling_read": cr, "write_ratio": w / cw, "read_ratio": r / cr})
             results["disk"]["ceiling_tool"] = tool
             steps.update()
-        with RedisServer(extra_args=("--proto-max-bulk-len", str(512 * MiB))) as server:
-            for size in sizes:
-                depth = max(1, min(4, 64 * MiB // (size * conns)))  # at most 64 MiB in flight
-                batch = conns * depth
-                rounds = max(2, redis_bytes // (size * batch))
-                keyspace = max(batch, (128 * MiB) // size)
-                p, g = best_of(reps, tier_redis, server, size, rounds, conns, depth, keyspace)
-                cs, cg = best_of(reps, redis_benchmark, server, size, rounds * batch, conns, depth)
-                results["redis"]["by_size"].append({"size": size, "pipeline": depth, "put": p, "get": g, "ceiling_set": cs,
-                                                    "ceiling_get": cg, "put_ratio": p / cs, "get_ratio": g / cg})
-                steps.update()
-        results["host"] = host_pool_rate(20_000 if args.quick else 200_000)
-        steps.update()
+        if not args.disk_only:
+            with RedisServer(extra_args=("--proto-max-bulk-len", str(512 * MiB))) as server:
+                for size in sizes:
+                    depth = max(1, min(4, 64 * MiB // (size * conns)))  # at most 64 MiB in flight
+                    batch = conns * depth
+                    rounds = max(2, redis_bytes // (size * batch))
+                    keyspace = max(batch, (128 * MiB) // size)
+                    (p, g), (cs, cg) = best_of(reps, (tier_redis, server, size, rounds, conns, depth, keyspace),
+                                               (redis_benchmark, server, size, rounds * batch, conns, depth))
+                    results["redis"]["by_size"].append({"size": size, "pipeline": depth, "put": p, "get": g, "ceiling_set": cs,
+                                                        "ceiling_get": cg, "put_ratio": p / cs, "get_ratio": g / cg})
+                    steps.update()
+            results["host"] = host_pool_rate(20_000 if args.quick else 200_000)
+            steps.update()
     finally:
         steps.close()
         if args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)
 
+    return report(results, machine, reps, args, conns)
+
+
+def report(results: dict, machine: str, reps: int, args: argparse.Namespace, conns: int) -> int:
+    """Print the table (redis columns and host line only when measured), write the JSON and the plot."""
     for name, keys in (("disk", ("write_ratio", "read_ratio")), ("redis", ("put_ratio", "get_ratio"))):
         rows = results[name]["by_size"]
+        if not rows:
+            continue
         for k in keys:  # the headline figure is the worst size: the target must hold for every size
             results[name][k] = min(r[k] for r in rows)
-    print(f"\n{machine}; best of {reps} runs each; disk: {results['disk']['ceiling_tool']}, {args.disk_threads} threads, fsync={fsync}; "
-          f"redis: {conns} connections, pipeline depth per size below")
-    print(f"{'size':>8} | {'disk W':>7} {'fio W':>7} {'ratio':>5} | {'disk R':>7} {'fio R':>7} {'ratio':>5} | "
-          f"{'put':>6} {'SET':>6} {'ratio':>5} | {'get':>6} {'GET':>6} {'ratio':>5}   (GB/s)")
-    for d, r in zip(results["disk"]["by_size"], results["redis"]["by_size"]):
-        print(f"{d['size'] // KiB:>6}Ki | {d['write']:7.2f} {d['ceiling_write']:7.2f} {d['write_ratio']:5.2f} | "
-              f"{d['read']:7.2f} {d['ceiling_read']:7.2f} {d['read_ratio']:5.2f} | {r['put']:6.2f} {r['ceiling_set']:6.2f} "
-              f"{r['put_ratio']:5.2f} | {r['get']:6.2f} {r['ceiling_get']:6.2f} {r['get_ratio']:5.2f}")
-    h = results["host"]
-    print(f"host pool: {h['alloc_free_per_s']:,.0f} alloc+free/s (1 slot), "
-          f"{h['alloc_free_slots_per_s_batch16']:,.0f} slots/s (batches of 16)")
-    print(f"worst-size ratios: disk write {results['disk']['write_ratio']:.2f} read {results['disk']['read_ratio']:.2f} "
-          f"(target 0.85); redis put {results['redis']['put_ratio']:.2f} get {results['redis']['get_ratio']:.2f} (target 0.70)")
+    fsync = results["disk"]["fsync"]
+    redis_rows = results["redis"]["by_size"]
+    print(f"\n{machine}; best of {reps} runs each; disk: {results['disk']['ceiling_tool']}, {args.disk_threads} threads, fsync={fsync}"
+          + (f"; redis: {conns} connections, pipeline depth per size below" if redis_rows else ""))
+    print(f"{'size':>8} | {'disk W':>7} {'fio W':>7} {'ratio':>5} | {'disk R':>7} {'fio R':>7} {'ratio':>5}"
+          + (f" | {'put':>6} {'SET':>6} {'ratio':>5} | {'get':>6} {'GET':>6} {'ratio':>5}" if redis_rows else "") + "   (GB/s)")
+    for i, d in enumerate(results["disk"]["by_size"]):
+        line = (f"{d['size'] // KiB:>6}Ki | {d['write']:7.2f} {d['ceiling_write']:7.2f} {d['write_ratio']:5.2f} | "
+                f"{d['read']:7.2f} {d['ceiling_read']:7.2f} {d['read_ratio']:5.2f}")
+        if redis_rows:
+            r = redis_rows[i]
+            line += (f" | {r['put']:6.2f} {r['ceiling_set']:6.2f} {r['put_ratio']:5.2f} | "
+                     f"{r['get']:6.2f} {r['ceiling_get']:6.2f} {r['get_ratio']:5.2f}")
+        print(line)
+    if "host" in results:
+        h = results["host"]
+        print(f"host pool: {h['alloc_free_per_s']:,.0f} alloc+free/s (1 slot), "
+              f"{h['alloc_free_slots_per_s_batch16']:,.0f} slots/s (batches of 16)")
+    print(f"worst-size ratios: disk write {results['disk']['write_ratio']:.2f} read {results['disk']['read_ratio']:.2f} (target 0.85)"
+          + (f"; redis put {results['redis']['put_ratio']:.2f} get {results['redis']['get_ratio']:.2f} (target 0.70)"
+             if redis_rows else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.plot:
+    if args.plot and redis_rows:
         plot(results, args.plot)
     return 0
 

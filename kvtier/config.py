@@ -58,7 +58,7 @@ class KvtierConfig:
     disk_capacity_bytes: int = 64 * 2**30
     disk_io_threads: int = 8
     disk_use_direct_io: bool = True
-    disk_fsync: bool = False                  # also fdatasync O_DIRECT chunks (device cache) before the rename
+    disk_fsync: bool = False                  # also fdatasync after each chunk write (flushes the device cache)
     disk_max_pending_bytes: int = 2**30       # writes queued beyond this are skipped (slow disk)
     # --- G4 remote ----------------------------------------------------------------------------------------
     remote_url: str = ""                      # redis://, rediss://, redis+cluster:// ; empty: no remote tier

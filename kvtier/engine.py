@@ -112,7 +112,7 @@ class KvtierEngine:
         self.tiers: dict[int, Tier] = {G2: self.host}
         specs = [TierSpec("G1", 0), TierSpec("G2", (pool.num_slots - spare_host_slots) * self.unit)]
         if config.disk_path:
-            self.tiers[G3] = DiskTier.from_config(config, namespace)
+            self.tiers[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
             specs.append(TierSpec("G3", max(self.unit, config.disk_capacity_bytes - spare_host_slots * self.unit),
                                   config.admission_min_hits))
         if config.remote_url:

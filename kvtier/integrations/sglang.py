@@ -103,7 +103,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self.host = HostTier(namespace, pool, own_pool=True)
         self.lower = []
         if self.cfg.disk_path:
-            self.lower.append(DiskTier.from_config(self.cfg, namespace))
+            self.lower.append(DiskTier.from_config(self.cfg, namespace, layout.block_bytes))
         if self.cfg.remote_url:
             self.lower.append(RemoteTier.from_config(self.cfg, namespace))
 

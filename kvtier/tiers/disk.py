@@ -1,15 +1,19 @@
-"""G3: chunks as files on local NVMe, written and read with O_DIRECT straight from/to host-pool slots.
+"""G3: chunks in extents of a few large slab files on local NVMe, moved with O_DIRECT straight from/to host-pool slots.
 
-File format: ``[ChunkHeader, zero-padded to 4096][payload, zero-padded to a multiple of 4096]``. A put
-writes the whole file with one ``pwritev`` to a hidden temp name and renames it into place once the
-device has it (O_DIRECT returns after the device accepted the data; buffered fallback writes and
-``fsync=True`` add an ``fdatasync`` for power loss), so a chunk is visible only once complete; the header's checksum catches anything a crash or a
-disk still manages to damage. On start the tier rebuilds its index from the headers on disk and deletes
-temp files and damaged entries. Payload checksums are verified on every read.
+Extent format: ``[ChunkHeader, zero-padded to 4096][payload, zero-padded to a multiple of 4096]``; every
+extent of a tier has one size (``PAGE +`` the largest payload, from ``chunk_bytes`` or the first put; larger
+payloads are skipped writes). Slab files are preallocated and kept open (see ``slabs.py``), so a put is ONE
+``pwritev`` of header and payload at the extent's offset and a get is one ``preadv``: no file create,
+rename, unlink or open per chunk. A chunk enters the index only after its write completed; a torn or
+damaged extent fails the header's payload checksum, which every read verifies, and is never served. On
+start the tier rebuilds its index from the extent headers (damaged headers dropped; payloads are checked
+at read). A deleted or evicted extent is only marked free; an old header left in it may bring that chunk
+back after a restart, which is harmless: it is the same content under the same key, still checksummed.
+An extent being read is never reused: dropping it defers the free to its last reader.
 
 I/O runs in a thread pool (several requests in flight, the GIL released in the syscalls); callers get
-futures. Every failure (ENOSPC, EIO, a truncated or corrupt file, too many writes queued) is a skipped
-write or a miss, counted in ``stats()``; the tier keeps working.
+futures. Every failure (ENOSPC from ``fallocate`` or ``pwritev``, EIO, a short or torn extent, too many
+writes queued) is a skipped write or a miss, counted in ``stats()``; the tier keeps working.
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ import fcntl
 import logging
 import mmap
 import os
-import re
 import threading
-import uuid
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -32,19 +35,19 @@ from kvtier.hashing import Namespace
 from kvtier.tiers import fileio
 from kvtier.tiers.base import Buffer, LruIndex, LocalTier, buffer_address, check_key, completed, gather
 from kvtier.tiers.fileio import PAGE
+from kvtier.tiers.slabs import ExtentAllocator, SlabFiles, slab_files
 
 log = logging.getLogger(__name__)
 
-_CHUNK_NAME = re.compile(r"^([0-9a-f]{16})\.kvc$")
-_TEMP_SUFFIX = ".tmp"
+_LEGACY_SUFFIXES = (".kvc", ".tmp")  # the earlier one-file-per-chunk format
 
 
 def _padded(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
-def file_bytes_for(payload_bytes: int) -> int:
-    """Size on disk of a chunk file holding ``payload_bytes``."""
+def extent_bytes_for(payload_bytes: int) -> int:
+    """Size on disk of an extent holding up to ``payload_bytes``: the header block plus the padded payload."""
     return PAGE + _padded(payload_bytes)
 
 
@@ -53,22 +56,24 @@ class DirectoryInUseError(RuntimeError):
 
 
 class DiskTier(LocalTier):
-    """Chunk files under ``root/<namespace id>/``; see the module docstring.
+    """Chunk extents in slab files under ``root/<namespace id>/``; see the module docstring.
 
     ``put``: True when written, already stored or being written by an earlier put; payload buffers must
     stay untouched until the future is done. ``get``: a buffer smaller than the stored payload is a miss.
     Buffers at page-aligned addresses (host-pool slots) are read and written in place; others go through
-    a bounce buffer (counted as ``bounce_copies``).
+    a bounce buffer (counted as ``bounce_copies``). ``capacity_bytes`` is rounded down to whole extents.
     """
 
     name = "disk"
 
     def __init__(self, namespace: Namespace, root: str | os.PathLike[str], capacity_bytes: int,
                  io_threads: int = 8, direct_io: bool = True, fsync: bool = False,
-                 max_pending_bytes: int = 1 << 30) -> None:
+                 max_pending_bytes: int = 1 << 30, chunk_bytes: int | None = None) -> None:
         super().__init__(namespace)
         if capacity_bytes <= 0 or io_threads <= 0 or max_pending_bytes <= 0:
             raise ValueError("capacity_bytes, io_threads and max_pending_bytes must be positive")
+        if chunk_bytes is not None and chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.directory = Path(root) / f"{namespace.id:016x}"
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -82,27 +87,56 @@ class DiskTier(LocalTier):
         self.max_pending_bytes = max_pending_bytes
         self._lock = threading.Lock()
         self._index = LruIndex(capacity_bytes)
-        self._payload_bytes: dict[int, int] = {}
+        self._slabs: SlabFiles | None = None          # geometry: known from chunk_bytes, the disk, or the first put
+        self._extents: ExtentAllocator | None = None
+        self._where: dict[int, tuple[int, int]] = {}  # key -> (extent, payload bytes)
         self._writing: set[int] = set()
+        self._readers: Counter[int] = Counter()       # extent -> reads in flight
+        self._doomed: set[int] = set()                # dropped while being read: the last reader frees them
         self._pending_bytes = 0
+        self._warned_too_big = False
         self._blocks = fileio.ThreadBlocks()
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvtier-disk")
         self._set_gauges(capacity_bytes=capacity_bytes)
-        self._rebuild()
+        try:
+            self._rebuild(None if chunk_bytes is None else extent_bytes_for(chunk_bytes))
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
-    def from_config(cls, cfg: KvtierConfig, namespace: Namespace) -> DiskTier:
+    def from_config(cls, cfg: KvtierConfig, namespace: Namespace, chunk_bytes: int | None = None) -> DiskTier:
+        """A tier for ``cfg``; ``chunk_bytes`` (the engine's chunk size) fixes the extent size up front."""
         if not cfg.disk_path:
             raise ValueError("disk_path is empty: no disk tier configured")
         return cls(namespace, cfg.disk_path, cfg.disk_capacity_bytes, cfg.disk_io_threads,
-                   cfg.disk_use_direct_io, cfg.disk_fsync, cfg.disk_max_pending_bytes)
+                   cfg.disk_use_direct_io, cfg.disk_fsync, cfg.disk_max_pending_bytes, chunk_bytes)
 
     @property
     def capacity_bytes(self) -> int:
         return self._index.capacity_bytes
 
-    def path_of(self, key: int) -> Path:
-        return self.directory / f"{check_key(key):016x}.kvc"
+    @property
+    def extent_bytes(self) -> int | None:
+        """Bytes per extent (None until the first put when neither ``chunk_bytes`` nor the disk said)."""
+        return None if self._slabs is None else self._slabs.extent_bytes
+
+    def location(self, key: int) -> tuple[Path, int] | None:
+        """(slab file, offset) of ``key``'s extent: its header block there, the payload one page later."""
+        key = check_key(key)
+        with self._lock:
+            where = self._where.get(key)
+            if where is None or self._slabs is None:
+                return None
+            slab, offset = self._slabs.locate(where[0])
+            return self._slabs.path(slab), offset
+
+    def _set_geometry_locked(self, extent_bytes: int) -> None:
+        count = self._index.capacity_bytes // extent_bytes
+        self._slabs = SlabFiles(self.directory, extent_bytes, count, self._open)
+        self._extents = ExtentAllocator(count)
+        self._index.capacity_bytes = count * extent_bytes
+        self._set_gauges(capacity_bytes=self._index.capacity_bytes)
 
     # --- put ---------------------------------------------------------------------------------------------
     def put_async(self, keys: Sequence[int], payloads: Sequence[Buffer]) -> Future[list[bool]]:
@@ -110,74 +144,79 @@ class DiskTier(LocalTier):
         futures: list[Future[bool]] = []
         evicted: list[int] = []
         for key, view in zip(checked, views):
-            size = file_bytes_for(len(view))
             with self._lock:
                 if key in self._index or key in self._writing:
                     self._index.touch(key)
                     futures.append(completed(True))
                     continue
-                victims = self._index.victims_for(size, self.choose_victims)
-                if victims is None or self._pending_bytes + size > self.max_pending_bytes:
+                if self._slabs is None:
+                    self._set_geometry_locked(extent_bytes_for(len(view)))
+                size = self._slabs.extent_bytes
+                extent = None
+                if len(view) <= size - PAGE and self._pending_bytes + size <= self.max_pending_bytes:
+                    victims = self._index.victims_for(size, self.choose_victims)
+                    for victim in victims or ():
+                        self._drop_locked(victim)
+                    evicted += victims or ()
+                    extent = None if victims is None else self._extents.alloc()  # None: victims still being read
+                if extent is None:
+                    self._warn_if_too_big(len(view), size)
                     self._count(put_skipped=1)
                     futures.append(completed(False))
                     continue
-                for victim in victims:
-                    self._drop_locked(victim)
-                evicted += victims
                 self._index.reserve(size)
                 self._writing.add(key)
                 self._pending_bytes += size
-            futures.append(self._pool.submit(self._write_one, key, view, size))
+            futures.append(self._pool.submit(self._write_one, key, extent, view))
         if evicted:
             self._count(evictions=len(evicted))
             self._notify_evicted(evicted)
         return gather(futures)
 
-    def _write_one(self, key: int, payload: memoryview, size: int) -> bool:
+    def _warn_if_too_big(self, payload_bytes: int, extent_bytes: int) -> None:
+        if payload_bytes > extent_bytes - PAGE and not self._warned_too_big:
+            self._warned_too_big = True
+            log.warning("disk tier: %d-byte payloads exceed the %d-byte extents of %s; such writes are skipped",
+                        payload_bytes, extent_bytes, self.directory)
+
+    def _write_one(self, key: int, extent: int, payload: memoryview) -> bool:
         ok = False
         try:
-            ok = self._write_file(key, payload)
+            ok = self._write_extent(key, extent, payload)
         except Exception:  # a bug must not leave the reservation behind; it still surfaces in the log
             log.exception("disk tier: unexpected failure writing %016x", key)
         with self._lock:
+            size = self._slabs.extent_bytes
             self._writing.discard(key)
             self._pending_bytes -= size
             if ok and not self._closed:
                 self._index.commit(key, size)
-                self._payload_bytes[key] = len(payload)
+                self._where[key] = (extent, len(payload))
                 self._count(puts=1, put_bytes=len(payload))
             else:
                 self._index.unreserve(size)
+                self._release_locked(extent)
                 self._count(put_skipped=1)
             self._gauges_locked()
         return ok
 
-    def _write_file(self, key: int, payload: memoryview) -> bool:
+    def _write_extent(self, key: int, extent: int, payload: memoryview) -> bool:
         n = len(payload)
         head = self._blocks.head
         head[:] = bytes(PAGE)
         head[:HEADER_BYTES] = ChunkHeader.for_payload(self.namespace.id, key, payload).pack()
         buffers, bounce = self._payload_iovecs(payload, n, for_read=False)
-        tmp = self.directory / f".{key:016x}.{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}"
         try:
-            fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            try:
-                written = fileio.write_at(fd, [head, *buffers], 0)
-                if written != PAGE + _padded(n):
-                    raise OSError(errno.EIO, f"short write: {written} of {PAGE + _padded(n)} bytes")
-                if self.fsync or not self.direct_io:  # buffered data may still sit in the page cache
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path_of(key))
+            fd, offset = self._slabs.for_write(extent)
+            written = fileio.write_at(fd, [head, *buffers], offset)
+            if written != PAGE + _padded(n):
+                raise OSError(errno.EIO, f"short write: {written} of {PAGE + _padded(n)} bytes")
+            if self.fsync:  # O_DIRECT returns once the device has the data; this also flushes its cache
+                os.fdatasync(fd)
             return True
         except OSError as exc:
             log.warning("disk tier: write of %016x skipped: %s", key, exc)
             self._count(errors=1)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             return False
         finally:
             if bounce is not None:
@@ -203,42 +242,46 @@ class DiskTier(LocalTier):
 
     def _read_one(self, key: int, buf: memoryview) -> int | None:
         with self._lock:
-            n = self._payload_bytes.get(key)
+            extent, n = self._where.get(key, (-1, 0))
             self._index.touch(key)
-        if n is None or n > len(buf):
+            if extent < 0 or n > len(buf):
+                extent = -1
+            else:
+                self._readers[extent] += 1  # pins the extent: a drop now defers its reuse to us
+        if extent < 0:
             self._count(gets=1, misses=1)
             return None
         try:
-            self._read_file(key, buf, n)
+            self._read_extent(key, extent, buf, n)
         except ChunkError as exc:
             log.warning("disk tier: %016x is damaged (%s); dropped", key, exc)
             self._count(gets=1, misses=1, corrupt=1)
-            self._forget(key)
-            return None
-        except FileNotFoundError:
-            log.warning("disk tier: %016x vanished from disk", key)
-            self._count(gets=1, misses=1, errors=1)
-            self._forget(key)
+            self._forget(key, extent)
             return None
         except OSError as exc:
             log.warning("disk tier: read of %016x failed: %s", key, exc)
             self._count(gets=1, misses=1, errors=1)
             return None
+        finally:
+            with self._lock:
+                self._readers[extent] -= 1
+                if not self._readers[extent]:
+                    del self._readers[extent]
+                    if extent in self._doomed:
+                        self._doomed.discard(extent)
+                        self._extents.free(extent)
         self._count(gets=1, hits=1, hit_bytes=n)
         return n
 
-    def _read_file(self, key: int, buf: memoryview, n: int) -> None:
+    def _read_extent(self, key: int, extent: int, buf: memoryview, n: int) -> None:
         """Read into ``buf[:n]`` and verify; ChunkError / OSError on any trouble."""
         head = self._blocks.head
         buffers, bounce = self._payload_iovecs(buf, n, for_read=True)
         try:
-            fd = self._open(self.path_of(key), os.O_RDONLY)
-            try:
-                got = fileio.read_at(fd, [head, *buffers], 0)
-            finally:
-                os.close(fd)
+            fd, offset = self._slabs.for_read(extent)
+            got = fileio.read_at(fd, [head, *buffers], offset)
             if got != PAGE + _padded(n):
-                raise ChunkError(f"file truncated: {got} of {PAGE + _padded(n)} bytes")
+                raise ChunkError(f"extent truncated: {got} of {PAGE + _padded(n)} bytes")
             if bounce is not None:
                 buf[:n] = bounce[:n]
             elif buffers[-1] is self._blocks.tail:
@@ -289,21 +332,22 @@ class DiskTier(LocalTier):
         return key in self._index
 
     def _drop_locked(self, key: int) -> bool:
-        """Forget ``key`` and unlink its file; under the lock so a concurrent re-put cannot lose its file."""
+        """Forget ``key`` and free its extent (once no read of it is in flight)."""
         if self._index.remove(key) is None:
             return False
-        del self._payload_bytes[key]
-        try:
-            os.unlink(self.path_of(key))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("disk tier: cannot unlink %016x: %s", key, exc)
+        self._release_locked(self._where.pop(key)[0])
         return True
 
-    def _forget(self, key: int) -> None:
+    def _release_locked(self, extent: int) -> None:
+        if self._readers[extent]:
+            self._doomed.add(extent)
+        else:
+            self._extents.free(extent)
+
+    def _forget(self, key: int, extent: int) -> None:
+        """Drop a damaged ``key`` unless it was meanwhile dropped and stored again in another extent."""
         with self._lock:
-            dropped = self._drop_locked(key)
+            dropped = self._where.get(key, (-1, 0))[0] == extent and self._drop_locked(key)
             self._gauges_locked()
         if dropped:
             self._notify_evicted([key])
@@ -315,60 +359,77 @@ class DiskTier(LocalTier):
     def _gauges_locked(self) -> None:
         self._set_gauges(used_bytes=self._index.used_bytes, entries=len(self._index))
 
-    def _rebuild(self) -> None:
-        """Index what is on disk: oldest first (LRU order), temp files and damaged chunks deleted."""
-        found = []
+    def _rebuild(self, extent_bytes: int | None) -> None:
+        """Index the extents on disk; slabs of another geometry, beyond the capacity, or of the old format go.
+
+        The geometry comes from ``extent_bytes`` when given, else from the slab files found (the most
+        numerous size). Extents are indexed in order; of two holding the same key the first wins.
+        """
         for entry in os.scandir(self.directory):
-            if entry.name.endswith(_TEMP_SUFFIX):
-                os.unlink(entry.path)  # a writer died before its rename: never served
-                continue
-            match = _CHUNK_NAME.match(entry.name)
-            if match:
-                found.append((entry.stat().st_mtime_ns, int(match.group(1), 16)))
-        found.sort()
-        headers = list(self._pool.map(self._check_file, [key for _, key in found]))
+            if entry.name.endswith(_LEGACY_SUFFIXES):
+                os.unlink(entry.path)
+        found = slab_files(self.directory)
+        if extent_bytes is None and found:
+            extent_bytes = max(found, key=lambda e: (len(found[e]), e))
+        for other, paths in found.items():
+            if other != extent_bytes:
+                log.warning("disk tier: removing %d slab(s) of %d-byte extents from %s", len(paths), other, self.directory)
+                for path in paths.values():
+                    os.unlink(path)
+        if extent_bytes is None:
+            return  # empty directory: the first put sets the geometry
         with self._lock:
-            for (_, key), n in zip(found, headers):
-                if n is None:
-                    self._count(corrupt=1)
-                    os.unlink(self.path_of(key))
+            self._set_geometry_locked(extent_bytes)
+        slabs, scan = self._slabs, []
+        for slab, path in sorted(found.get(extent_bytes, {}).items()):
+            if slab >= slabs.slab_count:
+                os.unlink(path)
+                continue
+            size = slabs.adopt(slab)
+            scan += [e for e in slabs.extents_of(slab) if slabs.locate(e)[1] + PAGE <= size]
+        scan.sort()  # extent order: of two extents holding one key, the lower wins on every restart
+        headers = list(self._pool.map(self._check_extent, scan, chunksize=256))
+        with self._lock:
+            used = []
+            for extent, header in zip(scan, headers):
+                if header is None or header.key in self._where:
                     continue
-                self._index.add(key, file_bytes_for(n))
-                self._payload_bytes[key] = n
-            overflow = self._index.victims_for(0, None) or []
-            for key in overflow:  # capacity shrank since the files were written
-                self._drop_locked(key)
-            self._count(evictions=len(overflow))
+                self._index.add(header.key, extent_bytes)
+                self._where[header.key] = (extent, header.payload_bytes)
+                used.append(extent)
+            self._extents = ExtentAllocator(slabs.extent_count, used)
             self._gauges_locked()
 
-    def _check_file(self, key: int) -> int | None:
-        """The payload size in ``key``'s header, or None when the header or file size is wrong."""
-        path = self.path_of(key)
+    def _check_extent(self, extent: int) -> ChunkHeader | None:
+        """The header of a written, plausible extent; None for a never-written one or damage (counted)."""
+        fd, offset = self._slabs.for_read(extent)
+        head = self._blocks.head
         try:
-            fd = self._open(path, os.O_RDONLY)
-            try:
-                got = fileio.read_at(fd, [self._blocks.head], 0)
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
+            got = fileio.read_at(fd, [head], offset)
+            if got == PAGE and not any(head[:HEADER_BYTES]):
+                return None  # never written (a fresh, preallocated extent reads as zeros)
             if got != PAGE:
                 raise ChunkError("header block truncated")
-            header = ChunkHeader.unpack(self._blocks.head)
-            if header.namespace_id != self.namespace.id or header.key != key:
-                raise ChunkError("header names another chunk")
-            if size != file_bytes_for(header.payload_bytes):
-                raise ChunkError(f"file is {size} bytes, header implies {file_bytes_for(header.payload_bytes)}")
-            return header.payload_bytes
+            header = ChunkHeader.unpack(head)
+            if header.namespace_id != self.namespace.id:
+                raise ChunkError("header names another namespace")
+            if extent_bytes_for(header.payload_bytes) > self._slabs.extent_bytes:
+                raise ChunkError(f"payload of {header.payload_bytes} bytes cannot fit the extent")
+            if offset + extent_bytes_for(header.payload_bytes) > os.fstat(fd).st_size:
+                raise ChunkError("slab truncated inside the payload")
+            return header
         except (ChunkError, OSError) as exc:
-            log.warning("disk tier: dropping %s: %s", path.name, exc)
+            log.warning("disk tier: dropping extent %d: %s", extent, exc)
+            self._count(corrupt=1)
             return None
 
     def close(self) -> None:
-        """Finish queued I/O, then release threads and the directory lock. Idempotent."""
+        """Finish queued I/O, then release threads, slab files and the directory lock. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             super().close()
         self._pool.shutdown(wait=True)
+        if self._slabs is not None:
+            self._slabs.close()
         os.close(self._lock_fd)
-

@@ -1,4 +1,4 @@
-"""The disk tier's syscall boundary: every data read and write goes through these two functions.
+"""The disk tier's syscall boundary: every data read, write and preallocation goes through these functions.
 
 Tests replace them (monkeypatch) to inject ENOSPC, EIO, short writes or slow I/O exactly where the kernel
 would report them, without root or a special file system.
@@ -22,6 +22,11 @@ def write_at(fd: int, buffers: Sequence[memoryview | mmap.mmap], offset: int) ->
 def read_at(fd: int, buffers: Sequence[memoryview | mmap.mmap], offset: int) -> int:
     """``preadv``: one syscall filling header block, the caller's buffer and (maybe) a tail block."""
     return os.preadv(fd, buffers, offset)
+
+
+def allocate(fd: int, offset: int, length: int) -> None:
+    """``fallocate``: reserve a slab's blocks up front, so ENOSPC shows here and not mid-chunk."""
+    os.posix_fallocate(fd, offset, length)
 
 
 class ThreadBlocks(threading.local):

@@ -2,7 +2,6 @@
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -78,12 +77,15 @@ def test_corrupted_disk_files_are_recomputed(tmp_path):
         rig.call(rig.runner(), PROMPT)
         rig.engine.drain()
         rig.engine.clear("G2")
-        files = [p for p in Path(tmp_path / "disk").rglob("*") if p.is_file() and p.stat().st_size > 4096]
-        assert len(files) == len(PROMPT) // CHUNK_TOKENS
-        for i, path in enumerate(files):
-            raw = bytearray(path.read_bytes())
-            raw[4096 + 97 * i] ^= 0x40  # one bit in each payload
-            path.write_bytes(bytes(raw))
+        disk = rig.engine.tiers[2]
+        extents = [where for where in map(disk.location, list(rig.engine._meta)) if where is not None]
+        assert len(extents) == len(PROMPT) // CHUNK_TOKENS
+        for i, (path, offset) in enumerate(extents):
+            with open(path, "r+b") as f:
+                f.seek(offset + 4096 + 97 * i)  # one bit in each payload
+                byte = f.read(1)[0]
+                f.seek(offset + 4096 + 97 * i)
+                f.write(bytes([byte ^ 0x40]))
         got, _ = rig.call(rig.runner(), FOLLOW_UP)
         assert got.stats.loaded_tokens == 0 and rig.same_as_reference(FOLLOW_UP, got)
         assert rig.engine.tiers[2].stats().corrupt >= 1

@@ -20,8 +20,9 @@ import torch
 from kvtier.config import KvtierConfig
 from kvtier.tiers import fileio
 from kvtier.tiers.base import TierClosedError
-from kvtier.tiers.disk import DirectoryInUseError, DiskTier, file_bytes_for
+from kvtier.tiers.disk import DirectoryInUseError, DiskTier, extent_bytes_for
 from kvtier.tiers.host import HostPool
+from kvtier.tiers.slabs import STRIPES
 from tests.tiers.helpers import NS, SIZES, open_fds, payloads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,9 +30,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def tier(tmp_path: Path):
-    t = DiskTier(NS, tmp_path, 64 << 20, io_threads=4)
+    t = DiskTier(NS, tmp_path, 64 << 20, io_threads=4, chunk_bytes=max(SIZES))
     yield t
     t.close()
+
+
+def flip_bit_at(tier: DiskTier, key: int, offset: int) -> None:
+    """Flip one bit ``offset`` bytes into ``key``'s extent (0: its header block, 4096: its payload)."""
+    path, start = tier.location(key)
+    flip_bit(path, start + offset)
 
 
 def flip_bit(path: Path, offset: int) -> None:
@@ -63,7 +70,7 @@ def test_round_trip_through_pool_slots_and_plain_buffers(tier: DiskTier) -> None
     s = tier.stats()
     assert s.puts == len(SIZES) and s.hits == 3 * len(SIZES) and s.corrupt == s.errors == 0
     assert s.bounce_copies == len(SIZES)  # only the unaligned bytearrays
-    assert s.used_bytes == sum(file_bytes_for(n) for n in SIZES)
+    assert s.used_bytes == len(SIZES) * extent_bytes_for(max(SIZES)) == len(SIZES) * tier.extent_bytes
 
 
 def test_asyncio_callers_await_without_blocking(tier: DiskTier) -> None:
@@ -76,36 +83,93 @@ def test_asyncio_callers_await_without_blocking(tier: DiskTier) -> None:
     assert stored == [True] and got == [5000] and buf == b"z" * 5000
 
 
-def test_files_have_padded_layout_and_no_temp_left(tier: DiskTier) -> None:
-    tier.put([5], [bytes(range(256)) * 20])
-    assert tier.path_of(5).stat().st_size == 4096 + 8192
-    assert [p.name for p in tier.directory.iterdir() if p.name.endswith(".tmp")] == []
+def test_extents_are_striped_over_preallocated_slabs(tmp_path: Path) -> None:
+    with DiskTier(NS, tmp_path, (STRIPES + 3) * 12288 + 100) as t:
+        assert t.extent_bytes is None and t.location(5) is None
+        data = bytes(range(256)) * 20
+        for key in range(STRIPES + 1):  # the first put sets the extent size
+            assert t.put([key], [data if key == 0 else b"x" * 8000]) == [True]
+        assert t.extent_bytes == 4096 + 8192 and t.capacity_bytes == (STRIPES + 3) * 12288
+        slabs = [t.location(k) for k in range(STRIPES + 1)]
+        assert [offset for _, offset in slabs] == [0] * STRIPES + [12288]  # extent e: slab e % STRIPES
+        assert len({path for path, _ in slabs}) == STRIPES and slabs[0][0] == slabs[STRIPES][0]
+        assert [slabs[i][0].stat().st_size for i in (0, 2, 3)] == [2 * 12288, 2 * 12288, 12288]  # fallocated: 19 extents
+        raw = slabs[0][0].read_bytes()
+        assert raw[4096:4096 + len(data)] == data and raw[4096 + len(data):12288] == bytes(8192 - len(data))
+        assert len(list(t.directory.iterdir())) == STRIPES + 1  # the slabs and the lock
+
+
+def test_larger_payloads_than_the_extent_are_skipped(tmp_path: Path) -> None:
+    with DiskTier(NS, tmp_path, 1 << 20, chunk_bytes=8192) as t:
+        assert t.put([1, 2, 3], [bytes(8192), bytes(8193), bytes(1)]) == [True, False, True]
+        assert t.get([1, 3], [bytearray(8192), bytearray(1)]) == [8192, 1] and t.stats().put_skipped == 1
+    with DiskTier(NS, tmp_path, 1 << 20) as t:  # the geometry comes back from the slab files
+        assert t.extent_bytes == 4096 + 8192 and t.contains([1, 2, 3]) == [True, False, True]
+    with DiskTier(NS, tmp_path, 1 << 20, chunk_bytes=4096) as t:  # another geometry: the old slabs go
+        assert t.contains([1, 3]) == [False, False] and len(list(t.directory.glob("*.kvs"))) == 0
+    with pytest.raises(ValueError):
+        DiskTier(NS, tmp_path, 1 << 20, chunk_bytes=0)
 
 
 def test_misses_and_small_buffers(tier: DiskTier) -> None:
     tier.put([1], [bytes(5000)])
     assert tier.get([1, 2], [bytearray(4999), bytearray(10)]) == [None, None]
     assert tier.contains([1, 2]) == [True, False]
-    assert tier.delete([1, 2]) == [True, False] and not tier.path_of(1).exists()
+    where = tier.location(1)
+    assert tier.delete([1, 2]) == [True, False] and tier.location(1) is None
+    assert tier.put([3], [bytes(10)]) == [True] and tier.location(3) == where  # the freed extent is reused
+
+
+def test_an_extent_being_read_is_not_reused_until_the_read_ends(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = payloads([9000])[0]
+    tier.put([1], [data])
+    where = tier.location(1)
+    started, gate, real = threading.Event(), threading.Event(), fileio.read_at
+
+    def paused(fd, buffers, offset):
+        started.set()
+        gate.wait(5)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(fileio, "read_at", paused)
+    buf = bytearray(9000)
+    reading = tier.get_async([1], [buf])
+    assert started.wait(5)
+    assert tier.delete([1]) == [True]
+    assert tier.put([2], [bytes(9000)]) == [True] and tier.location(2) != where  # not over the pinned extent
+    gate.set()
+    assert reading.result() == [9000] and bytes(buf) == data.tobytes()
+    monkeypatch.setattr(fileio, "read_at", real)
+    assert tier.put([3], [bytes(10)]) == [True] and tier.location(3) == where  # freed by the last reader
 
 
 def test_index_is_rebuilt_on_restart_and_damage_dropped(tmp_path: Path) -> None:
-    data = payloads([5000, 9000, 70000, 4096])
-    with DiskTier(NS, tmp_path, 64 << 20) as t:
-        assert t.put([1, 2, 3, 4], data) == [True] * 4
-        paths = [t.path_of(k) for k in (1, 2, 3, 4)]
-    flip_bit(paths[0], 10)                     # header damaged: dropped at rebuild
-    os.truncate(paths[1], 4096 + 4096)         # truncated: dropped at rebuild
-    flip_bit(paths[2], 4096 + 12345)           # payload damaged: found on read
-    (paths[3].parent / ".0000000000000009.deadbeef.tmp").write_bytes(b"partial")
-    (paths[3].parent / "garbage.kvc").write_bytes(b"not ours")
-    with DiskTier(NS, tmp_path, 64 << 20) as t:
-        assert t.contains([1, 2, 3, 4]) == [False, False, True, True]
-        assert t.stats().corrupt == 2 and not paths[0].exists() and not paths[1].exists()
-        assert not list(paths[3].parent.glob("*.tmp"))
+    data = payloads([5000, 70000, 4096, 9000])
+    extent = extent_bytes_for(70000)
+    with DiskTier(NS, tmp_path, 64 << 20, chunk_bytes=70000) as t:
+        for key, d in zip((1, 2, 3, 4), data):  # one by one: extents 0..3 in key order
+            assert t.put([key], [d]) == [True]
+        where = [t.location(k) for k in (1, 2, 3, 4)]
+        assert [offset for _, offset in where] == [0, 0, 0, 0]  # extents 0-3: the first of slabs 0-3
+        assert t.delete([3]) == [True]
+    slabs = [path for path, _ in where]
+    full = slabs[3].stat().st_size
+    flip_bit(slabs[0], 10)                                # header of 1 damaged: dropped at rebuild
+    flip_bit(slabs[1], 4096 + 12345)                      # payload of 2 damaged: found on read
+    os.truncate(slabs[3], 4096 + 4096)                    # 4 cut inside its payload: dropped at rebuild
+    directory = slabs[0].parent
+    (directory / ".0000000000000009.deadbeef.tmp").write_bytes(b"partial")   # the old format's leftovers
+    (directory / "0000000000000009.kvc").write_bytes(b"old")
+    with DiskTier(NS, tmp_path, 64 << 20, chunk_bytes=70000) as t:
+        # 3 was deleted but its extent kept a valid header: it comes back, checksummed, and is served
+        assert t.contains([1, 2, 3, 4]) == [False, True, True, False]
+        assert t.stats().corrupt == 2 and not list(directory.glob("*.tmp")) and not list(directory.glob("*.kvc"))
         bufs = [bytearray(70000), bytearray(4096)]
-        assert t.get([3, 4], bufs) == [None, 4096] and bytes(bufs[1]) == data[3].tobytes()
-        assert t.stats().corrupt == 3 and t.contains([3]) == [False] and not paths[2].exists()
+        assert t.get([2, 3], bufs) == [None, 4096] and bytes(bufs[1]) == data[2].tobytes()
+        assert t.stats().corrupt == 3 and t.contains([2]) == [False]
+        # the freed extents 0, 1 and 3 are reused; writing into the truncated slab preallocates it again
+        assert t.put([5, 6, 7], data[:3]) == [True] * 3 and slabs[3].stat().st_size == full
+        assert t.get([5, 6, 7], [bytearray(70000)] * 3) == [5000, 70000, 4096]
 
 
 def test_every_flipped_bit_is_a_miss(tmp_path: Path) -> None:
@@ -114,14 +178,15 @@ def test_every_flipped_bit_is_a_miss(tmp_path: Path) -> None:
     with DiskTier(NS, tmp_path, 64 << 20) as t:
         for trial, offset in enumerate([*rng.integers(0, 52, 4), *rng.integers(4096, 4096 + 6000, 12)]):
             t.put([trial], [data])
-            flip_bit(t.path_of(trial), int(offset))
+            flip_bit_at(t, trial, int(offset))
             assert t.get([trial], [bytearray(6000)]) == [None], offset
         assert t.stats().corrupt == 16 and t.stats().hits == 0
 
 
-def test_truncated_file_is_never_served(tier: DiskTier) -> None:
+def test_truncated_slab_is_never_served(tier: DiskTier) -> None:
     tier.put([7], [bytes(20000)])
-    os.truncate(tier.path_of(7), 4096 + 8192)
+    path, offset = tier.location(7)
+    os.truncate(path, offset + 4096 + 8192)
     assert tier.get([7], [bytearray(20000)]) == [None]
     assert tier.stats().corrupt == 1
 
@@ -137,18 +202,19 @@ def test_writer_killed_mid_write_is_never_served(tmp_path: Path) -> None:
             print("writing", flush=True)
             time.sleep(60)
         fileio.write_at = half_then_hang
-        DiskTier(NS, {str(tmp_path)!r}, 1 << 30).put([42], [bytes(1 << 20)])
+        DiskTier(NS, {str(tmp_path)!r}, 1 << 30).put([42], [os.urandom(1 << 20)])
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE)
     assert proc.stdout.readline() == b"writing\n"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
-    temps = list(tmp_path.rglob("*.tmp"))
-    assert len(temps) == 1  # the torn file exists, under its temp name only
+    slabs = list(tmp_path.rglob("*.kvs"))
+    assert len(slabs) == 1  # the torn extent: a valid header, a payload cut short (the rest still zeros)
     with DiskTier(NS, tmp_path, 1 << 30) as t:
-        assert t.contains([42]) == [False] and t.get([42], [bytearray(1 << 20)]) == [None]
-        assert not temps[0].exists()
+        assert t.get([42], [bytearray(1 << 20)]) == [None] and t.stats().corrupt == 1
+        assert t.contains([42]) == [False] and t.put([42], [bytes(1 << 20)]) == [True]
+        assert t.get([42], [bytearray(1 << 20)]) == [1 << 20]
 
 
 def test_enospc_skips_writes_and_the_tier_keeps_working(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,9 +227,24 @@ def test_enospc_skips_writes_and_the_tier_keeps_working(tier: DiskTier, monkeypa
     assert tier.put([1, 2], [bytes(5000), bytes(7000)]) == [False, False]
     s = tier.stats()
     assert (s.put_skipped, s.errors, s.used_bytes, s.entries) == (2, 2, 0, 0)
-    assert not list(tier.directory.glob("*.tmp")) and tier.get([1], [bytearray(5000)]) == [None]
+    assert tier.get([1], [bytearray(5000)]) == [None]
     monkeypatch.setattr(fileio, "write_at", real)
     assert tier.put([1], [b"ok"]) == [True] and tier.get([1], [bytearray(2)]) == [2]
+
+
+def test_enospc_from_fallocate_skips_writes_until_space_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = fileio.allocate
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio, "allocate", full)
+    with DiskTier(NS, tmp_path, 1 << 20, chunk_bytes=4096) as t:
+        assert t.put([1, 2], [bytes(4096), bytes(10)]) == [False, False]
+        s = t.stats()
+        assert (s.put_skipped, s.errors, s.used_bytes, s.entries) == (2, 2, 0, 0)
+        monkeypatch.setattr(fileio, "allocate", real)
+        assert t.put([1], [bytes(4096)]) == [True] and t.get([1], [bytearray(4096)]) == [4096]
 
 
 def test_short_write_and_eio_on_read_are_counted(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,7 +298,7 @@ def test_writes_beyond_the_pending_limit_are_skipped(tmp_path: Path, monkeypatch
 
 
 def test_capacity_evicts_lru_or_the_managers_choice(tmp_path: Path) -> None:
-    size = file_bytes_for(4096)
+    size = extent_bytes_for(4096)
     with DiskTier(NS, tmp_path, 3 * size) as t:
         evicted: list[int] = []
         t.on_evicted = evicted.extend
@@ -228,7 +309,7 @@ def test_capacity_evicts_lru_or_the_managers_choice(tmp_path: Path) -> None:
         t.choose_victims = lambda need: [4]
         assert t.put([5], [bytes(4096)]) == [True] and evicted == [2, 4]
         assert t.contains([1, 2, 3, 4, 5]) == [True, False, True, False, True]
-        assert t.put([9], [bytes(4 * 4096)]) == [False]  # larger than the whole tier
+        assert t.put([9], [bytes(4 * 4096)]) == [False]  # larger than an extent
         assert t.stats().used_bytes == 3 * size and t.stats().evictions == 2
 
 
@@ -236,9 +317,10 @@ def test_rebuild_respects_a_smaller_capacity(tmp_path: Path) -> None:
     with DiskTier(NS, tmp_path, 1 << 20) as t:
         for k in range(5):
             t.put([k], [bytes(4096)])
-            time.sleep(0.01)  # distinct mtimes: oldest first
-    with DiskTier(NS, tmp_path, 2 * file_bytes_for(4096)) as t:
-        assert t.contains(list(range(5))) == [False, False, False, True, True]
+    with DiskTier(NS, tmp_path, 2 * extent_bytes_for(4096) + 100) as t:  # the extents past the end go
+        assert t.contains(list(range(5))) == [True, True, False, False, False]
+        assert t.capacity_bytes == 2 * extent_bytes_for(4096)
+        assert [p.stat().st_size for p in t.directory.glob("*.kvs")] == [extent_bytes_for(4096)] * 2
 
 
 def test_buffered_fallback_when_o_direct_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,7 +337,8 @@ def test_buffered_fallback_when_o_direct_is_refused(tmp_path: Path, monkeypatch:
         assert t.stats().buffered_fallbacks == 1 and not t.direct_io
 
 
-def test_many_threads_put_and_get_without_mixups(tier: DiskTier) -> None:
+def test_many_threads_put_and_get_without_mixups(tmp_path: Path) -> None:
+    tier = DiskTier(NS, tmp_path, 240 * extent_bytes_for(50000), chunk_bytes=50000)
     errors: list[str] = []
 
     def worker(me: int) -> None:
@@ -275,6 +358,7 @@ def test_many_threads_put_and_get_without_mixups(tier: DiskTier) -> None:
     for t in threads:
         t.join()
     assert not errors and tier.stats().entries == 240
+    tier.close()
 
 
 def test_fds_back_to_baseline_after_close(tmp_path: Path) -> None:
