@@ -13,7 +13,8 @@ rank and tenant salt (``Namespace.prefix``).
 
 Parts go out as memoryviews (no copy on the client; an inline value costs one copy to join it to its
 header, cheaper than a second command); hiredis hands replies back as bytes, copied once
-into the caller's buffer. A value that fails its header or checksum is a miss and is deleted. A dead or
+into the caller's buffer; against one server (not a cluster), the GETs of one-value chunks skip hiredis and
+receive each payload straight into the caller's buffer (``resp_into``). A value that fails its header or checksum is a miss and is deleted. A dead or
 slow server (socket timeouts) becomes misses and skipped writes; a circuit breaker then skips the server
 for an exponentially growing backoff and probes it again; redis-py reconnects on the next request.
 """
@@ -36,6 +37,7 @@ from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
 from kvtier.tiers.base import Buffer, Tier, check_key, gather, then
 from kvtier.tiers.breaker import CircuitBreaker
+from kvtier.tiers.resp_into import Landed, Reply, get_into
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class RemoteTier(Tier):
         self.ttl_s = ttl_s or None
         self.breaker = breaker or CircuitBreaker()
         self._connections = connections
+        self._direct = isinstance(client, redis.Redis)  # one server: GET replies land in the buffers themselves
         self._pool = ThreadPoolExecutor(connections, thread_name_prefix="kvtier-remote")
 
     @classmethod
@@ -207,8 +210,11 @@ class RemoteTier(Tier):
             return gather([])
 
         def job(rows: range) -> list[int | None]:
-            pipe = self.client.pipeline(transaction=False)
             single = [len(views[i]) <= self.part_bytes for i in rows]
+            if self._direct and all(single):
+                replies = self._get_direct([self.manifest_key(checked[i]) for i in rows], [views[i] for i in rows])
+                return [self._land(checked[i], views[i], reply) for i, reply in zip(rows, replies)]
+            pipe = self.client.pipeline(transaction=False)
             for i, one in zip(rows, single):
                 base = self.manifest_key(checked[i])
                 if one:  # fits one value: one GET (a manifest found there fetches its parts afterwards)
@@ -251,10 +257,40 @@ class RemoteTier(Tier):
             header.verify(self.namespace.id, key, buf[:at])
             return n
         except ChunkError as exc:
-            log.warning("remote tier: %016x is damaged (%s); deleted", key, exc)
-            self._count(corrupt=1)
-            self._delete_now([key], max(len(parts), self._parts_for(len(buf))))
-            return None
+            return self._damaged(key, exc, max(len(parts), self._parts_for(len(buf))))
+
+    def _get_direct(self, names: list[str], bufs: list[memoryview]) -> list[Reply]:
+        """``GET`` each name on one pooled connection, values received into ``bufs`` (``resp_into``); one
+        immediate retry on a broken connection, as for pipelines."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            return conn.retry.call_with_retry(lambda: get_into(conn, names, bufs, HEADER_BYTES, MANIFEST_BYTES),
+                                              lambda _error: conn.disconnect())
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: the stream is out of step
+            raise
+        finally:
+            pool.release(conn)
+
+    def _land(self, key: int, buf: memoryview, reply: Reply) -> int | None:
+        """Verify a value whose payload already arrived in ``buf``; other replies go through ``_assemble``."""
+        if not isinstance(reply, Landed):
+            return self._assemble(key, buf, [reply])
+        try:
+            header = ChunkHeader.unpack(reply.head)
+            if not header.flags & INLINE_FLAG:
+                raise ChunkError("a value longer than a manifest is not flagged inline")
+            header.verify(self.namespace.id, key, buf[:reply.nbytes])
+            return reply.nbytes
+        except ChunkError as exc:
+            return self._damaged(key, exc, 1)
+
+    def _damaged(self, key: int, exc: ChunkError, part_count: int) -> None:
+        log.warning("remote tier: %016x is damaged (%s); deleted", key, exc)
+        self._count(corrupt=1)
+        self._delete_now([key], part_count)
+        return None
 
     def _copy_inline(self, key: int, buf: memoryview, header: ChunkHeader, value: bytes) -> int | None:
         """Verify a header+payload value, then copy its payload into ``buf``: the only client-side copy."""
