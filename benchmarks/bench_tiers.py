@@ -133,7 +133,8 @@ def redis_benchmark(server: RedisServer, size: int, requests: int, conns: int, d
         res = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(server.port), "-t", test, "-d", str(size),
                               "-n", str(requests), "-r", str(keyspace), "-c", str(conns), "-P", str(depth), "--csv"],
                              check=True, capture_output=True, text=True)
-        return float(re.search(r'^"%s","([\d.]+)"' % test.upper(), res.stdout, re.M).group(1)) * size / 1e9
+        rps = re.search(rf'^"{test.upper()}","([\d.]+)"', res.stdout, re.MULTILINE)
+        return float(rps.group(1)) * size / 1e9
 
     with server.client() as raw:
         set_rate = run("set")

@@ -1,22 +1,24 @@
 """G4: chunks in Redis or Valkey (single server or Redis Cluster) through redis-py with hiredis.
 
 A chunk that fits in one part (``remote_part_bytes``) is ONE value, its 52-byte ``ChunkHeader`` (flagged
-inline) followed by the payload, written by one ``SET`` and read by one ``GET``: a single SET replaces the
-value atomically, so there is no partial write to hide and no manifest or delete to pay for (per-command
-client cost is what limits small chunks). A larger chunk is stored as its parts (raw payload) and a
-manifest (the header plus the part size) written LAST in the same pipeline, after deleting the old
-manifest: a reader sees the manifest only once every part is there, so a partial write is never a hit.
-All of a chunk's keys share a hash tag, so in a cluster they live on one shard and one ``MGET`` reads the
-manifest and every part atomically, in one round trip. Readers accept either form whatever their own part
-size (a manifest found where one value was expected fetches its parts in a second round trip). Keys are namespaced by model, dtype, layout, tensor-parallel
-rank and tenant salt (``Namespace.prefix``).
+inline) followed by the payload, written by one ``SET`` and read by one ``GET``: a SET replaces a value
+atomically, so there is no partial write to hide and no manifest or delete to send. A larger chunk is
+stored as its parts (raw payload) and a manifest (the header plus the part size) written LAST in the same
+pipeline, after deleting the old manifest: a reader sees the manifest only once every part is there, so a
+partial write is never a hit. All of a chunk's keys share a hash tag, so in a cluster they live on one
+shard and one ``MGET`` reads the manifest and every part atomically, in one round trip. Readers accept
+either form whatever their own part size (a manifest found where one value was expected fetches its parts
+in a second round trip). A one-value put over an older multi-part version of the same key leaves its
+parts behind until their TTL or the server's eviction. Keys are namespaced by model, dtype, layout,
+tensor-parallel rank and tenant salt (``Namespace.prefix``).
 
-Parts go out as memoryviews (no copy on the client; an inline value costs one copy to join it to its
-header, cheaper than a second command); hiredis hands replies back as bytes, copied once
-into the caller's buffer; against one server (not a cluster), the GETs of one-value chunks skip hiredis and
-receive each payload straight into the caller's buffer (``resp_into``). A value that fails its header or checksum is a miss and is deleted. A dead or
-slow server (socket timeouts) becomes misses and skipped writes; a circuit breaker then skips the server
-for an exponentially growing backoff and probes it again; redis-py reconnects on the next request.
+Parts go out as memoryviews (no copy on the client; a one-value chunk costs one copy to join its header
+and payload). Against one server, the GETs of one-value chunks bypass hiredis and receive each payload
+straight into the caller's buffer (``resp_into``: the kernel's copy is the only one); otherwise hiredis
+hands replies back as bytes, copied once into the caller's buffer. A value that fails its header or
+checksum is a miss and is deleted. A dead or slow server (socket timeouts) becomes misses and skipped
+writes; a circuit breaker then skips the server for an exponentially growing backoff and probes it
+again; redis-py reconnects on the next request.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
 from kvtier.tiers.base import Buffer, Tier, check_key, gather, then
 from kvtier.tiers.breaker import CircuitBreaker
-from kvtier.tiers.resp_into import Landed, Reply, get_into
+from kvtier.tiers.resp_into import Landed, Reply, available, get_into
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ class RemoteTier(Tier):
         self.ttl_s = ttl_s or None
         self.breaker = breaker or CircuitBreaker()
         self._connections = connections
-        self._direct = isinstance(client, redis.Redis)  # one server: GET replies land in the buffers themselves
+        self._direct = isinstance(client, redis.Redis) and available()  # one server: GETs land in the buffers
         self._pool = ThreadPoolExecutor(connections, thread_name_prefix="kvtier-remote")
 
     @classmethod
@@ -257,7 +259,8 @@ class RemoteTier(Tier):
             header.verify(self.namespace.id, key, buf[:at])
             return n
         except ChunkError as exc:
-            return self._damaged(key, exc, max(len(parts), self._parts_for(len(buf))))
+            self._damaged(key, exc, max(len(parts), self._parts_for(len(buf))))
+            return None
 
     def _get_direct(self, names: list[str], bufs: list[memoryview]) -> list[Reply]:
         """``GET`` each name on one pooled connection, values received into ``bufs`` (``resp_into``); one
@@ -284,13 +287,13 @@ class RemoteTier(Tier):
             header.verify(self.namespace.id, key, buf[:reply.nbytes])
             return reply.nbytes
         except ChunkError as exc:
-            return self._damaged(key, exc, 1)
+            self._damaged(key, exc, 1)
+            return None
 
     def _damaged(self, key: int, exc: ChunkError, part_count: int) -> None:
         log.warning("remote tier: %016x is damaged (%s); deleted", key, exc)
         self._count(corrupt=1)
         self._delete_now([key], part_count)
-        return None
 
     def _copy_inline(self, key: int, buf: memoryview, header: ChunkHeader, value: bytes) -> int | None:
         """Verify a header+payload value, then copy its payload into ``buf``: the only client-side copy."""

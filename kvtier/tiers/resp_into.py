@@ -11,6 +11,7 @@ handshake (password, ACL user, TLS), and redis-py packs the commands.
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,13 @@ class _Stream:
             at += self._recv_into(dest[at:])
 
 
+@functools.cache
+def available() -> bool:
+    """Whether redis-py keeps a connection's socket where ``get_into`` reads it (``_sock``, not public API);
+    where it does not, the tier keeps reading through redis-py."""
+    return hasattr(redis.Connection(), "_sock")
+
+
 def get_into(conn: Any, names: Sequence[str], dests: Sequence[memoryview], head_bytes: int,
              whole_up_to: int) -> list[Reply]:
     """Send ``GET name`` for every name in one write and read the replies in order.
@@ -82,7 +90,7 @@ def get_into(conn: Any, names: Sequence[str], dests: Sequence[memoryview], head_
     stream = _Stream(conn._sock)
     try:
         return [_reply(stream, dest, head_bytes, whole_up_to) for dest in dests]
-    except socket.timeout as exc:
+    except TimeoutError as exc:
         raise redis.TimeoutError(f"reading GET replies: {exc}") from exc
     except OSError as exc:
         raise redis.ConnectionError(f"reading GET replies: {exc}") from exc
