@@ -14,7 +14,7 @@ tensor-parallel rank and tenant salt (``Namespace.prefix``).
 
 Parts go out as memoryviews (no copy on the client; a one-value chunk costs one copy to join its header
 and payload). Against one server, the GETs of one-value chunks bypass hiredis and receive each payload
-straight into the caller's buffer (``resp_into``: the kernel's copy is the only one); otherwise hiredis
+straight into the caller's buffer (``resp_direct``: the kernel's copy is the only one); otherwise hiredis
 hands replies back as bytes, copied once into the caller's buffer. A value that fails its header or
 checksum is a miss and is deleted. A dead or slow server (socket timeouts) becomes misses and skipped
 writes; a circuit breaker then skips the server for an exponentially growing backoff and probes it
@@ -39,7 +39,7 @@ from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
 from kvtier.tiers.base import Buffer, Tier, check_key, gather, then
 from kvtier.tiers.breaker import CircuitBreaker
-from kvtier.tiers.resp_into import Landed, Reply, available, get_into
+from kvtier.tiers.resp_direct import Landed, Reply, available, get_into, set_joined
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,9 @@ class RemoteTier(Tier):
             return gather([])
 
         def job(rows: range) -> list[bool]:
+            if self._direct and all(len(views[i]) <= self.part_bytes for i in rows):
+                return self._on_connection(set_joined, [self.manifest_key(checked[i]) for i in rows],
+                                           [self._one_value(checked[i], views[i]) for i in rows], self.ttl_s)
             pipe = self.client.pipeline(transaction=False)
             for i in rows:
                 self._queue_put(pipe, checked[i], views[i])
@@ -182,8 +185,7 @@ class RemoteTier(Tier):
     def _queue_put(self, pipe: Any, key: int, payload: memoryview) -> None:
         base = self.manifest_key(key)
         if len(payload) <= self.part_bytes:  # one atomic SET replaces any older version, inline or manifest
-            header = ChunkHeader.for_payload(self.namespace.id, key, payload, flags=INLINE_FLAG)
-            pipe.set(base, b"".join((header.pack(), payload)), ex=self.ttl_s)
+            pipe.set(base, b"".join(self._one_value(key, payload)), ex=self.ttl_s)
             return
         header = ChunkHeader.for_payload(self.namespace.id, key, payload)
         manifest = header.pack() + _PART_SIZE.pack(self.part_bytes)
@@ -191,6 +193,10 @@ class RemoteTier(Tier):
         for i, part in enumerate(self.part_keys(key, self._parts_for(len(payload)))):
             pipe.set(part, payload[i * self.part_bytes:(i + 1) * self.part_bytes], ex=self.ttl_s)
         pipe.set(base, manifest, ex=self.ttl_s)  # last: the chunk becomes visible complete
+
+    def _one_value(self, key: int, payload: memoryview) -> tuple[bytes, memoryview]:
+        """The pieces of a one-value chunk: its header, flagged inline, then the payload."""
+        return ChunkHeader.for_payload(self.namespace.id, key, payload, flags=INLINE_FLAG).pack(), payload
 
     @staticmethod
     def _per_chunk(replies: list[Any], counts: list[int]) -> list[bool]:
@@ -214,7 +220,8 @@ class RemoteTier(Tier):
         def job(rows: range) -> list[int | None]:
             single = [len(views[i]) <= self.part_bytes for i in rows]
             if self._direct and all(single):
-                replies = self._get_direct([self.manifest_key(checked[i]) for i in rows], [views[i] for i in rows])
+                replies = self._on_connection(get_into, [self.manifest_key(checked[i]) for i in rows],
+                                              [views[i] for i in rows], HEADER_BYTES, MANIFEST_BYTES)
                 return [self._land(checked[i], views[i], reply) for i, reply in zip(rows, replies)]
             pipe = self.client.pipeline(transaction=False)
             for i, one in zip(rows, single):
@@ -262,14 +269,13 @@ class RemoteTier(Tier):
             self._damaged(key, exc, max(len(parts), self._parts_for(len(buf))))
             return None
 
-    def _get_direct(self, names: list[str], bufs: list[memoryview]) -> list[Reply]:
-        """``GET`` each name on one pooled connection, values received into ``bufs`` (``resp_into``); one
-        immediate retry on a broken connection, as for pipelines."""
+    def _on_connection(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(conn, *args)`` on one pooled connection (``resp_direct``), with one immediate retry on a
+        broken connection, as for pipelines; the connection is dropped whenever the call fails."""
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
-            return conn.retry.call_with_retry(lambda: get_into(conn, names, bufs, HEADER_BYTES, MANIFEST_BYTES),
-                                              lambda _error: conn.disconnect())
+            return conn.retry.call_with_retry(lambda: call(conn, *args), lambda _error: conn.disconnect())
         except BaseException:
             conn.disconnect()  # replies may be left unread: the stream is out of step
             raise

@@ -1,12 +1,14 @@
-"""Pipelined ``GET``s whose values land straight in the caller's buffers (one Redis server, RESP2 or 3).
+"""Pipelined ``GET`` and ``SET`` on one pooled connection, payloads moving straight between the caller's
+buffers and the socket (one Redis server, RESP2 or 3).
 
-Through redis-py and hiredis a value is copied three times in user space: from the socket buffer into the
-parser, into a new ``bytes`` object, and from there into the caller's buffer. On a 2-core host that shares
-its CPUs with the server, those copies are what a small-value get spends its time on. Here the RESP framing
-of ``GET`` replies is parsed by hand and each value is received with ``recv_into``: its first
-``head_bytes`` into a small buffer and the rest directly into the destination, so the kernel's copy is the
-only one. The connection comes from (and goes back to) redis-py's pool, which has already done the
-handshake (password, ACL user, TLS), and redis-py packs the commands.
+Through redis-py and hiredis a value read is copied three times in user space: from the socket buffer into
+the parser, into a new ``bytes`` object, and from there into the caller's buffer; a value written from two
+pieces (chunk header and payload) has to be joined first. On a 2-core host that shares its CPUs with the
+server, those copies are what a small-value get spends its time on. Here ``GET`` replies are parsed by
+hand and each value is received with ``recv_into``: its first ``head_bytes`` into a small buffer and the
+rest directly into the destination, so the kernel's copy is the only one; ``SET`` commands are framed by
+hand around the caller's buffers. The connection comes from (and goes back to) redis-py's pool, which has
+already done the handshake (password, ACL user, TLS), and its ``send_packed_command`` does the sending.
 """
 
 from __future__ import annotations
@@ -122,3 +124,31 @@ def _reply(stream: _Stream, dest: memoryview, head_bytes: int, whole_up_to: int)
     if crlf != b"\r\n":
         raise redis.InvalidResponse("a GET reply does not end in CRLF")
     return out
+
+
+def set_joined(conn: Any, names: Sequence[str], values: Sequence[Sequence[Any]], ttl_s: int | None) -> list[bool]:
+    """``SET name value [EX ttl_s]`` for every name in one write, each value the concatenation of its
+    buffers, framed by hand so that they go to the socket as they are (no join, no copy); per name whether
+    the server answered OK. Same contract for ``conn`` and errors as ``get_into``."""
+    expiry = b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl_s)), ttl_s) if ttl_s else b""
+    out: list[Any] = []
+    for name, pieces in zip(names, values):
+        key = name.encode()
+        out += [b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (5 if ttl_s else 3, len(key), key,
+                                                                   sum(len(p) for p in pieces)),
+                *pieces, b"\r\n" + expiry]
+    conn.send_packed_command(out, check_health=False)
+    stream = _Stream(conn._sock)
+    try:
+        return [_status(stream.line()) for _ in names]
+    except TimeoutError as exc:
+        raise redis.TimeoutError(f"reading SET replies: {exc}") from exc
+    except OSError as exc:
+        raise redis.ConnectionError(f"reading SET replies: {exc}") from exc
+
+
+def _status(line: bytes) -> bool:
+    """True for OK; False for an error reply (that value was not stored); anything else breaks the stream."""
+    if line[:1] not in (b"+", b"-"):
+        raise redis.InvalidResponse(f"unexpected reply to SET: {line[:40]!r}")
+    return line == b"+OK"
