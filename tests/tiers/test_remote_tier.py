@@ -277,3 +277,16 @@ def test_one_value_gets_survive_kill_restart_and_keep_ttl(redis_server: RedisSer
         wait_until(lambda: tier.put([9], [data]) == [True])
         bufs = [bytearray(PART) for _ in range(4)]
         assert tier.get([9] * 4, bufs) == [PART] * 4 and all(b == data.tobytes() for b in bufs)
+
+
+def test_refused_one_value_puts_are_skipped_and_the_connection_stays_usable(redis_server: RedisServer) -> None:
+    data = payloads([PART])[0]
+    with make_tier(redis_server, connections=1) as tier, redis_server.client() as raw:
+        assert tier.put([1], [data]) == [True]
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", raw.info("memory")["used_memory"] + 3 * PART)  # room for a few more
+        ok = tier.put(list(range(2, 12)), [data] * 10)  # the server answers OOM errors for the rest
+        assert ok[0] and not ok[-1] and tier.stats().put_skipped == ok.count(False)
+        assert tier.stats().errors == 0 and tier.breaker.state == "closed"
+        bufs = [bytearray(PART), bytearray(PART)]
+        assert tier.get([1, 11], bufs) == [PART, None] and bufs[0] == data.tobytes()
