@@ -12,10 +12,11 @@ in a second round trip). A one-value put over an older multi-part version of the
 parts behind until their TTL or the server's eviction. Keys are namespaced by model, dtype, layout,
 tensor-parallel rank and tenant salt (``Namespace.prefix``).
 
-Parts go out as memoryviews (no copy on the client; a one-value chunk costs one copy to join its header
-and payload). Against one server, the GETs of one-value chunks bypass hiredis and receive each payload
-straight into the caller's buffer (``resp_direct``: the kernel's copy is the only one); otherwise hiredis
-hands replies back as bytes, copied once into the caller's buffer. A value that fails its header or
+Payloads go out as memoryviews, not copied on the client. Against one server, one-value chunks skip the
+redis-py pipeline (``resp_direct``): SETs are framed by hand around header and payload, and GETs receive
+each payload straight into the caller's buffer, so the kernel's copy is the only one. Through a cluster, and
+for multi-part chunks, a one-value chunk costs one join of header and payload, and hiredis hands replies
+back as bytes, copied once into the caller's buffer. A value that fails its header or
 checksum is a miss and is deleted. A dead or slow server (socket timeouts) becomes misses and skipped
 writes; a circuit breaker then skips the server for an exponentially growing backoff and probes it
 again; redis-py reconnects on the next request.
@@ -302,7 +303,7 @@ class RemoteTier(Tier):
         self._delete_now([key], part_count)
 
     def _copy_inline(self, key: int, buf: memoryview, header: ChunkHeader, value: bytes) -> int | None:
-        """Verify a header+payload value, then copy its payload into ``buf``: the only client-side copy."""
+        """Verify a header+payload value that came back whole, then copy its payload into ``buf``."""
         if header.payload_bytes > len(buf):
             return None  # the caller's buffer is too small: a miss, the chunk is fine
         payload = memoryview(value)[HEADER_BYTES:]
