@@ -1,16 +1,25 @@
 """G4: chunks in Redis or Valkey (single server or Redis Cluster) through redis-py with hiredis.
 
-A chunk is stored as its parts (``remote_part_bytes`` each, raw payload) and a manifest (the 52-byte
-``ChunkHeader`` plus the part size) written LAST in the same pipeline, after deleting the old manifest:
-a reader sees the manifest only once every part is there, so a partial write is never a hit. All of a
-chunk's keys share a hash tag, so in a cluster they live on one shard and one ``MGET`` reads the manifest
-and every part atomically, in one round trip. Keys are namespaced by model, dtype, layout, tensor-parallel
-rank and tenant salt (``Namespace.prefix``).
+A chunk that fits in one part (``remote_part_bytes``) is ONE value, its 52-byte ``ChunkHeader`` (flagged
+inline) followed by the payload, written by one ``SET`` and read by one ``GET``: a SET replaces a value
+atomically, so there is no partial write to hide and no manifest or delete to send. A larger chunk is
+stored as its parts (raw payload) and a manifest (the header plus the part size) written LAST in the same
+pipeline, after deleting the old manifest: a reader sees the manifest only once every part is there, so a
+partial write is never a hit. All of a chunk's keys share a hash tag, so in a cluster they live on one
+shard and one ``MGET`` reads the manifest and every part atomically, in one round trip. Readers accept
+either form whatever their own part size (a manifest found where one value was expected fetches its parts
+in a second round trip). A one-value put over an older multi-part version of the same key leaves its
+parts behind until their TTL or the server's eviction. Keys are namespaced by model, dtype, layout,
+tensor-parallel rank and tenant salt (``Namespace.prefix``).
 
-Payloads go out as memoryviews (no copy on the client); hiredis hands replies back as bytes, copied once
-into the caller's buffer. A value that fails its header or checksum is a miss and is deleted. A dead or
-slow server (socket timeouts) becomes misses and skipped writes; a circuit breaker then skips the server
-for an exponentially growing backoff and probes it again; redis-py reconnects on the next request.
+Payloads go out as memoryviews, not copied on the client. Against one server, one-value chunks skip the
+redis-py pipeline (``resp_direct``): SETs are framed by hand around header and payload, and GETs receive
+each payload straight into the caller's buffer, so the kernel's copy is the only one. Through a cluster, and
+for multi-part chunks, a one-value chunk costs one join of header and payload, and hiredis hands replies
+back as bytes, copied once into the caller's buffer. A value that fails its header or
+checksum is a miss and is deleted. A dead or slow server (socket timeouts) becomes misses and skipped
+writes; a circuit breaker then skips the server for an exponentially growing backoff and probes it
+again; redis-py reconnects on the next request.
 """
 
 from __future__ import annotations
@@ -31,11 +40,13 @@ from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
 from kvtier.tiers.base import Buffer, Tier, check_key, gather, then
 from kvtier.tiers.breaker import CircuitBreaker
+from kvtier.tiers.resp_direct import Landed, Reply, available, get_into, set_joined
 
 log = logging.getLogger(__name__)
 
 _PART_SIZE = struct.Struct("<Q")
 MANIFEST_BYTES = HEADER_BYTES + _PART_SIZE.size
+INLINE_FLAG = 1  # ChunkHeader.flags bit: this value is the header followed by the payload, not a manifest
 _FAILURES = (redis.RedisError, OSError)
 T = TypeVar("T")
 
@@ -100,6 +111,7 @@ class RemoteTier(Tier):
         self.ttl_s = ttl_s or None
         self.breaker = breaker or CircuitBreaker()
         self._connections = connections
+        self._direct = isinstance(client, redis.Redis) and available()  # one server: GETs land in the buffers
         self._pool = ThreadPoolExecutor(connections, thread_name_prefix="kvtier-remote")
 
     @classmethod
@@ -157,6 +169,9 @@ class RemoteTier(Tier):
             return gather([])
 
         def job(rows: range) -> list[bool]:
+            if self._direct and all(len(views[i]) <= self.part_bytes for i in rows):
+                return self._on_connection(set_joined, [self.manifest_key(checked[i]) for i in rows],
+                                           [self._one_value(checked[i], views[i]) for i in rows], self.ttl_s)
             pipe = self.client.pipeline(transaction=False)
             for i in rows:
                 self._queue_put(pipe, checked[i], views[i])
@@ -166,16 +181,23 @@ class RemoteTier(Tier):
         return then(self._run_batch(len(checked), job, False), lambda ok: self._count_puts(ok, views))
 
     def _commands_per_put(self, nbytes: int) -> int:
-        return 2 + self._parts_for(nbytes)
+        return 1 if nbytes <= self.part_bytes else 2 + self._parts_for(nbytes)
 
     def _queue_put(self, pipe: Any, key: int, payload: memoryview) -> None:
+        base = self.manifest_key(key)
+        if len(payload) <= self.part_bytes:  # one atomic SET replaces any older version, inline or manifest
+            pipe.set(base, b"".join(self._one_value(key, payload)), ex=self.ttl_s)
+            return
         header = ChunkHeader.for_payload(self.namespace.id, key, payload)
         manifest = header.pack() + _PART_SIZE.pack(self.part_bytes)
-        base = self.manifest_key(key)
         pipe.execute_command("UNLINK", base)  # the old version disappears first: readers never pair it with new parts
         for i, part in enumerate(self.part_keys(key, self._parts_for(len(payload)))):
             pipe.set(part, payload[i * self.part_bytes:(i + 1) * self.part_bytes], ex=self.ttl_s)
         pipe.set(base, manifest, ex=self.ttl_s)  # last: the chunk becomes visible complete
+
+    def _one_value(self, key: int, payload: memoryview) -> tuple[bytes, memoryview]:
+        """The pieces of a one-value chunk: its header, flagged inline, then the payload."""
+        return ChunkHeader.for_payload(self.namespace.id, key, payload, flags=INLINE_FLAG).pack(), payload
 
     @staticmethod
     def _per_chunk(replies: list[Any], counts: list[int]) -> list[bool]:
@@ -197,26 +219,38 @@ class RemoteTier(Tier):
             return gather([])
 
         def job(rows: range) -> list[int | None]:
+            single = [len(views[i]) <= self.part_bytes for i in rows]
+            if self._direct and all(single):
+                replies = self._on_connection(get_into, [self.manifest_key(checked[i]) for i in rows],
+                                              [views[i] for i in rows], HEADER_BYTES, MANIFEST_BYTES)
+                return [self._land(checked[i], views[i], reply) for i, reply in zip(rows, replies)]
             pipe = self.client.pipeline(transaction=False)
-            for i in rows:
-                pipe.execute_command("MGET", self.manifest_key(checked[i]),
-                                     *self.part_keys(checked[i], self._parts_for(len(views[i]))))
+            for i, one in zip(rows, single):
+                base = self.manifest_key(checked[i])
+                if one:  # fits one value: one GET (a manifest found there fetches its parts afterwards)
+                    pipe.get(base)
+                else:
+                    pipe.execute_command("MGET", base, *self.part_keys(checked[i], self._parts_for(len(views[i]))))
             replies = pipe.execute(raise_on_error=False)
-            return [self._assemble(checked[i], views[i], reply) for i, reply in zip(rows, replies)]
+            return [self._assemble(checked[i], views[i], [reply] if one and not isinstance(reply, Exception) else reply)
+                    for i, one, reply in zip(rows, single, replies)]
 
         return then(self._run_batch(len(checked), job, None), self._count_gets)
 
     def _assemble(self, key: int, buf: memoryview, reply: Any) -> int | None:
-        """Copy a chunk's parts into ``buf`` and verify it; None (and the chunk deleted if damaged) otherwise."""
+        """Copy a chunk (inline value or parts) into ``buf`` once verified; None (and the chunk deleted if
+        damaged) otherwise. ``reply`` is [base value, parts...]."""
         if isinstance(reply, Exception):
             raise reply  # the server answered with an error: a failure like a dropped connection
         manifest, parts = reply[0], reply[1:]
         if manifest is None:
             return None
         try:
+            header = ChunkHeader.unpack(manifest)
+            if header.flags & INLINE_FLAG:
+                return self._copy_inline(key, buf, header, manifest)
             if len(manifest) != MANIFEST_BYTES:
                 raise ChunkError(f"manifest is {len(manifest)} bytes, expected {MANIFEST_BYTES}")
-            header = ChunkHeader.unpack(manifest)
             (part_bytes,) = _PART_SIZE.unpack_from(manifest, HEADER_BYTES)
             n = header.payload_bytes
             if n > len(buf):
@@ -233,10 +267,49 @@ class RemoteTier(Tier):
             header.verify(self.namespace.id, key, buf[:at])
             return n
         except ChunkError as exc:
-            log.warning("remote tier: %016x is damaged (%s); deleted", key, exc)
-            self._count(corrupt=1)
-            self._delete_now([key], max(len(parts), self._parts_for(len(buf))))
+            self._damaged(key, exc, max(len(parts), self._parts_for(len(buf))))
             return None
+
+    def _on_connection(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(conn, *args)`` on one pooled connection (``resp_direct``), with one immediate retry on a
+        broken connection, as for pipelines; the connection is dropped whenever the call fails."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            return conn.retry.call_with_retry(lambda: call(conn, *args), lambda _error: conn.disconnect())
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: the stream is out of step
+            raise
+        finally:
+            pool.release(conn)
+
+    def _land(self, key: int, buf: memoryview, reply: Reply) -> int | None:
+        """Verify a value whose payload already arrived in ``buf``; other replies go through ``_assemble``."""
+        if not isinstance(reply, Landed):
+            return self._assemble(key, buf, [reply])
+        try:
+            header = ChunkHeader.unpack(reply.head)
+            if not header.flags & INLINE_FLAG:
+                raise ChunkError("a value longer than a manifest is not flagged inline")
+            header.verify(self.namespace.id, key, buf[:reply.nbytes])
+            return reply.nbytes
+        except ChunkError as exc:
+            self._damaged(key, exc, 1)
+            return None
+
+    def _damaged(self, key: int, exc: ChunkError, part_count: int) -> None:
+        log.warning("remote tier: %016x is damaged (%s); deleted", key, exc)
+        self._count(corrupt=1)
+        self._delete_now([key], part_count)
+
+    def _copy_inline(self, key: int, buf: memoryview, header: ChunkHeader, value: bytes) -> int | None:
+        """Verify a header+payload value that came back whole, then copy its payload into ``buf``."""
+        if header.payload_bytes > len(buf):
+            return None  # the caller's buffer is too small: a miss, the chunk is fine
+        payload = memoryview(value)[HEADER_BYTES:]
+        header.verify(self.namespace.id, key, payload)
+        buf[:len(payload)] = payload
+        return len(payload)
 
     def _count_gets(self, sizes: list[int | None]) -> list[int | None]:
         hits = [n for n in sizes if n is not None]
@@ -264,26 +337,31 @@ class RemoteTier(Tier):
 
         def job(rows: range) -> list[bool]:
             manifests = self.client.pipeline(transaction=False)
-            for i in rows:
-                manifests.get(self.manifest_key(checked[i]))
+            for i in rows:  # a header is enough to count the parts; an inline value may be large
+                manifests.getrange(self.manifest_key(checked[i]), 0, MANIFEST_BYTES - 1)
             found = manifests.execute(raise_on_error=False)
             pipe = self.client.pipeline(transaction=False)
             for i, manifest in zip(rows, found):
                 count = self._stored_part_count(manifest)
                 pipe.execute_command("UNLINK", self.manifest_key(checked[i]), *self.part_keys(checked[i], count))
             pipe.execute(raise_on_error=False)
-            return [isinstance(m, bytes) for m in found]
+            return [isinstance(m, bytes) and len(m) > 0 for m in found]
 
         out = self._guarded(job, range(len(checked)), False)
         self._count(deletes=sum(out))
         return out
 
     def _stored_part_count(self, manifest: Any) -> int:
-        """How many parts a manifest names; for a damaged or missing one, as many as one part size implies."""
+        """How many parts a manifest names (0 for an inline value); for a damaged or missing one, as many
+        as one part size implies."""
         try:
-            if isinstance(manifest, bytes) and len(manifest) == MANIFEST_BYTES:
-                (part_bytes,) = _PART_SIZE.unpack_from(manifest, HEADER_BYTES)
-                return self._parts_for(ChunkHeader.unpack(manifest).payload_bytes, part_bytes)
+            if isinstance(manifest, bytes) and len(manifest) >= HEADER_BYTES:
+                header = ChunkHeader.unpack(manifest)
+                if header.flags & INLINE_FLAG:
+                    return 0
+                if len(manifest) == MANIFEST_BYTES:
+                    (part_bytes,) = _PART_SIZE.unpack_from(manifest, HEADER_BYTES)
+                    return self._parts_for(header.payload_bytes, part_bytes)
         except ChunkError:
             pass
         return 1

@@ -9,11 +9,12 @@ import time
 import numpy as np
 import pytest
 
+from kvtier.chunk import HEADER_BYTES, ChunkHeader
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
 from kvtier.tiers.base import TierClosedError
 from kvtier.tiers.breaker import CircuitBreaker
-from kvtier.tiers.remote import RemoteTier, connect
+from kvtier.tiers.remote import INLINE_FLAG, MANIFEST_BYTES, RemoteTier, connect
 from tests.conftest import requires_redis
 from tests.redis_server import RedisClusterServers, RedisServer
 from tests.tiers.helpers import NS, SIZES, open_fds, payloads
@@ -198,3 +199,94 @@ def test_redis_cluster_keeps_a_chunks_parts_on_one_shard() -> None:
             assert len(slots) == 1
             shards = {client.keyslot(tier.manifest_key(k)) * 3 // 16384 for k in keys}
             assert len(shards) > 1  # different chunks spread over the shards
+
+
+# --- chunks that fit one part: one header+payload value ------------------------------------------------------
+def test_one_part_chunks_are_one_value_and_larger_ones_parts(redis_server: RedisServer) -> None:
+    small, large = payloads([PART, 4 * PART])
+    with make_tier(redis_server) as tier, redis_server.client() as raw:
+        assert tier.put([1, 2], [small, large]) == [True, True]
+        value = raw.get(tier.manifest_key(1))
+        header = ChunkHeader.unpack(value)
+        assert header.flags & INLINE_FLAG and len(value) == HEADER_BYTES + PART and value[HEADER_BYTES:] == small.tobytes()
+        assert len(raw.get(tier.manifest_key(2))) == MANIFEST_BYTES and all(raw.exists(n) for n in tier.part_keys(2, 4))
+        assert value_keys(redis_server) == sorted(n.encode() for n in [tier.manifest_key(1), tier.manifest_key(2),
+                                                                       *tier.part_keys(2, 4)])
+        bufs = [bytearray(PART), bytearray(4 * PART)]
+        assert tier.get([1, 2], bufs) == [PART, 4 * PART] and bufs[0] == small.tobytes() and bufs[1] == large.tobytes()
+        assert tier.get([1], [bytearray(PART - 1)]) == [None] and tier.contains([1]) == [True]  # buffer too small
+        assert tier.delete([1, 2]) == [True, True] and value_keys(redis_server) == []
+
+
+@pytest.mark.parametrize("size", [5, 3000, PART])  # 5: shorter than a manifest, read whole; others land in place
+@pytest.mark.parametrize("where", ["header", "payload"])
+def test_flipped_bits_in_one_value_chunks_are_misses_and_deleted(redis_server: RedisServer, size: int,
+                                                                   where: str) -> None:
+    data = payloads([size])[0]
+    with make_tier(redis_server) as tier, redis_server.client() as raw:
+        rng = np.random.default_rng(size)
+        for trial in range(4):
+            assert tier.put([trial], [data]) == [True]
+            value = bytearray(raw.get(tier.manifest_key(trial)))
+            at = int(rng.integers(0, HEADER_BYTES)) if where == "header" else int(rng.integers(HEADER_BYTES, len(value)))
+            value[at] ^= 1 << int(rng.integers(0, 8))
+            raw.set(tier.manifest_key(trial), bytes(value))
+            assert tier.get([trial], [bytearray(size)]) == [None]
+            assert tier.contains([trial]) == [False]
+        assert tier.stats().corrupt == 4
+    assert value_keys(redis_server) == []
+
+
+def test_one_value_of_another_key_or_namespace_is_rejected(redis_server: RedisServer) -> None:
+    data = payloads([3000])[0]
+    other = Namespace(NS.model, NS.dtype, NS.layout, salt="tenant-b")
+    with make_tier(redis_server) as a, make_tier(redis_server) as same, redis_server.client() as raw:
+        b = RemoteTier(other, connect(redis_server.url), part_bytes=PART)
+        with b:
+            assert a.put([1], [data]) == [True]
+            value = raw.get(a.manifest_key(1))
+            raw.set(a.manifest_key(2), value)  # the right namespace, the wrong key
+            raw.set(b.manifest_key(1), value)  # the right key, another tenant's namespace
+            assert same.get([2], [bytearray(3000)]) == [None] and same.stats().corrupt == 1
+            assert b.get([1], [bytearray(3000)]) == [None] and b.stats().corrupt == 1
+            assert raw.exists(a.manifest_key(2), b.manifest_key(1)) == 0 and a.get([1], [bytearray(3000)]) == [3000]
+
+
+def test_readers_with_another_part_size_read_both_forms(redis_server: RedisServer) -> None:
+    data = payloads([3 * PART + 5])[0]
+    with make_tier(redis_server) as small, make_tier(redis_server, part_bytes=8 * PART) as big:
+        assert small.put([1], [data]) == [True] and big.put([2], [data]) == [True]  # parts; one value
+        for reader in (small, big):
+            bufs = [bytearray(len(data)), bytearray(len(data))]
+            assert reader.get([1, 2], bufs) == [len(data)] * 2 and all(b == data.tobytes() for b in bufs)
+        assert small.put([2], [data]) == [True] and big.get([2], [bytearray(len(data))]) == [len(data)]
+        assert big.put([1], [data]) == [True] and small.get([1], [bytearray(len(data))]) == [len(data)]
+        assert small.delete([1]) == [True] and big.delete([2]) == [True]
+        assert small.stats().corrupt == big.stats().corrupt == 0
+
+
+def test_one_value_gets_survive_kill_restart_and_keep_ttl(redis_server: RedisServer) -> None:
+    data = payloads([PART])[0]
+    with make_tier(redis_server, ttl_s=5) as tier, redis_server.client() as raw:
+        assert tier.put(list(range(8)), [data] * 8) == [True] * 8
+        assert 0 < raw.ttl(tier.manifest_key(3)) <= 5
+        assert tier.get(list(range(8)), [bytearray(PART) for _ in range(8)]) == [PART] * 8  # pooled connections
+        redis_server.kill()
+        assert tier.get([1], [bytearray(PART)]) == [None]
+        redis_server.restart()
+        wait_until(lambda: tier.put([9], [data]) == [True])
+        bufs = [bytearray(PART) for _ in range(4)]
+        assert tier.get([9] * 4, bufs) == [PART] * 4 and all(b == data.tobytes() for b in bufs)
+
+
+def test_refused_one_value_puts_are_skipped_and_the_connection_stays_usable(redis_server: RedisServer) -> None:
+    data = payloads([PART])[0]
+    with make_tier(redis_server, connections=1) as tier, redis_server.client() as raw:
+        assert tier.put([1], [data]) == [True]
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", raw.info("memory")["used_memory"] + 3 * PART)  # room for a few more
+        ok = tier.put(list(range(2, 12)), [data] * 10)  # the server answers OOM errors for the rest
+        assert ok[0] and not ok[-1] and tier.stats().put_skipped == ok.count(False)
+        assert tier.stats().errors == 0 and tier.breaker.state == "closed"
+        bufs = [bytearray(PART), bytearray(PART)]
+        assert tier.get([1, 11], bufs) == [PART, None] and bufs[0] == data.tobytes()
