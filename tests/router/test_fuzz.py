@@ -64,7 +64,7 @@ def _check(cluster: Cluster, path: str, body: bytes) -> None:
     assert reply.status_code == 200
     if reply.text.startswith(("data:", "event:")):
         assert "data:" in reply.text
-        for line in reply.text.splitlines():
+        for line in reply.text.replace("\r\n", "\n").split("\n"):  # SSE lines end in LF/CRLF, not U+0085
             if line.startswith("data:") and line != "data: [DONE]":
                 json.loads(line[5:])
     else:
