@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from tests.redis_server import RedisServer, redis_available
+
+# CI replays the same examples every run (a failure there is reproducible); locally hypothesis explores.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 requires_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
