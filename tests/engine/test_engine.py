@@ -290,3 +290,13 @@ def test_a_slow_disk_never_holds_a_request_past_the_deadline(tmp_path, monkeypat
         while leaked() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert leaked() == 0
+
+
+def test_layer_by_layer_loads_are_bitwise_identical(tmp_path):
+    """``layerwise_load`` moves each layer's pages separately (on a GPU, each on its own event)."""
+    rig = make_rig(tmp_path, layerwise_load=True)
+    assert len(rig.engine._parts) == rig.model.config.num_layers
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        got, hooks = rig.call(rig.runner(), FOLLOW_UP)
+        assert hooks.hit_tokens["G2"] == REUSABLE and rig.same_as_reference(FOLLOW_UP, got)
