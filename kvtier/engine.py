@@ -139,6 +139,10 @@ class KvtierEngine:
         self._set_gauges()
 
     # --- the engine API ----------------------------------------------------------------------------------------
+    def chunk_keys(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
+        """The keys of a prompt's full chunks: the seq hash of each chunk's last block."""
+        return block_hashes(token_ids, self.config.block_size, salt)[self.chunk_blocks - 1::self.chunk_blocks]
+
     def begin(self, request: EngineRequest) -> None:
         """Register a request (hash its prompt once); ``lookup``/``load``/``store`` then refer to its id."""
         hashes = block_hashes(request.token_ids, self.config.block_size, request.salt)

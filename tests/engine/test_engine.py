@@ -8,8 +8,7 @@ import pytest
 from kvtier.engine import EngineRequest
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE, AllBlocksCleared, BlockRemoved, BlockStored, EventPublisher, \
     EventSubscriber
-from kvtier.hashing import block_hashes
-from tests.engine.sessions import BLOCK, CHUNK_BLOCKS, CHUNK_TOKENS, make_rig, random_tokens
+from tests.engine.sessions import CHUNK_TOKENS, make_rig, random_tokens
 
 PROMPT = random_tokens(130, seed=1)          # 8 full chunks of 16 tokens
 FOLLOW_UP = PROMPT + random_tokens(40, seed=2)
@@ -59,7 +58,7 @@ def test_redis_killed_mid_session_recomputes_and_recovers(tmp_path, redis_server
             other = random_tokens(70, seed=seed)  # new content each time, so each call writes through to G4
             rig.call(rig.runner(), other)
             rig.engine.drain()
-            keys = block_hashes(other, BLOCK)[CHUNK_BLOCKS - 1::CHUNK_BLOCKS]
+            keys = rig.engine.chunk_keys(other)
             # the breaker's half-open probe lets a few writes through first: wait for a fully written prompt
             if set(keys) <= rig.engine.held_chunks()["G4"] or time.monotonic() > deadline:
                 break
@@ -78,7 +77,7 @@ def test_corrupted_disk_files_are_recomputed(tmp_path):
         rig.engine.drain()
         rig.engine.clear("G2")
         disk = rig.engine.tiers[2]
-        extents = [where for where in map(disk.location, list(rig.engine._meta)) if where is not None]
+        extents = [where for where in map(disk.location, rig.engine.chunk_keys(PROMPT)) if where is not None]
         assert len(extents) == len(PROMPT) // CHUNK_TOKENS
         for i, (path, offset) in enumerate(extents):
             with open(path, "r+b") as f:
@@ -139,11 +138,7 @@ def test_tenants_never_share_chunks(tmp_path):
                 # turn 0: tenant-b finds nothing although tenant-a just stored the same tokens
                 expected = 0 if turn == 0 else (len(prompt) // CHUNK_TOKENS) * CHUNK_TOKENS
                 assert got.stats.loaded_tokens >= expected and (turn or got.stats.loaded_tokens == 0), (turn, tenant)
-        keys = {}
-        for tenant in ("tenant-a", "tenant-b"):
-            rig.engine.begin(EngineRequest(tenant, prompt, salt=tenant))
-            keys[tenant] = set(rig.engine._requests[tenant].chunk_keys)
-            rig.engine.release(tenant)
+        keys = {tenant: set(rig.engine.chunk_keys(prompt, tenant)) for tenant in ("tenant-a", "tenant-b")}
         held = set().union(*rig.engine.held_chunks().values())
         assert keys["tenant-a"] <= held and keys["tenant-b"] <= held
         assert not keys["tenant-a"] & keys["tenant-b"]
@@ -251,9 +246,7 @@ def test_ephemeral_reasoning_never_leaves_g2(tmp_path):
         for seed in range(3):  # push everything out of G2
             rig.call(rig.runner(), random_tokens(100, seed=300 + seed))
             rig.engine.drain()
-        rig.engine.begin(EngineRequest("probe", PROMPT))
-        keys = rig.engine._requests["probe"].chunk_keys
-        rig.engine.release("probe")
+        keys = rig.engine.chunk_keys(PROMPT)
         held = rig.engine.held_chunks()
         assert all(k in held["G3"] for k in keys[:4]), "the system part was written through to G3"
         assert not any(k in held["G3"] for k in keys[4:]), "reasoning chunks reached G3"
