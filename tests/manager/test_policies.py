@@ -89,6 +89,17 @@ def test_agent_prefers_hinted_delay():
     assert {1, 2} <= held(m) and 4 not in held(m)
 
 
+def test_agent_keeps_resident_session_instead_of_thrashing():
+    # capacity fits one context: B (predicted back later than A) must not push A out; LRU swaps them every call
+    reqs = [[1, 2, 3], [5, 6, 7], [1, 2, 3], [5, 6, 7], [1, 2, 3]]
+    sessions = ["A", "B", "A", "B", "A"]
+    times = [0.0, 1.0, 10.0, 11.0, 20.0]
+    agent, m = run("agent", 4, reqs, sessions, times)
+    lru, _ = run("lru", 4, reqs, sessions, times)
+    assert agent == [0, 0, 3, 1, 3] and {1, 2, 3} <= held(m)
+    assert lru == [0, 0, 0, 0, 0]
+
+
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("nope", 4)

@@ -14,6 +14,11 @@ How it evicts:
    for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses).
 3. Within a session, leaves first: the deepest blocks of its context go before their ancestors, so what is
    kept is always a usable prefix.
+
+What it admits: a missed block displaces a held one only if its session is predicted to call again before the
+session it would evict from (stale blocks always make room). When more sessions are live than fit, storing
+every miss would push out a context that is needed sooner, over and over (LRU's cliff); instead the sessions
+that fit stay resident and the others recompute, shallow blocks kept first.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class AgentAware(Policy):
             g = self._global_log_gap
             self._global_log_gap = log_gap if g is None else 0.99 * g + 0.01 * log_gap
         s.last_arrival = now
-        s.hinted_delay = None
+        s.hinted_delay = None if next_call_delay_s is None else max(0.0, next_call_delay_s)
         s.fresh = 0
         self._cur_id, self._cur, self._now = session, s, max(self._now, now)
 
@@ -150,6 +155,27 @@ class AgentAware(Policy):
         s.fresh = min(s.fresh, len(s.order))
         if not s.order:
             del self._holding[sid]
+
+    # --- admission ---------------------------------------------------------------------------------------
+    def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
+        """The leading part of the current request's new ``keys`` worth the room it takes (see the module)."""
+        room = self.capacity - len(self._owner)
+        if len(keys) <= room:
+            return keys
+        now, cur_id = self._now, self._cur_id
+        mine = self.predicted_next_call(self._cur, now)
+        victims = sorted(((len(s.order) > s.fresh, self.predicted_next_call(s, now), len(s.order) - s.fresh,
+                           len(s.order)) for sid, s in self._holding.items() if sid != cur_id), reverse=True)
+        admitted = max(room, 0)
+        for stale, next_call, n_stale, n_held in victims:
+            if admitted >= len(keys):
+                break
+            admitted += n_stale
+            if next_call > mine:
+                admitted += n_held - n_stale
+            elif not stale:
+                break
+        return keys[:admitted]
 
     # --- eviction ----------------------------------------------------------------------------------------
     def _victim(self, skip: set) -> Hashable:
