@@ -37,11 +37,12 @@ _NOBODY = object()
 
 
 class _Session:
-    __slots__ = ("order", "fresh", "last_arrival", "log_gap", "hinted_delay")
+    __slots__ = ("order", "fresh", "live", "last_arrival", "log_gap", "hinted_delay")
 
     def __init__(self) -> None:
         self.order: OrderedDict[Key, None] = OrderedDict()  # leaf-first: oldest / deepest first
         self.fresh = 0                        # entries (at the end of order) touched by the latest request
+        self.live = 0                         # ``fresh`` as the latest request left it (before the current one)
         self.last_arrival: float | None = None
         self.log_gap: float | None = None
         self.hinted_delay: float | None = None
@@ -76,7 +77,7 @@ class AgentAware(Policy):
             self._global_log_gap = log_gap if g is None else 0.99 * g + 0.01 * log_gap
         s.last_arrival = now
         s.hinted_delay = None if next_call_delay_s is None else max(0.0, next_call_delay_s)
-        s.fresh = 0
+        s.live, s.fresh = s.fresh, 0
         self._cur_id, self._cur, self._now = session, s, max(self._now, now)
 
     def end_request(self, session: Hashable, now: float) -> None:
@@ -163,10 +164,12 @@ class AgentAware(Policy):
         if len(keys) <= room:
             return keys
         now, cur_id = self._now, self._cur_id
-        mine = self.predicted_next_call(self._cur, now)
+        cur = self._cur
+        mine = self.predicted_next_call(cur, now)
         victims = sorted(((len(s.order) > s.fresh, self.predicted_next_call(s, now), len(s.order) - s.fresh,
                            len(s.order)) for sid, s in self._holding.items() if sid != cur_id), reverse=True)
-        admitted = max(room, 0)
+        # the session's own blocks that its previous request left out are stale: they always make room
+        admitted = max(room, 0) + max(0, len(cur.order) - cur.live)
         for stale, next_call, n_stale, n_held in victims:
             if admitted >= len(keys):
                 break
