@@ -23,9 +23,10 @@ import numpy as np  # noqa: E402
 
 from kvtier.manager import Manager, TierSpec  # noqa: E402
 from kvtier.manager.policies import NextUseOracle  # noqa: E402
+from kvtier.sim.cli import max_gap_arg  # noqa: E402
 from kvtier.sim.mooncake import load_mooncake  # noqa: E402
 from kvtier.sim.replay import capacity_from_frac, replay  # noqa: E402
-from kvtier.sim.weka import load_weka  # noqa: E402
+from kvtier.sim.weka import DEFAULT_MAX_GAP_S, load_weka  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
 SHARED = next((p for p in (_ROOT.parent / "shared" / "traces", _ROOT.parent.parent / "shared" / "traces")
@@ -81,6 +82,8 @@ def main() -> int:
                                                       str(SHARED / "mooncake_synthetic_trace.jsonl")])
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-gap", type=max_gap_arg, default=DEFAULT_MAX_GAP_S,
+                    help="cap on the gap between a Weka session's requests, seconds, or 'none' (recorded clock)")
     ap.add_argument("--max-sessions", type=int, default=None, help="subsample Weka sessions (quick runs)")
     ap.add_argument("--fracs", default="0.005,0.01,0.02,0.05")
     ap.add_argument("--policies", default="agent,lru,lineage,s3fifo,arc,belady")
@@ -101,15 +104,17 @@ def main() -> int:
     traces = []
     if not args.skip_weka:
         t0 = time.perf_counter()
-        weka = load_weka(args.weka, slots=args.slots, seed=args.seed, max_sessions=args.max_sessions)
+        weka = load_weka(args.weka, slots=args.slots, seed=args.seed, max_sessions=args.max_sessions,
+                         max_gap=args.max_gap)
         print(f"weka: {weka.num_requests} requests, {weka.num_accesses} blocks, {weka.unique_blocks()} unique, "
               f"infinite-cache hit rate {weka.infinite_cache_hit_rate():.4f}, load {time.perf_counter() - t0:.1f}s")
-        traces.append((f"weka-v8 {args.slots} slots", weka))
+        traces.append((f"weka-v8 {args.slots} slots gap<={args.max_gap}", weka))
     for path in args.mooncake:
         traces.append((Path(path).stem, load_mooncake(path)))
     for name, trace in traces:
         rows += sweep(trace, name, policies, fracs, not args.no_progress)
-    Path(args.json).write_text(json.dumps({"ops": ops, "rows": rows, "slots": args.slots, "seed": args.seed},
+    Path(args.json).write_text(json.dumps({"ops": ops, "rows": rows, "slots": args.slots, "seed": args.seed,
+                                           "max_gap": args.max_gap},
                                           indent=2))
     if args.plot:
         import matplotlib

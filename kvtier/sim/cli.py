@@ -10,6 +10,7 @@ from pathlib import Path
 from kvtier.manager.policies import POLICIES, NextUseOracle
 from kvtier.sim.replay import capacity_from_frac, replay
 from kvtier.sim.trace import Trace
+from kvtier.sim.weka import DEFAULT_MAX_GAP_S
 
 FORMATS = ("weka", "mooncake", "synthetic")
 
@@ -19,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--slots", type=int, default=32, help="concurrent session slots (weka)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-gap", type=max_gap_arg, default=DEFAULT_MAX_GAP_S,
+                        help="cap on the gap between a session's requests, seconds, or 'none' for the recorded "
+                             "clock (weka; default 60, kv-cache-tester's --max-delay)")
     parser.add_argument("--policy", default="agent", choices=sorted(POLICIES))
     cap = parser.add_mutually_exclusive_group()
     cap.add_argument("--capacity-frac", type=float, help="G1 capacity as a fraction of the trace's unique blocks")
@@ -30,7 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def load_trace(fmt: str, path: str | None, slots: int, seed: int, max_sessions: int | None = None) -> Trace:
+def max_gap_arg(text: str) -> float | None:
+    """``--max-gap``: seconds, or ``none`` to replay the recorded clock."""
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"max gap must be non-negative seconds or 'none', got {text!r}")
+    return value
+
+
+def load_trace(fmt: str, path: str | None, slots: int, seed: int, max_sessions: int | None = None,
+               max_gap: float | None = DEFAULT_MAX_GAP_S) -> Trace:
     if fmt == "synthetic":
         from kvtier.sim.synthetic import generate
         return generate(seed=seed)
@@ -40,7 +55,7 @@ def load_trace(fmt: str, path: str | None, slots: int, seed: int, max_sessions: 
         raise ValueError(f"trace not found: {path}")
     if fmt == "weka":
         from kvtier.sim.weka import load_weka
-        return load_weka(path, slots=slots, seed=seed, max_sessions=max_sessions)
+        return load_weka(path, slots=slots, seed=seed, max_sessions=max_sessions, max_gap=max_gap)
     from kvtier.sim.mooncake import load_mooncake
     return load_mooncake(path)
 
@@ -48,7 +63,7 @@ def load_trace(fmt: str, path: str | None, slots: int, seed: int, max_sessions: 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        trace = load_trace(args.format, args.trace, args.slots, args.seed, args.max_sessions)
+        trace = load_trace(args.format, args.trace, args.slots, args.seed, args.max_sessions, args.max_gap)
         multipliers = [float(x) for x in args.tiers.split(",") if x.strip()]
         if args.capacity_blocks is not None:
             capacity = args.capacity_blocks

@@ -8,7 +8,7 @@ from kvtier.manager.policies import POLICIES, NextUseOracle, make_policy
 
 def run(policy, capacity, requests, sessions=None, times=None, **kwargs):
     m = Manager([TierSpec("G1", capacity)], policy=policy,
-                policy_kwargs={k: v for k, v in kwargs.items() if k == "oracle"})
+                policy_kwargs={k: v for k, v in kwargs.items() if k in ("oracle", "bypass")})
     hits = []
     for i, keys in enumerate(requests):
         if policy == "belady":
@@ -88,6 +88,17 @@ def test_agent_prefers_hinted_delay():
     assert {1, 2} <= held(m) and 4 not in held(m)
 
 
+def test_agent_keeps_resident_session_instead_of_thrashing():
+    # capacity fits one context: B (predicted back later than A) must not push A out; LRU swaps them every call
+    reqs = [[1, 2, 3], [5, 6, 7], [1, 2, 3], [5, 6, 7], [1, 2, 3]]
+    sessions = ["A", "B", "A", "B", "A"]
+    times = [0.0, 1.0, 10.0, 11.0, 20.0]
+    agent, m = run("agent", 4, reqs, sessions, times)
+    lru, _ = run("lru", 4, reqs, sessions, times)
+    assert agent == [0, 0, 3, 1, 3] and {1, 2, 3} <= held(m)
+    assert lru == [0, 0, 0, 0, 0]
+
+
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("nope", 4)
@@ -95,16 +106,16 @@ def test_unknown_policy_is_a_clear_error():
         make_policy("belady", 4)
 
 
-def _belady_hits(seq, capacity):
+def _belady_hits(seq, capacity, bypass):
     keys = np.asarray(seq, np.int64)
     offsets = np.arange(len(seq) + 1)
     oracle = NextUseOracle(keys, offsets)
     ranges = [(i, i + 1) for i in range(len(seq))]
-    hits, _ = run("belady", capacity, [[k] for k in seq], oracle=oracle, oracle_range=ranges)
+    hits, _ = run("belady", capacity, [[k] for k in seq], oracle=oracle, oracle_range=ranges, bypass=bypass)
     return sum(hits)
 
 
-def _brute_force(seq, capacity):
+def _brute_force(seq, capacity, bypass):
     best = {frozenset(): 0}
     for key in seq:
         nxt = {}
@@ -114,19 +125,25 @@ def _brute_force(seq, capacity):
             elif len(cache) < capacity:
                 options = [(cache | {key}, h)]
             else:
-                options = [((cache - {v}) | {key}, h) for v in cache]
+                options = [((cache - {v}) | {key}, h) for v in cache] + ([(cache, h)] if bypass else [])
             for c, v in options:
                 nxt[c] = max(nxt.get(c, -1), v)
         best = nxt
     return max(best.values())
 
 
+@pytest.mark.parametrize("bypass", [True, False])
 @pytest.mark.parametrize("seed", range(12))
-def test_belady_matches_brute_force(seed):
+def test_belady_matches_brute_force(seed, bypass):
     rng = np.random.default_rng(seed)
-    seq = rng.integers(0, 5, size=10).tolist()
+    seq = rng.integers(0, 6, size=12).tolist()
     capacity = int(rng.integers(1, 4))
-    assert _belady_hits(seq, capacity) == _brute_force(seq, capacity)
+    assert _belady_hits(seq, capacity, bypass) == _brute_force(seq, capacity, bypass)
+
+
+def test_belady_bypass_can_beat_forced_admission():
+    seq = [1, 2, 3, 1, 2, 3, 1, 2, 3]  # a loop one larger than the cache: bypassing keeps part of it
+    assert _belady_hits(seq, 2, bypass=True) > _belady_hits(seq, 2, bypass=False)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

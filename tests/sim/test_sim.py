@@ -10,7 +10,7 @@ from kvtier.sim.mooncake import load_mooncake
 from kvtier.sim.replay import capacity_from_frac, replay
 from kvtier.sim.synthetic import SyntheticSpec, generate
 from kvtier.sim.trace import Trace, workload_stats
-from kvtier.sim.weka import load_weka
+from kvtier.sim.weka import load_weka, parse_sessions, session_clock
 
 
 def make_trace(requests, sessions=None):
@@ -115,6 +115,22 @@ def test_weka_loader_places_sessions_and_keys(tmp_path, monkeypatch):
     again = load_weka(path, slots=2, seed=0)
     assert again.times.min() == 0.0 and again.num_accesses == 11
     assert replay(trace, "lru", 100).hit_blocks == 3 + 1
+
+
+def test_weka_clock_caps_gaps_and_keeps_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path / "cache"))
+    parsed = parse_sessions(weka_tar(tmp_path))
+    recorded = session_clock(parsed, None)
+    np.testing.assert_array_equal(recorded, [0.0, 11.0, 20.0, 0.0, 5.0])   # subagent: marker 10 + its 1 s
+    np.testing.assert_array_equal(session_clock(parsed, 4.0), [0.0, 4.0, 8.0, 0.0, 4.0])
+    np.testing.assert_array_equal(session_clock(parsed, 60.0), recorded)
+    with pytest.raises(ValueError, match="max_gap"):
+        session_clock(parsed, -1.0)
+    # one slot: the second session starts when the first one's last response ends (capped: 8 + 2 s)
+    capped = load_weka(weka_tar(tmp_path), slots=1, seed=0, max_gap=4.0)
+    uncapped = load_weka(weka_tar(tmp_path), slots=1, seed=0, max_gap=None)
+    assert capped.times.max() < uncapped.times.max()
+    assert sorted(capped.times.tolist()) in ([0.0, 4.0, 8.0, 10.0, 14.0], [0.0, 4.0, 4.0, 8.0, 12.0])
 
 
 def test_cli_writes_json(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,11 @@ How it evicts:
    for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses).
 3. Within a session, leaves first: the deepest blocks of its context go before their ancestors, so what is
    kept is always a usable prefix.
+
+What it admits: a missed block displaces a held one only if its session is predicted to call again before the
+session it would evict from (stale blocks always make room). When more sessions are live than fit, storing
+every miss would push out a context that is needed sooner, over and over (LRU's cliff); instead the sessions
+that fit stay resident and the others recompute, shallow blocks kept first.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ _NOBODY = object()
 
 
 class _Session:
-    __slots__ = ("order", "fresh", "last_arrival", "log_gap", "hinted_delay")
+    __slots__ = ("order", "fresh", "live", "last_arrival", "log_gap", "hinted_delay")
 
     def __init__(self) -> None:
         self.order: OrderedDict[Key, None] = OrderedDict()  # leaf-first: oldest / deepest first
         self.fresh = 0                        # entries (at the end of order) touched by the latest request
+        self.live = 0                         # ``fresh`` as the latest request left it (before the current one)
         self.last_arrival: float | None = None
         self.log_gap: float | None = None
         self.hinted_delay: float | None = None
@@ -70,8 +76,8 @@ class AgentAware(Policy):
             g = self._global_log_gap
             self._global_log_gap = log_gap if g is None else 0.99 * g + 0.01 * log_gap
         s.last_arrival = now
-        s.hinted_delay = None
-        s.fresh = 0
+        s.hinted_delay = None if next_call_delay_s is None else max(0.0, next_call_delay_s)
+        s.live, s.fresh = s.fresh, 0
         self._cur_id, self._cur, self._now = session, s, max(self._now, now)
 
     def end_request(self, session: Hashable, now: float) -> None:
@@ -150,6 +156,29 @@ class AgentAware(Policy):
         s.fresh = min(s.fresh, len(s.order))
         if not s.order:
             del self._holding[sid]
+
+    # --- admission ---------------------------------------------------------------------------------------
+    def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
+        """The leading part of the current request's new ``keys`` worth the room it takes (see the module)."""
+        room = self.capacity - len(self._owner)
+        if len(keys) <= room:
+            return keys
+        now, cur_id = self._now, self._cur_id
+        cur = self._cur
+        mine = self.predicted_next_call(cur, now)
+        victims = sorted(((len(s.order) > s.fresh, self.predicted_next_call(s, now), len(s.order) - s.fresh,
+                           len(s.order)) for sid, s in self._holding.items() if sid != cur_id), reverse=True)
+        # the session's own blocks that its previous request left out are stale: they always make room
+        admitted = max(room, 0) + max(0, len(cur.order) - cur.live)
+        for stale, next_call, n_stale, n_held in victims:
+            if admitted >= len(keys):
+                break
+            admitted += n_stale
+            if next_call > mine:
+                admitted += n_held - n_stale
+            elif not stale:
+                break
+        return keys[:admitted]
 
     # --- eviction ----------------------------------------------------------------------------------------
     def _victim(self, skip: set) -> Hashable:

@@ -4,6 +4,10 @@ as the bound every online policy is measured against.
 The future comes from a ``NextUseOracle`` built from the whole trace: for every access position, the position
 of the next access to the same key. Positions are global block indices, so ties between blocks of the same
 future request break toward the later (deeper) block, which is what the prefix rule wants.
+
+With ``bypass`` (the default) a missed block competes with the cached ones: it is stored only if its next use
+comes before that of the block it would displace, as in Belady's MIN proper. Without it every miss is stored
+and the furthest cached block goes, the bound of a cache that must admit everything it computes.
 """
 
 from __future__ import annotations
@@ -46,11 +50,12 @@ class NextUseOracle:
 class Belady(Policy):
     name = "belady"
 
-    def __init__(self, capacity: int, oracle: NextUseOracle | None = None) -> None:
+    def __init__(self, capacity: int, oracle: NextUseOracle | None = None, bypass: bool = True) -> None:
         super().__init__(capacity)
         if oracle is None:
             raise ValueError("belady needs the trace's future (a NextUseOracle); it is a simulator-only bound")
         self.oracle = oracle
+        self.bypass = bypass
         self._next: dict[Key, int] = {}     # member -> its next use
         self._heap: list[int] = []          # -next use (max-heap), lazily invalidated
         self._pending: dict[Key, int] = {}  # next uses of the request being processed
@@ -84,6 +89,27 @@ class Belady(Policy):
         if len(heap) > 4 * len(nxt) + 1024:
             self._heap = [-v for v in nxt.values()]
             heapq.heapify(self._heap)
+
+    def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
+        """The new keys worth storing: all that fit in free room, then each (nearest next use first) only while
+        it is needed before the furthest cached key, which it will displace."""
+        free = self.capacity - len(self._next)
+        if not self.bypass or len(keys) <= free:
+            return keys
+        pending, nxt, heap, key_at = self._pending, self._next, self._heap, self.oracle.key_at
+        by_need = sorted(set(keys), key=pending.__getitem__)
+        admitted = set(by_need[:max(free, 0)])
+        displaced: list[int] = []
+        for key in by_need[max(free, 0):]:
+            while heap and nxt.get(key_at(-heap[0])) != -heap[0]:
+                heapq.heappop(heap)  # stale
+            if not heap or -heap[0] < pending[key]:
+                break
+            displaced.append(heapq.heappop(heap))
+            admitted.add(key)
+        for value in displaced:  # eviction takes these very entries next
+            heapq.heappush(heap, value)
+        return [key for key in keys if key in admitted]
 
     def remove(self, key: Key) -> None:
         del self._next[key]
