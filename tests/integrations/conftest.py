@@ -6,3 +6,21 @@ top-level names (``vllm_harness``, ``host_copy_spec``, ...): pytest puts this di
 """
 
 import engines_env  # noqa: F401  (sets the offline environment before any engine import)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def harness():
+    """``harness(extra_config, **kwargs)`` builds a ``VllmSchedulerHarness``; all are closed afterwards."""
+    from vllm_harness import VllmSchedulerHarness  # only where vLLM is installed
+
+    made = []
+
+    def build(extra_config, **kwargs):
+        made.append(VllmSchedulerHarness(extra_config, **kwargs))
+        return made[-1]
+
+    yield build
+    for h in made:
+        h.close()

@@ -18,19 +18,6 @@ def cpu_spec(cpu_bytes: int) -> dict:
     return {"spec_name": "CPUOffloadingSpec", "cpu_bytes_to_use": cpu_bytes}
 
 
-@pytest.fixture
-def harness():
-    made = []
-
-    def build(extra_config, **kwargs):
-        made.append(VllmSchedulerHarness(extra_config, **kwargs))
-        return made[-1]
-
-    yield build
-    for h in made:
-        h.close()
-
-
 def test_store_jobs_then_prefix_hits_and_load_jobs(harness):
     h = harness(cpu_spec(1 << 20))
     h.add_request("a", PREFIX + [900, 901, 902])

@@ -22,19 +22,6 @@ def kvtier_spec(slots: int, **extra) -> dict:
             "host_capacity_bytes": slots * SLOT, **extra}
 
 
-@pytest.fixture
-def harness():
-    made = []
-
-    def build(extra_config, **kwargs):
-        made.append(VllmSchedulerHarness(extra_config, **kwargs))
-        return made[-1]
-
-    yield build
-    for h in made:
-        h.close()
-
-
 def jobs(steps, kind):
     return [job for step in steps for job in getattr(step, kind).values()]
 

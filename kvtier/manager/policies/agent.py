@@ -161,7 +161,7 @@ class AgentAware(Policy):
     def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
         """The leading part of the current request's new ``keys`` worth the room it takes (see the module)."""
         room = self.capacity - len(self._owner)
-        if len(keys) <= room:
+        if len(keys) <= room or self._cur_id is None:  # without a session there is no next call to predict
             return keys
         now, cur_id = self._now, self._cur_id
         cur = self._cur
