@@ -203,6 +203,7 @@ class KvtierEngine:
             self._remember(state, chunk_index, key)
             plan = self.manager.prepare_store([key], self._index[G2], session=state.request.session)
             if key not in plan.store:
+                self._forget_meta([key])  # kept only while some tier holds the chunk
                 return False
             slot = self.host.reserve(key, self.chunk_bytes)
         if slot is None:
@@ -515,6 +516,8 @@ class KvtierEngine:
             self.manager.complete_store([key], self._index[G2], ok=ok)
             if ok:
                 self._publish_stored([key], MEDIUM_CPU)
+            else:
+                self._forget_meta([key])
             self._set_gauges()
 
     def _lost(self, key: int, g: int) -> None:
