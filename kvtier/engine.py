@@ -34,7 +34,7 @@ from kvtier.hints import AgentHints, BlockPlan, block_plan
 from kvtier.layout import PageLayout
 from kvtier.manager import Manager, TierSpec
 from kvtier.metrics import EngineMetrics
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, guarded
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.host import HostPool, HostTier
 from kvtier.tiers.remote import RemoteTier
@@ -141,12 +141,17 @@ class KvtierEngine:
     # --- the engine API ----------------------------------------------------------------------------------------
     def chunk_keys(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
         """The keys of a prompt's full chunks: the seq hash of each chunk's last block."""
-        return block_hashes(token_ids, self.config.block_size, salt)[self.chunk_blocks - 1::self.chunk_blocks]
+        return self._keys_of(block_hashes(token_ids, self.config.block_size, salt))
+
+    def chunk_key(self, request_id: str, chunk_index: int) -> int:
+        """The key of one chunk of an active request."""
+        with self._lock:
+            return self._chunk_key(self._state(request_id), chunk_index)
 
     def begin(self, request: EngineRequest) -> None:
         """Register a request (hash its prompt once); ``lookup``/``load``/``store`` then refer to its id."""
         hashes = block_hashes(request.token_ids, self.config.block_size, request.salt)
-        keys = hashes[self.chunk_blocks - 1::self.chunk_blocks]
+        keys = self._keys_of(hashes)
         plan = block_plan(request.hints, len(keys), self.chunk_tokens)
         with self._lock:
             self._check_open()
@@ -537,13 +542,7 @@ class KvtierEngine:
                 self.manager.discard(held, self._index[g])
 
     def _guarded(self, g: int, op: str, call, default):
-        """Tiers turn failures into misses; anything that still escapes is logged, counted and a miss too."""
-        try:
-            return call()
-        except Exception:  # noqa: BLE001 - a lower tier must never break the serving path
-            log.exception("kvtier: %s %s failed", TIER_NAMES[g], op)
-            self.metrics.errors.labels(TIER_NAMES[g], op).inc()
-            return default
+        return guarded(f"{TIER_NAMES[g]} {op}", call, default, self.metrics.errors.labels(TIER_NAMES[g], op).inc)
 
     def _apply_retention(self, state: _RequestState) -> None:
         keys = state.chunk_keys
@@ -602,6 +601,9 @@ class KvtierEngine:
         if state is None:
             raise ValueError(f"unknown request {request_id!r}; call begin() first")
         return state
+
+    def _keys_of(self, hashes: list[int]) -> list[int]:
+        return hashes[self.chunk_blocks - 1::self.chunk_blocks]
 
     def _chunk_key(self, state: _RequestState, chunk_index: int) -> int:
         if not 0 <= chunk_index < len(state.chunk_keys):

@@ -18,7 +18,6 @@ misses; configuration errors are raised when SGLang attaches the backend (start-
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -36,12 +35,11 @@ from kvtier import kernels
 from kvtier.hashing import Namespace
 from kvtier.integrations.common import engine_key, kvtier_config, name_part
 from kvtier.layout import PageLayout, sglang_host_layout
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, guarded
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.host import HostPool, HostTier
 from kvtier.tiers.remote import RemoteTier
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "extra_backend_tag",
@@ -306,12 +304,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
 
     @staticmethod
     def _guarded(tier: Tier, op: str, call: Callable[[], T], default: T) -> T:
-        """Tiers report failures as misses; anything that still escapes is logged and is a miss too."""
-        try:
-            return call()
-        except Exception:
-            log.exception("kvtier: %s %s failed", tier.name, op)
-            return default
+        return guarded(f"{tier.name} {op}", call, default)
 
     def _wait_for_device(self) -> None:
         if self.layout.device.type == "cuda":

@@ -21,10 +21,22 @@ class EngineHooks:
         return sum(hits.values()) // self.engine.chunk_tokens
 
     def load(self, chunk_index: int, block_hashes: Sequence[int], block_ids: Sequence[int]) -> bool:
+        self._check_same_chunk(chunk_index, block_hashes)
         return self.engine.load(self.request_id, chunk_index, block_ids)
 
     def store(self, chunk_index: int, block_hashes: Sequence[int], block_ids: Sequence[int]) -> None:
+        self._check_same_chunk(chunk_index, block_hashes)
         self.engine.store(self.request_id, chunk_index, block_ids)
+
+    def wait_layer(self, layer: int) -> None:
+        self.engine.wait_layer(self.request_id, layer)
+
+    def _check_same_chunk(self, chunk_index: int, block_hashes: Sequence[int]) -> None:
+        """The runner and the engine must name a chunk alike (same block size and tenant salt); otherwise KV
+        would be stored under, or loaded from, another prompt's key."""
+        if not block_hashes or block_hashes[-1] != self.engine.chunk_key(self.request_id, chunk_index):
+            raise ValueError(f"chunk {chunk_index}: the runner's block hashes differ from the engine's key "
+                             "(different salt or block size?)")
 
     def release(self) -> None:
         self.hit_tokens = self.engine.release(self.request_id)

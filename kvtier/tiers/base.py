@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -341,3 +342,15 @@ class LocalTier(Tier):
             self._count(deletes=sum(out))
             self._gauges_locked()
             return out
+
+
+def guarded(what: str, call: Callable[[], T], default: T, on_error: Callable[[], None] | None = None) -> T:
+    """Run a tier call for a caller that must never fail: tiers report failures as misses, and anything that
+    still escapes (a bug) is logged, counted through ``on_error`` and treated as ``default`` (a miss)."""
+    try:
+        return call()
+    except Exception:  # noqa: BLE001 - a lower tier must never break the serving path
+        logging.getLogger(__name__).exception("kvtier: %s failed", what)
+        if on_error is not None:
+            on_error()
+        return default

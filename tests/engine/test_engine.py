@@ -293,3 +293,23 @@ def test_layer_by_layer_loads_are_bitwise_identical(tmp_path):
         rig.call(rig.runner(), PROMPT)
         got, hooks = rig.call(rig.runner(), FOLLOW_UP)
         assert hooks.hit_tokens["G2"] == REUSABLE and rig.same_as_reference(FOLLOW_UP, got)
+
+
+def test_runner_waits_for_each_layer_before_reading_it(tmp_path, monkeypatch):
+    """With layer-by-layer loads the runner's attention asks the engine for every layer before using it."""
+    rig = make_rig(tmp_path, layerwise_load=True)
+    seen = []
+    monkeypatch.setattr(rig.engine, "wait_layer", lambda request_id, layer: seen.append(layer))
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+    layers = rig.model.config.num_layers
+    assert seen and seen[:layers] == list(range(layers)) and set(seen) == set(range(layers))
+
+
+def test_a_runner_hashing_with_another_salt_is_refused(tmp_path):
+    """KV must never be stored under a key computed with another tenant's salt."""
+    rig = make_rig(tmp_path)
+    with rig.engine:
+        with pytest.raises(ValueError, match="differ from the engine's key"):
+            rig.call(rig.runner(salt="tenant-a"), PROMPT, salt=None)
+        assert not rig.engine.held_chunks()["G2"]
