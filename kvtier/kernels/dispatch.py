@@ -9,6 +9,7 @@ are asynchronous on torch's current stream: record an event (or synchronise) bef
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -46,7 +47,13 @@ def available_impls(device: torch.device) -> list[str]:
 
 
 def _load_table() -> dict[str, list[list]]:
-    path = Path(os.environ.get(DISPATCH_TABLE_ENV, DEFAULT_TABLE))
+    return _read_table(os.environ.get(DISPATCH_TABLE_ENV, str(DEFAULT_TABLE)))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_table(location: str) -> dict[str, list[list]]:
+    """Parsed once per path: ``choose`` runs for every transfer batch."""
+    path = Path(location)
     if not path.exists():
         return {}
     table = json.loads(path.read_text())
