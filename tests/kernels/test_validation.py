@@ -84,3 +84,16 @@ def test_bad_layouts():
         L.vllm_mla_layout([kv[0, :1, 0].expand(4, 4, 8)])
     with pytest.raises(ValueError, match="no KV tensors"):
         L.build_layout("empty", [])
+
+
+def test_dispatch_table_is_validated(tmp_path, monkeypatch):
+    from kvtier.kernels import dispatch
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text('{"offload": [[16384, "cuda"], [4611686018427387904, "dma"]], "load": []}')
+    bad.write_text('{"offload": [[16384, "warp"]]}')
+    monkeypatch.setenv(dispatch.DISPATCH_TABLE_ENV, str(good))
+    assert dispatch._load_table()["offload"][0] == [16384, "cuda"]
+    monkeypatch.setenv(dispatch.DISPATCH_TABLE_ENV, str(bad))
+    with pytest.raises(ValueError, match="malformed dispatch row"):
+        dispatch._load_table()
