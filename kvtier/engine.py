@@ -237,9 +237,10 @@ class KvtierEngine:
         if event is not None:
             torch.cuda.current_stream(self.layout.device).wait_event(event)
 
-    def release(self, request_id: str) -> dict[str, int]:
+    def release(self, request_id: str, stop_reason: str | None = None) -> dict[str, int]:
         """The request is over: apply its retention hints, drop its reader protection, prefetch what the
-        hints ask for. Returns the tokens this request loaded per tier."""
+        hints ask for. ``stop_reason`` is why the response ended ("tool_use", "end_turn"), which tells the
+        policy how soon the session is likely to call again. Returns the tokens this request loaded per tier."""
         with self._lock:
             state = self._requests.pop(request_id, None)
             if state is None:
@@ -247,6 +248,7 @@ class KvtierEngine:
         self._settle_transfers(state)
         with self._lock:
             self.manager.release(state.acquired)
+            self.manager.end_request(state.request.session, stop_reason=stop_reason)
             self._apply_retention(state)
             self._set_gauges()
             below = [k for k in state.chunk_keys if (w := self.manager.locate(k)) is not None and self._gnum[w] > G2]

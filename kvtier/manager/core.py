@@ -142,6 +142,12 @@ class Manager:
         self._session = session
         return now
 
+    def end_request(self, session: Hashable = None, now: float | None = None, stop_reason: str | None = None) -> None:
+        """A response of ``session`` finished (see ``Policy.end_request``); the server knows why it stopped."""
+        now = self._clock() if now is None else now
+        for tier in self.tiers:
+            tier.policy.end_request(session, now, stop_reason)
+
     def access(self, keys: Sequence[Key], session: Hashable = None, now: float | None = None,
                hints: AgentHints | None = None) -> list[int]:
         """Run one request synchronously: count prefix hits per tier, promote hits from lower tiers into G1,

@@ -7,6 +7,7 @@ blocks. The hit rate is hit blocks / all blocks. Only Belady sees the future (th
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from kvtier.manager import Manager, TierSpec
 from kvtier.manager.policies import NextUseOracle
-from kvtier.sim.trace import Trace
+from kvtier.sim.trace import STOP_REASONS, Trace
 
 TIER_NAMES = ("G1", "G2", "G3", "G4")
 
@@ -67,6 +68,11 @@ def replay(trace: Trace, policy: str, capacity_blocks: int, *, tier_multipliers:
     access = manager.access
     # the one hint a client sends in these traces: its reasoning output will not be re-sent
     ephemeral = trace.ephemeral_tail.tolist() if use_hints and trace.ephemeral_tail is not None else None
+    # responses end while later requests arrive: each end is told to the manager once the clock passes it
+    ends = trace.ends.tolist() if trace.ends is not None else None
+    stops = [STOP_REASONS[c] or None for c in trace.stop_reasons.tolist()] if trace.stop_reasons is not None \
+        else [None] * trace.num_requests
+    pending_ends: list[tuple[float, int]] = []
     hit_blocks = 0
     start = time.perf_counter()
     rows = range(trace.num_requests)
@@ -74,8 +80,13 @@ def replay(trace: Trace, policy: str, capacity_blocks: int, *, tier_multipliers:
         lo, hi = offsets[i], offsets[i + 1]
         if belady is not None:
             belady.advance(lo, hi)
+        while pending_ends and pending_ends[0][0] <= times[i]:
+            at, j = heapq.heappop(pending_ends)
+            manager.end_request(sessions[j], at, stops[j])
         keys = keys_all[lo:hi].tolist()
         hits = access(keys, sessions[i], times[i])
+        if ends is not None:
+            heapq.heappush(pending_ends, (ends[i], i))
         hit_blocks += hits[0]
         if ephemeral is not None and ephemeral[i]:
             manager.mark_ephemeral(keys[-ephemeral[i]:])

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# why a response ended, as the Anthropic API names it ("" = not recorded or anything else)
+STOP_REASONS = ("", "tool_use", "end_turn")
+
 
 @dataclass
 class Trace:
@@ -16,6 +19,8 @@ class Trace:
     and tool definitions, which a client knows when it sends the request (0 if unknown).
     ``ephemeral_tail[i]`` counts request i's trailing blocks that are reasoning output the next call will not
     re-send (known to the client, so it may be sent as an ephemeral hint).
+    ``ends[i]`` is when request i's response finished and ``stop_reasons[i]`` why (an index into
+    ``STOP_REASONS``): the server produced that response, so it knows both the moment it ends.
     """
 
     name: str
@@ -27,11 +32,18 @@ class Trace:
     sessions: np.ndarray
     prefix_blocks: np.ndarray
     ephemeral_tail: np.ndarray | None = None   # trailing blocks of each request that are reasoning output
+    ends: np.ndarray | None = None             # response end time of each request (same clock as times)
+    stop_reasons: np.ndarray | None = None     # index into STOP_REASONS per request
 
     def __post_init__(self) -> None:
         n = len(self.times)
-        if self.ephemeral_tail is not None and len(self.ephemeral_tail) != n:
-            raise ValueError("ephemeral_tail must have one entry per request")
+        for name in ("ephemeral_tail", "ends", "stop_reasons"):
+            column = getattr(self, name)
+            if column is not None and len(column) != n:
+                raise ValueError(f"{name} must have one entry per request")
+        if self.stop_reasons is not None and n and not 0 <= int(self.stop_reasons.min()) <= \
+                int(self.stop_reasons.max()) < len(STOP_REASONS):
+            raise ValueError(f"stop_reasons must index STOP_REASONS {STOP_REASONS}")
         if len(self.offsets) != n + 1 or len(self.sessions) != n or len(self.prefix_blocks) != n:
             raise ValueError("trace arrays disagree on the number of requests")
         if n and (np.any(np.diff(self.offsets) < 0) or self.offsets[-1] != len(self.keys)):

@@ -27,7 +27,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from kvtier.sim.trace import Trace
+from kvtier.sim.trace import STOP_REASONS, Trace
 
 SOURCE = "callanjfox/kv-cache-tester@c9b3da5 traces/ (Apache-2.0), Claude Code sessions captured via proxy"
 WEKA_BLOCK_TOKENS = 64
@@ -40,6 +40,7 @@ class _Request(msgspec.Struct):
     model: str = ""
     hash_ids: list[int] = []
     api_time: float = 0.0
+    stop: str = ""
     requests: list[_Request] = []
     agent_id: str = ""
     tool_tokens: int = 0
@@ -68,6 +69,7 @@ def _flatten(session: _Session, sid: int, models: dict[str, int], agents: dict[t
             out["session"].append(sid)
             out["t"].append(t0 + r.t)
             out["end"].append(t0 + r.t + (r.api_time or 0.0))
+            out["stop"].append(STOP_REASONS.index(r.stop) if r.stop in STOP_REASONS else 0)
             out["model"].append(models.setdefault(r.model, len(models)))
             out["agent"].append(agents.setdefault((sid, agent), len(agents)))
             out["prefix_tokens"].append(prefix_tokens)
@@ -81,21 +83,21 @@ def parse_sessions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Parse a directory of ``trace_*.json`` files or the ``.tar.xz`` holding them (cached as .npz)."""
     path = Path(path)
     stat = path.stat()
-    tag = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v1".encode()).hexdigest()[:16]
+    tag = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v2".encode()).hexdigest()[:16]
     cached = cache_dir() / f"weka_{tag}.npz"
     if cached.exists():
         with np.load(cached) as data:
             return {k: data[k] for k in data.files}
     decoder = msgspec.json.Decoder(_Session)
-    out: dict[str, list] = {k: [] for k in ("session", "t", "end", "model", "agent", "prefix_tokens", "nblocks",
-                                             "hash_ids")}
+    out: dict[str, list] = {k: [] for k in ("session", "t", "end", "stop", "model", "agent", "prefix_tokens",
+                                             "nblocks", "hash_ids")}
     models: dict[str, int] = {}
     agents: dict[tuple[int, str], int] = {}
     for sid, raw in enumerate(_json_files(path)):
         _flatten(decoder.decode(raw), sid, models, agents, out)
     arrays = {
         "session": np.asarray(out["session"], np.int32), "t": np.asarray(out["t"], np.float64),
-        "end": np.asarray(out["end"], np.float64), "model": np.asarray(out["model"], np.int32),
+        "end": np.asarray(out["end"], np.float64), "stop": np.asarray(out["stop"], np.int8), "model": np.asarray(out["model"], np.int32),
         "agent": np.asarray(out["agent"], np.int32), "prefix_tokens": np.asarray(out["prefix_tokens"], np.int64),
         "nblocks": np.asarray(out["nblocks"], np.int64), "hash_ids": np.asarray(out["hash_ids"], np.int64),
     }
@@ -166,6 +168,7 @@ def place_sessions(parsed: dict[str, np.ndarray], slots: int, seed: int,
         heapq.heappush(free, (at + duration[sid], slot))
     keep = ~np.isnan(start[session])
     times = (start[session] + clock)[keep]
+    ends = times + np.maximum(parsed["end"] - parsed["t"], 0.0)[keep]
     # dense keys: one id range per (session, model)
     offsets = np.zeros(len(session) + 1, np.int64)
     np.cumsum(parsed["nblocks"], out=offsets[1:])
@@ -179,7 +182,8 @@ def place_sessions(parsed: dict[str, np.ndarray], slots: int, seed: int,
     keys = base[space[req_of_block]] + hash_ids
     # arrival order (stable), only placed sessions
     req_ids = np.nonzero(keep)[0]
-    req_ids = req_ids[np.argsort(times, kind="stable")]
+    by_arrival = np.argsort(times, kind="stable")
+    req_ids = req_ids[by_arrival]
     lengths = parsed["nblocks"][req_ids]
     new_offsets = np.zeros(len(req_ids) + 1, np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
@@ -194,8 +198,9 @@ def place_sessions(parsed: dict[str, np.ndarray], slots: int, seed: int,
     prefix_blocks = parsed["prefix_tokens"][req_ids] // WEKA_BLOCK_TOKENS
     return Trace(name=f"weka-v8 slots={slots} seed={seed} max_gap={max_gap}", source=SOURCE, block_tokens=WEKA_BLOCK_TOKENS,
                  keys=keys.astype(np.int64 if keys.max(initial=0) >= 2**31 else np.int32),
-                 offsets=new_offsets, times=np.sort(times, kind="stable"), sessions=sessions.astype(np.int32),
-                 prefix_blocks=prefix_blocks.astype(np.int32))
+                 offsets=new_offsets, times=times[by_arrival], sessions=sessions.astype(np.int32),
+                 prefix_blocks=prefix_blocks.astype(np.int32), ends=ends[by_arrival],
+                 stop_reasons=parsed["stop"][req_ids])
 
 
 def load_weka(path: str | os.PathLike[str], slots: int = 32, seed: int = 0,

@@ -313,3 +313,18 @@ def test_a_runner_hashing_with_another_salt_is_refused(tmp_path):
         with pytest.raises(ValueError, match="differ from the engine's key"):
             rig.call(rig.runner(salt="tenant-a"), PROMPT, salt=None)
         assert not rig.engine.held_chunks()["G2"]
+
+
+def test_release_tells_the_policy_why_the_response_stopped(tmp_path, monkeypatch):
+    from kvtier.hints import AgentHints
+    from kvtier.manager.policies.agent import AgentAware
+
+    seen = []
+    monkeypatch.setattr(AgentAware, "end_request", lambda self, session, now, stop: seen.append((session, stop)))
+    rig = make_rig(tmp_path)
+    with rig.engine:
+        req = EngineRequest("r1", PROMPT, AgentHints(session_id="s"))
+        rig.engine.begin(req)
+        rig.engine.lookup(req.request_id)
+        rig.engine.release(req.request_id, stop_reason="tool_use")
+    assert ("s", "tool_use") in seen

@@ -88,6 +88,24 @@ def test_agent_prefers_hinted_delay():
     assert {1, 2} <= held(m) and 4 not in held(m)
 
 
+def test_agent_learns_how_soon_sessions_return_after_each_stop_reason():
+    # history: after a tool call sessions came back within 2 s, after an ended turn only after 60 s
+    m = Manager([TierSpec("G1", 4)], policy="agent")
+    for i, (stop, gap) in enumerate([("tool_use", 2.0), ("end_turn", 60.0)] * 3):
+        sid = f"past{i}"
+        m.access([100 + i], session=sid, now=0.0)
+        m.end_request(sid, 1.0, stop)
+        m.access([100 + i], session=sid, now=1.0 + gap)
+        m.end_request(sid, 2.0 + gap, stop)
+    # A and B each hold a context; A's turn ended, B is running a tool; a newcomer needs room now
+    m.access([1, 2], session="A", now=200.0)
+    m.end_request("A", 201.0, "end_turn")
+    m.access([3, 4], session="B", now=200.5)
+    m.end_request("B", 201.5, "tool_use")
+    m.access([9], session="C", now=202.0)
+    assert {3, 4} <= held(m) and 2 not in held(m)   # A is predicted back last: its leaf goes
+
+
 def test_agent_keeps_resident_session_instead_of_thrashing():
     # capacity fits one context: B (predicted back later than A) must not push A out; LRU swaps them every call
     reqs = [[1, 2, 3], [5, 6, 7], [1, 2, 3], [5, 6, 7], [1, 2, 3]]

@@ -5,11 +5,12 @@ import tarfile
 import numpy as np
 import pytest
 
+from kvtier.manager import Manager
 from kvtier.sim import cli
 from kvtier.sim.mooncake import load_mooncake
 from kvtier.sim.replay import capacity_from_frac, replay
 from kvtier.sim.synthetic import SyntheticSpec, generate
-from kvtier.sim.trace import Trace, workload_stats
+from kvtier.sim.trace import STOP_REASONS, Trace, workload_stats
 from kvtier.sim.weka import load_weka, parse_sessions, session_clock
 
 
@@ -82,11 +83,12 @@ def weka_tar(tmp_path):
     sessions = [
         {"id": "trace_0000", "models": ["m1"], "block_size": 64, "tool_tokens": 64, "system_tokens": 64,
          "requests": [
-             {"t": 0.0, "type": "s", "model": "m1", "in": 200, "out": 5, "hash_ids": [1, 2, 3], "api_time": 1.0},
+             {"t": 0.0, "type": "s", "model": "m1", "in": 200, "out": 5, "hash_ids": [1, 2, 3], "api_time": 1.0,
+              "stop": "tool_use"},
              {"t": 10.0, "type": "subagent", "agent_id": "agent_001", "system_tokens": 0, "tool_tokens": 0,
               "requests": [{"t": 1.0, "type": "n", "model": "m2", "in": 64, "out": 1, "hash_ids": [1]}]},
              {"t": 20.0, "type": "n", "model": "m1", "in": 260, "out": 5, "hash_ids": [1, 2, 3, 4],
-              "api_time": 2.0, "unknown_field": 1}]},
+              "api_time": 2.0, "stop": "end_turn", "unknown_field": 1}]},
         {"id": "trace_0001", "models": ["m1"], "block_size": 64, "tool_tokens": 0, "system_tokens": 0,
          "requests": [{"t": 0.0, "type": "s", "model": "m1", "in": 64, "out": 1, "hash_ids": [1]},
                       {"t": 5.0, "type": "s", "model": "m1", "in": 128, "out": 1, "hash_ids": [1, 2]}]},
@@ -115,6 +117,24 @@ def test_weka_loader_places_sessions_and_keys(tmp_path, monkeypatch):
     again = load_weka(path, slots=2, seed=0)
     assert again.times.min() == 0.0 and again.num_accesses == 11
     assert replay(trace, "lru", 100).hit_blocks == 3 + 1
+    # each response's end (arrival + api_time) and why it stopped ride along, in arrival order
+    assert sorted((trace.ends - trace.times).tolist()) == [0.0, 0.0, 0.0, 1.0, 2.0]
+    assert sorted(STOP_REASONS[c] for c in trace.stop_reasons) == ["", "", "", "end_turn", "tool_use"]
+
+
+def test_replay_tells_the_policy_each_response_end_in_time_order(monkeypatch):
+    """Ends are delivered once the clock passes them, before the next arrival, never from the future."""
+    calls = []
+    monkeypatch.setattr(Manager, "end_request", lambda self, session, now, stop: calls.append((session, now, stop)))
+    monkeypatch.setattr(Manager, "access", lambda self, keys, session, now: calls.append(("arrive", now)) or [0])
+    trace = Trace(name="t", source="test", block_tokens=1, keys=np.arange(3), offsets=np.arange(4),
+                  times=np.array([0.0, 1.0, 5.0]), sessions=np.array([7, 8, 7]), prefix_blocks=np.zeros(3, int),
+                  ends=np.array([4.0, 2.0, 9.0]), stop_reasons=np.array([1, 2, 0]))
+    replay(trace, "lru", 10)
+    assert calls == [("arrive", 0.0), ("arrive", 1.0), (8, 2.0, "end_turn"), (7, 4.0, "tool_use"), ("arrive", 5.0)]
+    with pytest.raises(ValueError, match="STOP_REASONS"):
+        Trace(name="t", source="test", block_tokens=1, keys=np.arange(1), offsets=np.arange(2), times=np.zeros(1),
+              sessions=np.zeros(1, int), prefix_blocks=np.zeros(1, int), stop_reasons=np.array([3]))
 
 
 def test_weka_clock_caps_gaps_and_keeps_order(tmp_path, monkeypatch):

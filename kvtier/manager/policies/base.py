@@ -25,8 +25,9 @@ class Policy:
     def begin_request(self, session: Hashable, now: float, next_call_delay_s: float | None = None) -> None:
         """A request of ``session`` arrives at ``now``; following insert/access calls belong to it."""
 
-    def end_request(self, session: Hashable, now: float) -> None:
-        """The request's response finished at ``now``."""
+    def end_request(self, session: Hashable, now: float, stop_reason: str | None = None) -> None:
+        """The request's response finished at ``now``, for ``stop_reason`` ("tool_use": the client runs a tool
+        and calls again; "end_turn": the turn is over and a person answers next; None: not known)."""
 
     # --- membership -------------------------------------------------------------------------------------------
     def insert(self, key: Key) -> None:
