@@ -20,30 +20,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
 
 from kvtier import kernels
+from kvtier.cascade import G1, G2, G3, G4, TIER_NAMES, TierCascade
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE, EventPublisher
 from kvtier.hashing import Namespace, block_hashes
 from kvtier.hints import AgentHints, BlockPlan, block_plan
 from kvtier.layout import PageLayout
-from kvtier.manager import Manager, TierSpec
 from kvtier.metrics import EngineMetrics
-from kvtier.tiers.base import Tier, guarded
+from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.host import HostPool, HostTier
 from kvtier.tiers.remote import RemoteTier
 
 log = logging.getLogger(__name__)
 
-G1, G2, G3, G4 = 0, 1, 2, 3
-TIER_NAMES = ("G1", "G2", "G3", "G4")
-UNBOUNDED = 2**62  # G4's size is the server's business (maxmemory); its evictions surface as misses
 
 
 @dataclass
@@ -82,7 +79,7 @@ class _ChunkMeta:
     token_ids: tuple[int, ...]
 
 
-class KvtierEngine:
+class KvtierEngine(TierCascade):
     def __init__(self, config: KvtierConfig, layout: PageLayout, namespace: Namespace, *,
                  metrics: EngineMetrics | None = None, events: EventPublisher | None = None,
                  spare_host_slots: int = 4) -> None:
@@ -107,26 +104,13 @@ class KvtierEngine:
             pool.close()
             raise ValueError(f"host_capacity_bytes={config.host_capacity_bytes} holds {pool.num_slots} chunks of "
                              f"{self.chunk_bytes} B; need more than {spare_host_slots} (the spare slots)")
-        self.host = HostTier(namespace, pool, own_pool=True)
-        self.unit = pool.slot_bytes
-        self.tiers: dict[int, Tier] = {G2: self.host}
-        specs = [TierSpec("G1", 0), TierSpec("G2", (pool.num_slots - spare_host_slots) * self.unit)]
+        lower: dict[int, Tier] = {}
         if config.disk_path:
-            self.tiers[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
-            specs.append(TierSpec("G3", max(self.unit, config.disk_capacity_bytes - spare_host_slots * self.unit),
-                                  config.admission_min_hits))
+            lower[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
         if config.remote_url:
-            self.tiers[G4] = RemoteTier.from_config(config, namespace)
-            specs.append(TierSpec("G4", UNBOUNDED, config.admission_min_hits))
-        # manager tier index -> G-number (G3 may be absent while G4 is present)
-        self._gnum = [G1, G2] + sorted(g for g in self.tiers if g > G2)
-        self._index = {g: i for i, g in enumerate(self._gnum)}
-        self.manager = Manager(specs, config.policy, write_through=config.write_through,
-                               pin_budget_frac=config.pin_budget_frac, pin_lease_s=config.pin_lease_s,
-                               block_bytes=self.unit, listener=self)
-        for g, tier in self.tiers.items():
-            tier.on_evicted = lambda keys, g=g: self._tier_dropped(g, keys)
-        self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
+            lower[G4] = RemoteTier.from_config(config, namespace)
+        self._build_cascade(config, HostTier(namespace, pool, own_pool=True), lower, pool.slot_bytes,
+                            spare_host_slots)
         # GPU transfers run on a side stream ordered against the compute stream by events; CPU ones inline
         self._side = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
         self._parts = [(layout, 0)]
@@ -261,33 +245,6 @@ class KvtierEngine:
         return self._mover.submit(self._prefetch, list(keys))
 
     # --- manager listener: demotions and evictions ---------------------------------------------------------------
-    def on_demote(self, src: int, dst: int, keys: list[int]) -> None:
-        """Called under the lock, before ``src`` frees the keys: queue the copies for the mover."""
-        g_src, g_dst = self._gnum[src], self._gnum[dst]
-        self.metrics.demotions.labels(TIER_NAMES[g_src], TIER_NAMES[g_dst]).inc(len(keys))
-        newly_stored = [k for k in keys if not self._in_storage(k, exclude=dst)]
-        self._publish_stored(newly_stored, MEDIUM_STORAGE)
-        if g_src == G2:  # hold the slots now: the entries are dropped right after this call
-            holds = [(k, self.host.borrow(k)) for k in keys]
-            views = [(k, cm, cm.__enter__()) for k, cm in holds]
-            self._mover.submit(self._write_down, views, g_dst)
-        else:
-            self._mover.submit(self._move_down, keys, g_src, g_dst)
-
-    def on_evict(self, tier: int, keys: list[int]) -> None:
-        """Called under the lock after the manager forgot ``keys`` in ``tier``: free the bytes."""
-        g = self._gnum[tier]
-        if g == G1:
-            return
-        self.metrics.evictions.labels(TIER_NAMES[g]).inc(len(keys))
-        if g == G2:
-            self.host.delete(keys)
-            self._publish_removed(keys, MEDIUM_CPU)
-        else:
-            self._mover.submit(self._delete_below, keys, g)
-            self._publish_removed([k for k in keys if not self._in_storage(k)], MEDIUM_STORAGE)
-        self._forget_meta(keys)
-
     # --- views, stats, lifecycle ----------------------------------------------------------------------------------
     def resident_blocks(self) -> dict[str, set[int]]:
         """The block hashes the engine holds per event medium: what a subscriber of its events must rebuild."""
@@ -322,9 +279,7 @@ class KvtierEngine:
             if self._closed:
                 return
             self._closed = True
-        self._mover.shutdown(wait=True)
-        for tier in self.tiers.values():
-            tier.close()
+        self._close_cascade()
         if self.events is not None:
             self.events.all_cleared()
             if self._own_events:
@@ -353,18 +308,10 @@ class KvtierEngine:
         """Read the chunk into a G2 slot (promoting it in place), then load it from there; when G2 has no
         room for it, read through a spare slot without promoting."""
         with self._lock:
-            promoted = key in self.manager.prepare_store([key], self._index[G2]).store
-            slot = self.host.reserve(key, self.chunk_bytes) if promoted else None
+            slot = self._reserve_promotion(key)
         if slot is None:
-            if promoted:
-                self._complete_store(key, ok=False)
             return self._load_through_spare(key, tier, block_ids, state)
-
-        def settle(ok: bool) -> None:
-            (self.host.commit if ok else self.host.abort)(key)
-            self._complete_store(key, ok=ok)
-
-        if not self._read_before_deadline(key, tier, slot, settle):
+        if not self._read_before_deadline(key, tier, slot, lambda ok: self._settle_promotion(key, ok)):
             return False
         self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[tier]}").inc(self.chunk_bytes)
         return self._load_from_host(key, block_ids, state)
@@ -459,43 +406,6 @@ class KvtierEngine:
                 self.manager.mark_ephemeral([key])
         self._complete_store(key, ok=True)
 
-    def _write_down(self, held: list, g_dst: int) -> None:
-        """Mover: write G2 slots (held since ``on_demote``) into G3/G4, then let the slots go."""
-        try:
-            keys = [k for k, _, view in held if view is not None]
-            views = [view for _, _, view in held if view is not None]
-            results = self._guarded(g_dst, "put", lambda: self.tiers[g_dst].put(keys, views), [False] * len(keys))
-        finally:
-            for _, cm, _ in held:
-                cm.__exit__(None, None, None)
-        self._after_put(keys, results, g_dst)
-
-    def _move_down(self, keys: list[int], g_src: int, g_dst: int) -> None:
-        """Mover: G3 -> G4 through a spare host slot (queued before the G3 delete, so the file still exists)."""
-        for key in keys:
-            slots = self.host.pool.try_alloc(1)
-            if slots is None:
-                self._after_put([key], [False], g_dst)
-                continue
-            try:
-                view = self.host.pool.view(slots[0])[:self.chunk_bytes]
-                got = self._guarded(g_src, "get", lambda: self.tiers[g_src].get([key], [view]), [None])[0]
-                ok = got == self.chunk_bytes and \
-                    self._guarded(g_dst, "put", lambda: self.tiers[g_dst].put([key], [view]), [False])[0]
-            finally:
-                self.host.pool.free(slots)
-            self._after_put([key], [ok], g_dst)
-
-    def _after_put(self, keys: list[int], results: list[bool], g_dst: int) -> None:
-        failed = [k for k, ok in zip(keys, results) if not ok]
-        self.metrics.bytes_moved.labels(f"demote_{TIER_NAMES[g_dst]}").inc((len(keys) - len(failed)) * self.chunk_bytes)
-        if failed:
-            self.metrics.errors.labels(TIER_NAMES[g_dst], "put").inc(len(failed))
-            self._lost_many(failed, g_dst)
-
-    def _delete_below(self, keys: list[int], g: int) -> None:
-        self._guarded(g, "delete", lambda: self.tiers[g].delete(keys), None)
-
     def _prefetch(self, keys: list[int]) -> int:
         done = 0
         for key in keys:
@@ -504,48 +414,13 @@ class KvtierEngine:
                 if where is None or self._gnum[where] == G2:
                     continue
                 tier = self._gnum[where]
-                promoted = key in self.manager.prepare_store([key], self._index[G2]).store
-                slot = self.host.reserve(key, self.chunk_bytes) if promoted else None
+                slot = self._reserve_promotion(key)
             if slot is None:
-                if promoted:
-                    self._complete_store(key, ok=False)
                 continue
-            def settle(ok: bool, key: int = key) -> None:
-                (self.host.commit if ok else self.host.abort)(key)
-                self._complete_store(key, ok=ok)
-
-            done += self._read_before_deadline(key, tier, slot, settle)
+            done += self._read_before_deadline(key, tier, slot, lambda ok, key=key: self._settle_promotion(key, ok))
         return done
 
     # --- helpers ---------------------------------------------------------------------------------------------------
-    def _complete_store(self, key: int, ok: bool) -> None:
-        with self._lock:
-            self.manager.complete_store([key], self._index[G2], ok=ok)
-            if ok:
-                self._publish_stored([key], MEDIUM_CPU)
-            else:
-                self._forget_meta([key])
-            self._set_gauges()
-
-    def _lost(self, key: int, g: int) -> None:
-        self._lost_many([key], g)
-
-    def _lost_many(self, keys: list[int], g: int) -> None:
-        """A tier does not have what the manager thinks it has (failed write, damage, expiry): forget it."""
-        with self._lock:
-            if not self._closed:
-                self.manager.discard(keys, self._index[g])
-
-    def _tier_dropped(self, g: int, keys: list[int]) -> None:
-        """A tier evicted or dropped keys on its own (damage found, its own capacity): tell the manager."""
-        with self._lock:
-            held = [k for k in keys if k in self.manager.tiers[self._index[g]].sizes]
-            if held and not self._closed:
-                self.manager.discard(held, self._index[g])
-
-    def _guarded(self, g: int, op: str, call, default):
-        return guarded(f"{TIER_NAMES[g]} {op}", call, default, self.metrics.errors.labels(TIER_NAMES[g], op).inc)
-
     def _apply_retention(self, state: _RequestState) -> None:
         keys = state.chunk_keys
         for lease, chunks in state.plan.pins.items():
@@ -570,9 +445,6 @@ class KvtierEngine:
             if self.manager.locate(key) is None:
                 self._meta.pop(key, None)
 
-    def _in_storage(self, key: int, exclude: int | None = None) -> bool:
-        return any(key in self.manager.tiers[i].sizes for g, i in self._index.items() if g > G2 and i != exclude)
-
     def _blocks_of(self, keys) -> set[int]:
         return {h for k in keys if k in self._meta for h in self._meta[k].block_hashes}
 
@@ -591,11 +463,6 @@ class KvtierEngine:
         hashes = [h for k in keys if k in self._meta for h in self._meta[k].block_hashes]
         if hashes:
             self.events.block_removed(hashes, medium)
-
-    def _set_gauges(self) -> None:
-        for g, i in self._index.items():
-            if g > G1:
-                self.metrics.resident_bytes.labels(TIER_NAMES[g]).set(self.manager.tiers[i].used)
 
     def _state(self, request_id: str) -> _RequestState:
         self._check_open()

@@ -39,10 +39,13 @@ class HostPool:
     ``pin=None`` pins when CUDA is available. Pinned memory comes from ``torch.empty(pin_memory=True)``
     (page-aligned by cudaHostAlloc) and is handed back to the driver on ``close``; plain memory is an
     anonymous mmap, unmapped on ``close`` (or, if views of it are still alive then, when the last one dies).
+    ``buffer`` lays the slots over memory someone else owns (a shared-memory region other processes map
+    too): it is pinned in place with ``cudaHostRegister`` and unregistered, never freed, on ``close``.
     Thread-safe.
     """
 
-    def __init__(self, capacity_bytes: int, slot_bytes: int, pin: bool | None = None) -> None:
+    def __init__(self, capacity_bytes: int, slot_bytes: int, pin: bool | None = None,
+                 buffer: torch.Tensor | None = None) -> None:
         if slot_bytes <= 0:
             raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
         self.slot_bytes = round_up(slot_bytes)
@@ -54,7 +57,16 @@ class HostPool:
             raise ValueError("pin=True needs CUDA")
         nbytes = self.num_slots * self.slot_bytes
         self._mmap: mmap.mmap | None = None
-        if self.pinned:
+        self._registered = buffer is not None and self.pinned
+        if buffer is not None:
+            if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.device.type != "cpu" \
+                    or buffer.numel() < nbytes:
+                raise ValueError(f"an external pool buffer must be a 1-D CPU uint8 tensor of at least {nbytes} B, "
+                                 f"got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
+            self.buffer = buffer[:nbytes]
+            if self._registered:
+                _check_cuda(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), nbytes, 0), "register")
+        elif self.pinned:
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         else:
             self._mmap = mmap.mmap(-1, nbytes)
@@ -126,8 +138,11 @@ class HostPool:
                 return
             self._closed = True
             self._free.clear()
-            self.buffer = torch.empty(0, dtype=torch.uint8)
-            if self.pinned:
+            address, self.buffer = self.buffer.data_ptr(), torch.empty(0, dtype=torch.uint8)
+            if self._registered:
+                torch.cuda.synchronize()
+                _check_cuda(torch.cuda.cudart().cudaHostUnregister(address), "unregister")
+            elif self.pinned:
                 torch.cuda.synchronize()  # no kernel may still read or write the slots
                 empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
                 if empty_host_cache is not None:
@@ -151,6 +166,12 @@ class HostPool:
         self._check_open()
         if not isinstance(slot, int) or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot!r} out of range 0..{self.num_slots - 1}")
+
+
+def _check_cuda(status: object, what: str) -> None:
+    code = getattr(status, "value", status)
+    if code != 0:
+        raise RuntimeError(f"cudaHost{what.capitalize()} of the host pool failed with CUDA error {code}")
 
 
 @dataclass

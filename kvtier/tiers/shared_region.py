@@ -1,0 +1,79 @@
+"""Host memory two processes map at once: a named file in /dev/shm, created by whichever side opens it first.
+
+vLLM runs its scheduler and each worker in separate processes, and either may come up first (the engine
+core initialises the workers' KV caches before it builds the scheduler; tests build them the other way
+round). So both sides call the same constructor: the first opener (``O_EXCL``) sizes the file, the second
+waits for that size, maps it, and unlinks the name. From then on the memory lives exactly as long as the
+mappings: nothing is left in /dev/shm however the processes end. A side that is never joined unlinks the
+name on ``close``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHM_DIR = Path("/dev/shm")
+
+
+class SharedRegion:
+    """``nbytes`` of shared memory named ``name`` (a file under ``directory``), as a uint8 ``buffer``."""
+
+    def __init__(self, name: str, nbytes: int, *, directory: Path = SHM_DIR, wait_s: float = 30.0) -> None:
+        if nbytes <= 0 or nbytes % mmap.PAGESIZE:
+            raise ValueError(f"a shared region is a positive multiple of {mmap.PAGESIZE} B, got {nbytes}")
+        if not name or "/" in name:
+            raise ValueError(f"bad shared region name {name!r}")
+        self.path = Path(directory) / name
+        self.nbytes = nbytes
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            self.creator = True
+        except FileExistsError:
+            fd = os.open(self.path, os.O_RDWR)
+            self.creator = False
+        try:
+            if self.creator:
+                os.ftruncate(fd, nbytes)
+            else:
+                self._wait_for_size(fd, wait_s)
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED,
+                                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            if self.creator:
+                self._unlink()
+            raise
+        finally:
+            os.close(fd)
+        if not self.creator:
+            self._unlink()  # both sides have it mapped: the name is no longer needed
+        self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
+
+    def _wait_for_size(self, fd: int, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while (size := os.fstat(fd).st_size) < self.nbytes:
+            if os.fstat(fd).st_nlink == 0 or time.monotonic() > deadline:
+                raise RuntimeError(f"shared region {self.path} was not sized by its creator within {wait_s} s")
+            time.sleep(0.005)
+        if size != self.nbytes:
+            raise ValueError(f"shared region {self.path} is {size} B, expected {self.nbytes} B: the scheduler and "
+                             "the worker disagree on its size (different kv_connector_extra_config?)")
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        """Unmap (once no tensor views it any more) and drop the name if the other side never came."""
+        self._unlink()
+        if self._mmap is None:
+            return
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        with contextlib.suppress(BufferError):  # views still alive: unmapped when the last one dies
+            self._mmap.close()
+        self._mmap = None
