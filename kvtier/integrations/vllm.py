@@ -1,27 +1,37 @@
-"""kvtier as a vLLM 0.33 ``OffloadingSpec``, loaded by vLLM's own ``OffloadingConnector``.
+"""kvtier as a vLLM 0.33 ``OffloadingSpec``, loaded by vLLM's own ``OffloadingConnector``, with G2, G3 and G4.
 
 ``--kv-transfer-config '{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":
-{"spec_name":"KvtierOffloadingSpec","spec_module_path":"kvtier.integrations.vllm","host_capacity_bytes":"8GiB"}}'``
+{"spec_name":"KvtierOffloadingSpec","spec_module_path":"kvtier.integrations.vllm","host_capacity_bytes":"8GiB",
+"disk_path":"/mnt/nvme/kvtier","disk_capacity_bytes":"500GiB","remote_url":"redis://cache:6379/0"}}'``
+
+G2 is shared memory: one part per worker rank (``/dev/shm/kvtier-<engine id>-rank<r>``), mapped by the
+scheduler process and by that rank's worker, whichever comes first creating it; the second to map it unlinks
+the name, so nothing is left behind however the processes end. Workers pin their part (``cudaHostRegister``)
+when CUDA exists.
 
 Scheduler process: ``KvtierOffloadingManager`` answers vLLM's lookups and plans stores with kvtier's block
-``Manager`` (its eviction policy and agent-hint retention: pins, priorities, ephemeral blocks). G2 is a
-slot array; the manager decides which chunk owns which slot and ships slot numbers in the job specs.
-Worker processes: ``KvtierOffloadingWorker`` owns the slots (a ``HostPool``, pinned when CUDA exists) and
-moves chunks between vLLM's canonical KV tensors and the slots with kvtier's transfer kernels.
+``Manager`` (eviction policy, agent-hint retention: pins, priorities, ephemeral chunks, the G3/G4 admission
+filter) over the full tier cascade. It owns the slots (a chunk has the same slot in every rank's part) and
+moves bytes below G2 itself, with the engine's own ``TierCascade``: evictions are demoted G2 -> G3 -> G4 by a
+background mover, one entry per rank (namespace ``tp_rank = rank``); a chunk held only in G3/G4 is promoted
+into a G2 slot in the background while ``lookup`` answers ``HIT_PENDING`` (vLLM asks again next step), all
+ranks or none. A failed, damaged or late (``lower_tier_deadline_ms``) promotion answers ``MISS`` and vLLM
+recomputes: no worker job ever fails, which vLLM would assert on.
+Worker processes: ``KvtierOffloadingWorker`` moves chunks between vLLM's canonical KV tensors and its rank's
+part of G2 with kvtier's transfer kernels.
 
 Agent hints ride in a request's ``kv_transfer_params["agent_hints"]`` (vLLM passes them to the manager
-verbatim); bad hints are logged and ignored, never raised into the serving loop. KV events carry medium
-``CPU`` through vLLM's own event path. G3/G4 (disk, remote) are not reachable through this spec yet: vLLM
-asserts on failed worker jobs, so a lower-tier read would have to be promoted before ``lookup`` answers HIT,
-which needs a worker-to-scheduler channel this interface does not have; configuring them is an error.
+verbatim); bad hints are logged and ignored, never raised into the serving loop. KV events go through vLLM's
+own event path: G2 chunks with medium ``CPU``, G3/G4 chunks with medium ``STORAGE``, removals included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Collection, Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,13 +57,21 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.config import OffloadingConfig
 
 from kvtier import kernels
+from kvtier.cascade import G1, G2, G3, G4, TIER_NAMES, TierCascade
 from kvtier.config import KvtierConfig
+from kvtier.events import MEDIUM_CPU
 from kvtier.hashing import Namespace
 from kvtier.hints import AgentHints, HintError, parse_hints
 from kvtier.integrations.common import engine_key, kvtier_config, name_part
 from kvtier.layout import VLLM_ORDERS, PageLayout, build_layout
-from kvtier.manager import Manager, TierSpec
-from kvtier.tiers.host import HostPool, round_up
+from kvtier.manager import ManagerError
+from kvtier.metrics import EngineMetrics
+from kvtier.tiers.base import Tier
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.host import HostPool, HostTier, round_up
+from kvtier.tiers.ranks import RankedTier
+from kvtier.tiers.remote import RemoteTier
+from kvtier.tiers.shared_region import SharedRegion
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +79,12 @@ VLLM_KEYS = frozenset({"spec_name", "spec_module_path", "blocks_per_chunk", "blo
                        "sync_load_budget_bytes", "self_describing_kv_events", "offload_prompt_only",
                        "enable_telemetry"})
 KVTIER_KEYS = frozenset({"host_capacity_bytes", "policy", "pin_budget_frac", "pin_lease_s", "transfer_impl",
-                         "sm_budget", "model_name"})
+                         "sm_budget", "model_name", "admission_min_hits", "write_through", "lower_tier_deadline_ms",
+                         "disk_path", "disk_capacity_bytes", "disk_io_threads", "disk_use_direct_io", "disk_fsync",
+                         "disk_max_pending_bytes", "remote_url", "remote_password", "remote_username",
+                         "remote_ttl_s", "remote_timeout_s", "remote_part_bytes", "remote_connections",
+                         "remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file"})
+SPARE_SLOTS = 2  # G2 slots outside the manager's capacity: G3 -> G4 moves go through them
 HINTS_FIELD = "agent_hints"
 
 
@@ -76,11 +99,12 @@ def vllm_namespace(config: OffloadingConfig, model_name: str = "") -> Namespace:
     layout = (f"vllm-{config.kv_cache_layout}-c{config.cache.blocks_per_chunk}x{config.groups[0].tokens_per_block}"
               f"-pp{par.pp_size}-pcp{par.pcp_size}-dcp{par.dcp_size}")
     return Namespace(model=name_part(model_name or config.model.name), dtype=name_part(config.model.dtype),
-                     layout=layout, tp_rank=0, tp_size=par.tp_size)
+                     layout=layout, tp_rank=0, tp_size=par.world_size)
 
 
 def slot_bytes(config: OffloadingConfig) -> int:
-    """One chunk of one worker, as the host pool rounds it (both sides must agree on slot numbering)."""
+    """One chunk of one worker, as the host pool rounds it (both sides must agree on slot numbering and on
+    the size of each rank's part)."""
     return round_up(config.worker_kv_bytes_per_block * config.cache.blocks_per_chunk)
 
 
@@ -97,26 +121,55 @@ class _RequestState:
         return out
 
 
-class KvtierOffloadingManager(OffloadingManager):
-    """vLLM's scheduler-side view of G2, backed by kvtier's ``Manager`` (single tier, units of one slot)."""
+@dataclass
+class _Promotion:
+    """A chunk being read from G3/G4 into its reserved G2 slot."""
 
-    def __init__(self, namespace: Namespace, num_slots: int, chunk_tokens: int, cfg: KvtierConfig,
-                 enable_events: bool) -> None:
+    tier: int
+    deadline: float
+    late: bool = False
+
+
+class KvtierOffloadingManager(TierCascade, OffloadingManager):
+    """vLLM's scheduler-side view of kvtier's tiers: G2 slots in the shared region, then G3 and G4.
+
+    Chunk keys are one per chunk for all ranks; a chunk sits in the same slot of every rank's part of G2,
+    and in G3/G4 as one entry per rank (``RankedTier``). A chunk held only below G2 is promoted into a G2
+    slot in the background: ``lookup`` answers ``HIT_PENDING`` until it landed (vLLM asks again next step),
+    then ``HIT``; a failed, damaged or late read answers ``MISS`` (vLLM recomputes), never a failed job.
+    """
+
+    def __init__(self, namespace: Namespace, regions: Sequence[SharedRegion], part_bytes: int, num_slots: int,
+                 chunk_bytes: int, chunk_tokens: int, cfg: KvtierConfig, enable_events: bool) -> None:
+        self.config = cfg
         self.namespace = namespace
         self.num_slots = num_slots
+        self.chunk_bytes = chunk_bytes
         self.chunk_tokens = chunk_tokens
-        self.policy = cfg.policy
-        self.manager = Manager([TierSpec("G2", num_slots)], cfg.policy, pin_budget_frac=cfg.pin_budget_frac,
-                               pin_lease_s=cfg.pin_lease_s, block_bytes=1)
-        self._tier = self.manager.tiers[0]
-        self._free = list(range(num_slots - 1, -1, -1))
-        self._slot: dict[int, int] = {}
+        self.metrics = EngineMetrics()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._regions = list(regions)
         self._offload_key: dict[int, OffloadKey] = {}
+        self._promotions: dict[int, _Promotion] = {}
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
+        self._evicted_now: list[OffloadKey] = []
+        parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
+        pool = HostPool(num_slots * part_bytes, part_bytes, pin=False, buffer=parts[0])
+        lower = lower_tiers(cfg, namespace, len(parts), parts, chunk_bytes)
+        spare = SPARE_SLOTS if lower else 0
+        if num_slots <= spare:
+            for tier in lower.values():
+                tier.close()
+            raise ValueError(f"KvtierOffloadingSpec: host_capacity_bytes holds {num_slots} chunks; with disk or "
+                             f"remote tiers it must hold more than {spare} (the slots chunks in flight use)")
+        self._build_cascade(cfg, HostTier(rank_namespace(namespace, 0, len(parts)), pool, own_pool=True), lower,
+                            part_bytes * len(parts), spare)
+        self._g2 = self._index[G2]
 
     @property
     def lock(self):
-        return nullcontext()
+        return self._lock
 
     # --- keys and requests -----------------------------------------------------------------------------------
     def key(self, offload_key: OffloadKey) -> int:
@@ -160,18 +213,66 @@ class KvtierOffloadingManager(OffloadingManager):
     # --- loads ---------------------------------------------------------------------------------------------------
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         (k,) = self._keys([key], req_context)
-        if k in self._tier.sizes:
+        where = self.manager.locate(k)
+        if where == self._g2:
             return LookupResult.HIT
-        return LookupResult.HIT_PENDING if k in self._tier.pending else LookupResult.MISS
+        promotion = self._promotions.get(k)
+        if promotion is not None:
+            if not promotion.late and time.monotonic() > promotion.deadline:
+                promotion.late = True  # vLLM recomputes; the read still lands in G2 for later requests
+                self.metrics.recomputed.labels(TIER_NAMES[promotion.tier]).inc()
+            return LookupResult.MISS if promotion.late else LookupResult.HIT_PENDING
+        if k in self.manager.tiers[self._g2].pending:
+            return LookupResult.HIT_PENDING  # a store in flight
+        if where is None or not self._promote(k, self._gnum[where]):
+            self.metrics.lookups.labels("none", "miss").inc()
+            return LookupResult.MISS
+        return LookupResult.HIT_PENDING
+
+    def _promote(self, key: int, tier: int) -> bool:
+        """Start reading a chunk held only in ``tier`` into a reserved G2 slot; False when G2 has no room."""
+        slot = self._reserve_promotion(key)
+        if slot is None:
+            return False
+        promotion = _Promotion(tier, time.monotonic() + self.config.lower_tier_deadline_ms / 1000)
+        self._promotions[key] = promotion
+        self.metrics.lookups.labels(TIER_NAMES[tier], "hit").inc()
+        future = self._guarded(tier, "get", lambda: self.tiers[tier].get_async([key], [slot]), None)
+        if future is None:
+            self._promoted(key, promotion, None)
+        else:
+            future.add_done_callback(lambda f: self._promoted(key, promotion, f))
+        return True
+
+    def _promoted(self, key: int, promotion: _Promotion, future) -> None:
+        """A promotion's read ended (on a tier's I/O thread): publish the chunk in G2, or forget it below."""
+        size = self._guarded(promotion.tier, "get", lambda: future.result()[0], None) if future else None
+        ok = size == self.chunk_bytes
+        with self._lock:
+            del self._promotions[key]
+            if self._closed:
+                return
+            self._settle_promotion(key, ok)
+            if ok:
+                self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[promotion.tier]}").inc(self.chunk_bytes)
+            else:
+                self.metrics.errors.labels(TIER_NAMES[promotion.tier], "get").inc()
+                self._lost(key, promotion.tier)
+
+    def _slot(self, key: int) -> int:
+        with self.host.borrow(key) as view:
+            if view is None:
+                raise ManagerError(f"chunk {key:#x} is not in G2")
+            return self.host.slot_offset(view) // self.host.pool.slot_bytes
 
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         ks = self._keys(keys, req_context)
         self.manager.acquire(ks)
-        self.manager.touch(ks)
-        return KvtierChunksSpec([self._slot[k] for k in ks])
+        self.manager.touch(ks, self._g2)
+        return KvtierChunksSpec([self._slot(k) for k in ks])
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        self.manager.touch(self._keys(keys, req_context))
+        self.manager.touch(self._keys(keys, req_context), self._g2)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         self.manager.release(self._keys(keys, req_context))
@@ -180,76 +281,121 @@ class KvtierOffloadingManager(OffloadingManager):
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         ks = self._keys(keys, req_context)
         state = req_context.get_state(_RequestState)
-        held = [k for k in dict.fromkeys(ks) if k in self._tier.sizes]
-        wanted = [k for k in dict.fromkeys(ks) if k not in self._tier.sizes and k not in self._tier.pending]
+        g2 = self.manager.tiers[self._g2]
+        held = [k for k in dict.fromkeys(ks) if k in g2.sizes]
+        wanted = [k for k in dict.fromkeys(ks) if k not in g2.sizes and k not in g2.pending]
+        self._evicted_now = []
         self.manager.acquire(held)  # vLLM: keys passed in must not be evicted by this call
         try:
-            plan = self.manager.prepare_store(ks, session=state.hints.session_id if state else None)
+            plan = self.manager.prepare_store(ks, self._g2, session=state.hints.session_id if state else None)
         finally:
             self.manager.release(held)
-        evicted = []
-        for key, _tier, _to in plan.evicted:
-            self._free.append(self._slot.pop(key))
-            evicted.append(self._offload_key.pop(key))
-        self._publish(evicted, removed=True)
+        evicted, self._evicted_now = self._evicted_now, []
         if wanted and not plan.store:
             return None  # no room now (everything pinned or in use): vLLM retries next step
         slots = []
         for key in plan.store:
-            self._slot[key] = slot = self._free.pop()
-            slots.append(slot)
+            view = self.host.reserve(key, self.chunk_bytes)
+            if view is None:  # cannot happen while the manager's G2 is smaller than the pool
+                raise ManagerError(f"no G2 slot for chunk {key:#x} the manager admitted")
+            slots.append(self.host.slot_offset(view) // self.host.pool.slot_bytes)
         return PrepareStoreOutput([self._offload_key[k] for k in plan.store], KvtierChunksSpec(slots), evicted)
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
-        ks = [k for k in self._keys(keys, req_context) if k in self._tier.pending]
-        self.manager.complete_store(ks, ok=success)
+        pending = self.manager.tiers[self._g2].pending
+        for k in self._keys(keys, req_context):
+            if k in pending and k not in self._promotions:
+                (self.host.commit if success else self.host.abort)(k)
+                self._complete_store(k, ok=success)
         if success:
-            self._publish([self._offload_key[k] for k in ks], removed=False)
             self._apply_hints(req_context)
-        else:
-            for k in ks:
-                self._free.append(self._slot.pop(k))
-                self._offload_key.pop(k, None)
 
-    # --- housekeeping -------------------------------------------------------------------------------------------
-    def _publish(self, keys: list[OffloadKey], removed: bool) -> None:
-        if self._events is not None and keys:
-            self._events.append(OffloadingEvent(keys=keys, medium=Medium.CPU, removed=removed))
+    # --- events (TierCascade hooks) ---------------------------------------------------------------------------
+    def _publish_stored(self, keys: list[int], medium: str) -> None:
+        self._publish(keys, medium, removed=False)
+
+    def _publish_removed(self, keys: list[int], medium: str) -> None:
+        if medium == MEDIUM_CPU:
+            self._evicted_now += [self._offload_key[k] for k in keys if k in self._offload_key]
+        self._publish(keys, medium, removed=True)
+
+    def _publish(self, keys: list[int], medium: str, removed: bool) -> None:
+        offload_keys = [self._offload_key[k] for k in keys if k in self._offload_key]
+        if self._events is not None and offload_keys:
+            self._events.append(OffloadingEvent(keys=offload_keys, removed=removed,
+                                                medium=Medium.CPU if medium == MEDIUM_CPU else Medium.STORAGE))
+
+    def _forget_meta(self, keys: list[int]) -> None:
+        for key in keys:
+            if self.manager.locate(key) is None and not any(key in t.pending for t in self.manager.tiers):
+                self._offload_key.pop(key, None)
 
     def take_events(self) -> Iterable[OffloadingEvent]:
-        if not self._events:
-            return ()
-        events, self._events = self._events, []
-        return events
+        with self._lock:
+            if not self._events:
+                return ()
+            events, self._events = self._events, []
+            return events
+
+    # --- housekeeping -------------------------------------------------------------------------------------------
+    def has_pending_work(self) -> bool:
+        return bool(self._promotions)
 
     def reset_cache(self) -> None:
-        """Forget every chunk no job is using (vLLM's reset_prefix_cache with the connector)."""
-        idle = [k for k in self._tier.sizes if self.manager.entry(k).readers == 0]
-        self.manager.discard(idle, 0)
-        for k in idle:
-            self._free.append(self._slot.pop(k))
-        self._publish([self._offload_key.pop(k) for k in idle], removed=True)
+        """Forget every chunk no job is using, in every tier (vLLM's reset_prefix_cache with the connector)."""
+        for g, i in self._index.items():
+            if g > G1:
+                held = self.manager.tiers[i].sizes
+                self.manager.discard([k for k in held if self.manager.entry(k).readers == 0], i)
 
     def config_info(self) -> Sequence[dict[str, Any]]:
-        return ({"kvtier_host_chunks": self.num_slots, "kvtier_policy": self.policy,
-                 "kvtier_namespace": self.namespace.prefix},)
+        return ({"kvtier_host_chunks": self.num_slots, "kvtier_policy": self.config.policy,
+                 "kvtier_namespace": self.namespace.prefix,
+                 "kvtier_tiers": ",".join(TIER_NAMES[g] for g in sorted(self.tiers))},)
 
-    def stats(self) -> dict[str, float]:
-        """The G2 tier's counters (hits are counted by vLLM; writes, evictions, refusals here)."""
-        return self.manager.stats()[0]
+    def stats(self, tier: str = "G2") -> dict[str, float]:
+        """One tier's counters in the manager's view (hits are counted by vLLM), plus ``chunks`` held."""
+        i = self._index[TIER_NAMES.index(tier)]
+        return {**self.manager.stats()[i], "chunks": len(self.manager.tiers[i].sizes)}
+
+    def held(self, tier: str) -> set[int]:
+        """The chunk keys ``tier`` ("G2", "G3", "G4") holds in the manager's view."""
+        return set(self.manager.tiers[self._index[TIER_NAMES.index(tier)]].sizes)
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until queued demotions and deletions ran and promotions landed (tests, shutdown)."""
+        self._mover.submit(lambda: None).result(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._promotions and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def shutdown(self) -> None:
+        """Finish queued demotions, close the tiers, unmap the shared region (vLLM calls this without the lock)."""
+        with self._lock:
+            if self._closed:
+                return
+        self.drain()
+        with self._lock:
+            self._closed = True
+        self._close_cascade()
+        for region in self._regions:
+            region.close()
 
 
 class KvtierOffloadingWorker(OffloadingWorker):
-    """Moves chunks between vLLM's KV blocks and host-pool slots with kvtier's kernels.
+    """Moves chunks between vLLM's KV blocks and this rank's part of G2 with kvtier's kernels.
 
     A chunk's slot holds ``blocks_per_chunk`` records of ``layout.block_bytes`` back to back (a record =
     every canonical tensor's page of that block, in tensor order). GPU copies run on a side stream and are
-    reported finished when their event completes; CPU copies are synchronous.
+    reported finished when their event completes; CPU copies are synchronous. Slot numbers come from the
+    scheduler, which owns the slots and every move below G2.
     """
 
-    def __init__(self, layout: PageLayout, pool: HostPool, blocks_per_chunk: int, cfg: KvtierConfig) -> None:
+    def __init__(self, layout: PageLayout, pool: HostPool, blocks_per_chunk: int, cfg: KvtierConfig,
+                 region: SharedRegion | None = None) -> None:
         self.layout = layout
         self.pool = pool
+        self.region = region
         self.blocks_per_chunk = blocks_per_chunk
         self.impl = cfg.transfer_impl
         self.sm_budget = cfg.sm_budget
@@ -312,6 +458,8 @@ class KvtierOffloadingWorker(OffloadingWorker):
         if self._stream is not None:
             self._stream.synchronize()
         self.pool.close()
+        if self.region is not None:
+            self.region.close()
 
 
 class KvtierOffloadingSpec(OffloadingSpec):
@@ -319,7 +467,10 @@ class KvtierOffloadingSpec(OffloadingSpec):
 
     Extra-config keys (besides vLLM's own): ``host_capacity_bytes`` (G2 per worker, e.g. ``"8GiB"``),
     ``policy``, ``pin_budget_frac``, ``pin_lease_s``, ``transfer_impl``, ``sm_budget``, ``model_name``
-    (namespace override, for instances that load one model from different paths).
+    (namespace override, for instances that load one model from different paths), the G3 keys
+    (``disk_path``, ``disk_capacity_bytes`` for all ranks together, ``disk_io_threads``, ...), the G4 keys
+    (``remote_url``, ``remote_ttl_s``, ...), ``admission_min_hits``, ``write_through`` and
+    ``lower_tier_deadline_ms`` (how long ``lookup`` may answer HIT_PENDING before a promotion is a miss).
     """
 
     def __init__(self, config: OffloadingConfig):
@@ -333,23 +484,38 @@ class KvtierOffloadingSpec(OffloadingSpec):
             raise ValueError(f"{where}: {len(config.groups)} KV cache groups; kvtier handles one (no hybrid models)")
         if config.kv_cache_layout not in VLLM_ORDERS:
             raise ValueError(f"{where}: KV cache layout {config.kv_cache_layout!r} is not one of {VLLM_ORDERS}")
+        self.chunk_bytes = config.worker_kv_bytes_per_block * config.cache.blocks_per_chunk
         self.slot_bytes = slot_bytes(config)
         self.num_slots = self.kvtier.host_capacity_bytes // self.slot_bytes
         if self.num_slots <= 0:
             raise ValueError(f"{where}: host_capacity_bytes={self.kvtier.host_capacity_bytes} holds no chunk of "
                              f"{self.slot_bytes} B; give at least one chunk")
+        self.world_size = config.parallel.world_size
         self.namespace = vllm_namespace(config, self.kvtier.model_name if "model_name" in self.extra_config else "")
         self._manager: KvtierOffloadingManager | None = None
 
     @classmethod
     def config_info_keys(cls, extra_config: dict[str, Any]) -> tuple[str, ...]:
-        return ("kvtier_host_chunks", "kvtier_policy", "kvtier_namespace")
+        return ("kvtier_host_chunks", "kvtier_policy", "kvtier_namespace", "kvtier_tiers")
+
+    def _region(self, rank: int) -> SharedRegion:
+        """Rank ``rank``'s part of G2: the scheduler maps every part, a worker its own."""
+        name = f"kvtier-{name_part(self.config.engine_id)}-rank{rank}"
+        return SharedRegion(name, self.num_slots * self.slot_bytes)
 
     def get_manager(self) -> OffloadingManager:
         if self._manager is None:
-            chunk_tokens = self.config.groups[0].tokens_per_block * self.blocks_per_chunk
-            self._manager = KvtierOffloadingManager(self.namespace, self.num_slots, chunk_tokens, self.kvtier,
-                                                    self.kv_events_config.enable_kv_cache_events)
+            regions: list[SharedRegion] = []
+            try:
+                regions = [self._region(r) for r in range(self.world_size)]
+                chunk_tokens = self.config.groups[0].tokens_per_block * self.blocks_per_chunk
+                self._manager = KvtierOffloadingManager(
+                    self.namespace, regions, self.slot_bytes, self.num_slots, self.chunk_bytes, chunk_tokens,
+                    self.kvtier, self.kv_events_config.enable_kv_cache_events)
+            except BaseException:
+                for region in regions:
+                    region.close()
+                raise
         return self._manager
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
@@ -357,8 +523,38 @@ class KvtierOffloadingSpec(OffloadingSpec):
         if layout.block_bytes * self.blocks_per_chunk > self.slot_bytes:
             raise ValueError(f"KvtierOffloadingSpec: a chunk of this worker is {layout.block_bytes} B x "
                              f"{self.blocks_per_chunk} blocks, more than the planned slot of {self.slot_bytes} B")
-        pool = HostPool(self.num_slots * self.slot_bytes, self.slot_bytes)
-        return KvtierOffloadingWorker(layout, pool, self.blocks_per_chunk, self.kvtier)
+        region = self._region(self.config.parallel.rank)
+        try:
+            pool = HostPool(self.num_slots * self.slot_bytes, self.slot_bytes, buffer=region.buffer)
+        except BaseException:
+            region.close()
+            raise
+        return KvtierOffloadingWorker(layout, pool, self.blocks_per_chunk, self.kvtier, region)
+
+
+def rank_namespace(namespace: Namespace, rank: int, world_size: int) -> Namespace:
+    """Where rank ``rank`` stores its bytes of every chunk below G2."""
+    return dataclasses.replace(namespace, tp_rank=rank, tp_size=world_size)
+
+
+def lower_tiers(cfg: KvtierConfig, namespace: Namespace, world_size: int, parts: Sequence[torch.Tensor],
+                chunk_bytes: int) -> dict[int, Tier]:
+    """G3 and G4 as configured, each a ``RankedTier`` over one tier per rank (its own namespace)."""
+    per_rank = dataclasses.replace(cfg, disk_capacity_bytes=cfg.disk_capacity_bytes // world_size)
+    makers = {G3: lambda ns: DiskTier.from_config(per_rank, ns, chunk_bytes),
+              G4: lambda ns: RemoteTier.from_config(cfg, ns)}
+    wanted = [g for g, on in ((G3, cfg.disk_path), (G4, cfg.remote_url)) if on]
+    built: dict[int, list[Tier]] = {}
+    try:
+        for g in wanted:
+            built[g] = []
+            for r in range(world_size):
+                built[g].append(makers[g](rank_namespace(namespace, r, world_size)))
+    except BaseException:
+        for tier in (t for ts in built.values() for t in ts):
+            tier.close()
+        raise
+    return {g: RankedTier(ts, parts) for g, ts in built.items()}
 
 
 def canonical_layout(kv_caches: CanonicalKVCaches, order: str) -> PageLayout:

@@ -40,7 +40,7 @@ def test_stores_new_blocks_then_hits_and_loads_the_shared_prefix(harness):
     assert not jobs(first, "load_jobs")
     stored = [e for step in first for e in step.stored_events if e.medium == "CPU"]
     assert sum(len(e.block_hashes) for e in stored) == PREFIX_BLOCKS
-    assert h.manager.stats()["used"] == PREFIX_BLOCKS
+    assert h.manager.stats()["chunks"] == PREFIX_BLOCKS
 
     h.drop_gpu_prefix_cache()
     for i, tail in enumerate(([910, 911], [920, 921, 922])):
@@ -162,7 +162,7 @@ def test_chunks_of_several_blocks_round_trip(harness):
     ({"spec_name": "KvtierOffloadingSpec", "spec_module_path": "kvtier.integrations.vllm"}, "host_capacity_bytes"),
     (kvtier_spec(0), "holds no chunk"),
     (kvtier_spec(8, host_capacity_byte=1), "unsupported key"),
-    (kvtier_spec(8, disk_path="/tmp/x"), "unsupported key"),
+    (kvtier_spec(8, disk_paht="/tmp/x"), "unsupported key"),
     (kvtier_spec(8, policy="nope"), "policy"),
     (kvtier_spec(8, host_capacity_bytes="lots"), "host_capacity_bytes"),
 ])
