@@ -224,6 +224,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             return LookupResult.MISS if promotion.late else LookupResult.HIT_PENDING
         if k in self.manager.tiers[self._g2].pending:
             return LookupResult.HIT_PENDING  # a store in flight
+        if where is not None and self.host.pool.free_slots == 0:
+            return LookupResult.RETRY  # every spare slot is a demotion in flight: a slot frees up shortly
         if where is None or not self._promote(k, self._gnum[where]):
             self.metrics.lookups.labels("none", "miss").inc()
             return LookupResult.MISS
@@ -293,12 +295,16 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         evicted, self._evicted_now = self._evicted_now, []
         if wanted and not plan.store:
             return None  # no room now (everything pinned or in use): vLLM retries next step
-        slots = []
-        for key in plan.store:
-            view = self.host.reserve(key, self.chunk_bytes)
-            if view is None:  # cannot happen while the manager's G2 is smaller than the pool
-                raise ManagerError(f"no G2 slot for chunk {key:#x} the manager admitted")
-            slots.append(self.host.slot_offset(view) // self.host.pool.slot_bytes)
+        views = [self.host.reserve(key, self.chunk_bytes) for key in plan.store]
+        if any(view is None for view in views):
+            # the slots of chunks just evicted stay busy until the mover has demoted them: all or nothing
+            # (vLLM does not offer again what a partial answer leaves out), vLLM retries next step
+            for key, view in zip(plan.store, views):
+                if view is not None:
+                    self.host.abort(key)
+            self.manager.complete_store(plan.store, self._g2, ok=False)
+            return None
+        slots = [self.host.slot_offset(view) // self.host.pool.slot_bytes for view in views]
         return PrepareStoreOutput([self._offload_key[k] for k in plan.store], KvtierChunksSpec(slots), evicted)
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:

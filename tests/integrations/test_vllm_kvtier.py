@@ -5,10 +5,28 @@ from engines_env import ENGINES_MISSING
 
 pytest.importorskip("vllm.v1.kv_offload.base", reason=ENGINES_MISSING)
 
+import dataclasses
+import threading
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
 import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.config import build_offloading_config
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCacheRef,
+    CanonicalKVCaches,
+    CanonicalKVCacheTensor,
+    GPULoadStoreSpec,
+    LookupResult,
+    ReqContext,
+    make_offload_key,
+)
 from vllm_harness import VllmSchedulerHarness
 
-from kvtier.integrations.vllm import KvtierOffloadingWorker
+from kvtier.cascade import G3
+from kvtier.integrations.vllm import SPARE_SLOTS, KvtierOffloadingSpec, KvtierOffloadingWorker
 from kvtier.layout import vllm_layout
 
 BLOCK = 16
@@ -169,3 +187,235 @@ def test_chunks_of_several_blocks_round_trip(harness):
 def test_bad_configuration_fails_at_startup(extra, error):
     with pytest.raises(ValueError, match=error):
         VllmSchedulerHarness(extra)
+
+
+# --- G3 / G4 through the shared G2 region ------------------------------------------------------------------------
+OTHER = [5000 + t for t in PREFIX]
+
+
+def tiered(**lower) -> dict:
+    """G2 holds one prefix (plus the spare slots); every chunk seen once may go below."""
+    return kvtier_spec(PREFIX_BLOCKS + SPARE_SLOTS, admission_min_hits=1, **lower)
+
+
+def disk(tmp_path) -> dict:
+    return {"disk_path": str(tmp_path / "g3"), "disk_capacity_bytes": 1 << 20}
+
+
+def lower_tier(kind, tmp_path, request) -> tuple[dict, str]:
+    if kind == "disk":
+        return disk(tmp_path), "G3"
+    return {"remote_url": request.getfixturevalue("redis_server").url, "remote_timeout_s": 0.2}, "G4"
+
+
+def prefix_keys(h, req_id) -> list[int]:
+    return [h.manager.key(make_offload_key(bh, 0)) for bh in h.request(req_id).block_hashes[:PREFIX_BLOCKS]]
+
+
+def snapshot(h, block_ids) -> dict[str, list[torch.Tensor]]:
+    return {n: [h.block_bytes(n, int(b)).clone() for b in block_ids] for n in h.shape.layer_names()}
+
+
+def demote_prefix(h) -> dict[str, list[torch.Tensor]]:
+    """Store PREFIX's chunks in G2, then push them below with another prompt of the same length."""
+    h.add_request("a", PREFIX + [1])
+    (store,) = jobs(h.run(), "store_jobs")
+    written = snapshot(h, store.src_spec.block_ids) if h.worker_connector else {}
+    h.add_request("other", OTHER + [2])
+    h.run()
+    h.manager.drain()
+    return written
+
+
+def forget_g1(h) -> None:
+    if h.worker_connector:
+        for n in h.shape.layer_names():
+            h.kv_caches[n].zero_()
+    h.drop_gpu_prefix_cache()
+
+
+@pytest.mark.parametrize("kind", ["disk", "remote"])
+def test_chunks_only_below_g2_are_promoted_then_loaded_bitwise(harness, tmp_path, request, kind):
+    extra, tier = lower_tier(kind, tmp_path, request)
+    h = harness(tiered(**extra), with_worker=True)
+    written = demote_prefix(h)
+    keys = prefix_keys(h, "a")
+    assert set(keys) <= h.manager.held(tier) and not set(keys) & h.manager.held("G2")
+    demotion_events = [e for step in h.steps[-3:] for e in step.stored_events if e.medium == "STORAGE"]
+    assert sum(len(e.block_hashes) for e in demotion_events) == PREFIX_BLOCKS
+
+    forget_g1(h)
+    h.add_request("b", PREFIX + [3])
+    steps = h.run()
+    answers = [answer for step in steps for req, answer in step.lookups if req == "b"]
+    assert answers[0] == "HIT_PENDING" and "HIT" in answers  # promotions started, vLLM asks again
+    first_load = next(i for i, step in enumerate(steps) if step.load_jobs)
+    assert any(answer == "HIT_PENDING" for step in steps[:first_load] for _, answer in step.lookups)
+    assert hits(steps) == {"b": len(PREFIX)}
+    (load,) = jobs(steps, "load_jobs")
+    for n in h.shape.layer_names():
+        for i, block_id in enumerate(load.dst_spec.block_ids):
+            assert torch.equal(h.block_bytes(n, int(block_id)), written[n][i])
+    assert set(keys) <= h.manager.held("G2")  # promoted, and still below too (write once, read many)
+    assert set(keys) <= h.manager.held(tier)
+    assert any(e.medium == "CPU" for step in steps for e in step.stored_events)
+
+
+def corrupt_extents(root) -> None:
+    """Flip a byte in every 4 KiB page of every slab file: each extent's header or payload fails its checksum."""
+    for path in root.rglob("*"):
+        if path.is_file() and path.stat().st_size:
+            data = bytearray(path.read_bytes())
+            for at in range(100, len(data), 4096):
+                data[at] ^= 0xFF
+            path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["disk", "remote"])
+def test_a_damaged_or_lost_lower_tier_is_a_miss_and_the_prefix_is_recomputed(harness, tmp_path, request, kind):
+    extra, tier = lower_tier(kind, tmp_path, request)
+    h = harness(tiered(**extra), with_worker=True)
+    demote_prefix(h)
+    keys = prefix_keys(h, "a")
+    assert set(keys) <= h.manager.held(tier)
+    if kind == "disk":
+        corrupt_extents(tmp_path / "g3")
+    else:
+        request.getfixturevalue("redis_server").kill()
+
+    forget_g1(h)
+    h.add_request("b", PREFIX + [3])
+    steps = h.run()
+    assert hits(steps) == {} and not jobs(steps, "load_jobs")
+    assert sum(step.scheduled_tokens.get("b", 0) for step in steps) == len(PREFIX) + 1  # all recomputed
+    answers = [answer for step in steps for req, answer in step.lookups if req == "b"]
+    assert "HIT_PENDING" in answers and answers[-1] == "MISS"
+    assert not set(keys) & h.manager.held(tier)  # forgotten where they were damaged
+    assert h.manager.metrics.errors.labels(tier, "get")._value.get() >= 1
+
+
+def test_a_promotion_past_the_deadline_is_a_miss_but_still_lands_in_g2(harness, tmp_path):
+    h = harness(tiered(**disk(tmp_path), lower_tier_deadline_ms=50))
+    demote_prefix(h)
+    g3 = h.manager.tiers[G3]
+    read = g3.get_async
+
+    def slow_read(keys, buffers):  # a disk that answers after 300 ms
+        out = Future()
+        threading.Timer(0.3, lambda: out.set_result(read(keys, buffers).result())).start()
+        return out
+
+    g3.get_async = slow_read
+    forget_g1(h)
+    h.add_request("b", PREFIX + [3])
+    steps = h.run()
+    assert hits(steps) == {}
+    answers = [answer for step in steps for req, answer in step.lookups if req == "b"]
+    assert answers[0] == "HIT_PENDING" and answers[-1] == "MISS"
+    assert sum(step.scheduled_tokens.get("b", 0) for step in steps) == len(PREFIX) + 1
+    h.manager.drain()
+    assert set(prefix_keys(h, "a")) <= h.manager.held("G2")
+
+
+def test_ephemeral_and_unadmitted_chunks_never_go_below_g2(harness, tmp_path):
+    h = harness(kvtier_spec(PREFIX_BLOCKS + SPARE_SLOTS, **disk(tmp_path)))  # admission_min_hits: 2
+    ephemeral = {"agent_hints": {"ephemeral": [{"start": 0, "end": len(PREFIX)}]}}
+    h.add_request("a", PREFIX + [1], kv_transfer_params=ephemeral)
+    h.run()
+    h.add_request("other", OTHER + [2])  # seen once: below the admission floor
+    h.run()
+    h.add_request("third", [9000 + t for t in PREFIX] + [3])
+    h.run()
+    h.manager.drain()
+    assert not h.manager.held("G3")
+    assert h.manager.stats("G3")["refused"] == PREFIX_BLOCKS  # "other", seen once; "a" is not even offered
+
+
+def shm_names(h) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(f"kvtier-{h.vllm_config.kv_transfer_config.engine_id}-*"))
+
+
+def test_shared_region_names_are_released(harness):
+    h = harness(kvtier_spec(8), with_worker=True)
+    assert shm_names(h) == []  # scheduler and worker both mapped it: the name is gone, the memory is not
+    h.add_request("a", PREFIX + [1])
+    assert jobs(h.run(), "store_jobs")
+    alone = VllmSchedulerHarness(kvtier_spec(8))  # no worker ever joins
+    assert len(shm_names(alone)) == 1
+    alone.close()
+    assert shm_names(alone) == []
+
+
+def canonical_caches(num_blocks: int, pages: int, page_bytes: int) -> CanonicalKVCaches:
+    tensors = [CanonicalKVCacheTensor(torch.zeros(num_blocks, page_bytes, dtype=torch.int8), page_bytes)
+               for _ in range(pages)]
+    return CanonicalKVCaches(tensors, [[CanonicalKVCacheRef(i, page_bytes) for i in range(pages)]])
+
+
+def test_two_ranks_share_one_scheduler_and_each_gets_its_own_bytes_back(harness, tmp_path):
+    h = harness(tiered(**disk(tmp_path)))
+    base = build_offloading_config(h.vllm_config, h.kv_cache_config)
+    configs = [dataclasses.replace(base, engine_id=f"tp-{uuid.uuid4()}", parallel=dataclasses.replace(
+        base.parallel, rank=r, world_size=2, tp_size=2)) for r in (0, 1)]
+    configs[1] = dataclasses.replace(configs[1], engine_id=configs[0].engine_id)
+    manager = KvtierOffloadingSpec(configs[0]).get_manager()
+    caches = [canonical_caches(64, 2, base.worker_kv_bytes_per_block // 2) for _ in range(2)]
+    workers = []
+    try:
+        workers = [KvtierOffloadingSpec(c).get_worker(kv) for c, kv in zip(configs, caches)]
+        gen = torch.Generator().manual_seed(7)
+        for kv in caches:  # different bytes on each rank
+            for t in kv.tensors:
+                t.tensor.copy_(torch.randint(-128, 128, t.tensor.shape, dtype=torch.int8, generator=gen))
+        original = [[t.tensor[:4].clone() for t in kv.tensors] for kv in caches]
+        keys = [make_offload_key(bytes([i]) * 32, 0) for i in range(4)]
+        fillers = [make_offload_key(bytes([100 + i]) * 32, 0) for i in range(PREFIX_BLOCKS)]
+        gpu = GPULoadStoreSpec(np.arange(4, dtype=np.int32), [4], [0])
+        ctx = ReqContext("a")
+        with manager.lock:
+            manager.on_new_request(ctx)
+            out = manager.prepare_store(keys, ctx)
+        for w in workers:
+            assert w.submit_store(1, gpu, out.store_spec) and w.get_finished()[0].success
+        with manager.lock:
+            manager.complete_store(keys, ctx)
+            # pushes the four chunks down to G3, one entry per rank; their slots stay busy until written, so
+            # there is no room for the fillers in this step (vLLM retries next step)
+            assert manager.prepare_store(fillers, ctx) is None
+        manager.drain()
+        with manager.lock:
+            filled = manager.prepare_store(fillers, ctx)
+            manager.complete_store(filled.keys_to_store, ctx)
+        ks = [manager.key(k) for k in keys]
+        assert set(ks) <= manager.held("G3") and not set(ks) & manager.held("G2")
+        assert manager.tiers[G3].stats().puts == 2 * len(keys)
+
+        for kv in caches:
+            for t in kv.tensors:
+                t.tensor.zero_()
+        ctx2 = ReqContext("b")
+        with manager.lock:
+            manager.on_new_request(ctx2)
+        answers = []
+        while not answers or answers[-1] != [LookupResult.HIT] * 4:  # vLLM asks again each step
+            assert len(answers) < 20
+            with manager.lock:
+                answers.append([manager.lookup(k, ctx2) for k in keys])
+            manager.drain()
+        assert answers[0][0] == LookupResult.HIT_PENDING
+        with manager.lock:
+            src = manager.prepare_load(keys, ctx2)
+        dst = GPULoadStoreSpec(np.arange(10, 14, dtype=np.int32), [4], [0])
+        for w in workers:
+            assert w.submit_load(2, src, dst) and w.get_finished()[0].success
+        with manager.lock:
+            manager.complete_load(keys, ctx2)
+        for r, kv in enumerate(caches):
+            for t, before in zip(kv.tensors, original[r]):
+                assert torch.equal(t.tensor[10:14], before)
+        assert not torch.equal(caches[0].tensors[0].tensor[10:14], caches[1].tensors[0].tensor[10:14])
+    finally:
+        for w in workers:
+            w.shutdown()
+        manager.shutdown()
+    assert not list(Path("/dev/shm").glob(f"kvtier-{configs[0].engine_id}-*"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,8 @@ class StepRecord:
     # Tokens the connector offered to load beyond those (get_num_new_matched_tokens), per request.
     offload_hits: dict[str, int]
     events: list[Any] = field(default_factory=list)
+    # Every manager.lookup answer of the step, in call order: (request id, LookupResult name).
+    lookups: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def stored_events(self) -> list[BlockStored]:
@@ -173,7 +176,9 @@ class VllmSchedulerHarness:
             self.worker_connector = self._build_worker() if with_worker else None
         self._offload_hits: dict[str, int] = {}
         self._offloaded_tokens: dict[str, int] = {}
+        self._lookups: list[tuple[str, str]] = []
         self._record_offload_hits()
+        self._record_lookups()
         self._publisher = _RecordingPublisher()
         self.scheduler.kv_event_publisher = self._publisher
         self.steps: list[StepRecord] = []
@@ -258,6 +263,18 @@ class VllmSchedulerHarness:
 
         connector.get_num_new_matched_tokens = recorded  # type: ignore[method-assign]
 
+    def _record_lookups(self) -> None:
+        """Keep every answer of the manager's lookup (HIT_PENDING / RETRY only show here)."""
+        manager = self.manager
+        lookup = manager.lookup
+
+        def recorded(key: Any, req_context: Any) -> Any:
+            result = lookup(key, req_context)
+            self._lookups.append((req_context.req_id, result.name))
+            return result
+
+        manager.lookup = recorded  # type: ignore[method-assign]
+
     def drop_gpu_prefix_cache(self) -> None:
         """Forget vLLM's GPU prefix cache (not the connector's), so later hits must come from offload."""
         assert self.scheduler.reset_prefix_cache(reset_connector=False)
@@ -320,8 +337,10 @@ class VllmSchedulerHarness:
                 for r in output.scheduled_new_reqs
             },
             offload_hits=dict(self._offload_hits),
+            lookups=list(self._lookups),
         )
         self._offload_hits.clear()
+        self._lookups.clear()
         connector_output = (
             self._run_worker(output, meta) if self.worker_connector else self._complete_all(meta)
         )
@@ -332,13 +351,25 @@ class VllmSchedulerHarness:
         self.steps.append(record)
         return record
 
-    def run(self, max_steps: int = 64) -> list[StepRecord]:
-        """Step until no request is waiting or running and no transfer is in flight."""
-        records = []
-        for _ in range(max_steps):
+    def run(self, max_steps: int = 64, idle_timeout_s: float = 30.0) -> list[StepRecord]:
+        """Step until no request is waiting or running and no transfer is in flight.
+
+        Steps that schedule nothing (a lookup was deferred: the connector waits for an asynchronous
+        promotion) do not count towards ``max_steps``; they are spaced by a millisecond, up to
+        ``idle_timeout_s`` in all.
+        """
+        records: list[StepRecord] = []
+        busy_steps, deadline = 0, time.monotonic() + idle_timeout_s
+        while busy_steps < max_steps:
             records.append(self.step())
             if not self.scheduler.has_requests() and not self.connector.has_pending_push_work():
                 return records
+            if records[-1].scheduled_tokens or records[-1].load_jobs or records[-1].store_jobs:
+                busy_steps += 1
+            elif time.monotonic() > deadline:
+                raise AssertionError(f"scheduler made no progress for {idle_timeout_s} s")
+            else:
+                time.sleep(0.001)
         raise AssertionError(f"scheduler still busy after {max_steps} steps")
 
     # ----- fabricated worker and model ----------------------------------------------------
