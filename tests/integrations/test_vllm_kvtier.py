@@ -274,7 +274,7 @@ def corrupt_extents(root) -> None:
 @pytest.mark.parametrize("kind", ["disk", "remote"])
 def test_a_damaged_or_lost_lower_tier_is_a_miss_and_the_prefix_is_recomputed(harness, tmp_path, request, kind):
     extra, tier = lower_tier(kind, tmp_path, request)
-    h = harness(tiered(**extra), with_worker=True)
+    h = harness(tiered(**extra, lower_tier_deadline_ms=10_000), with_worker=True)  # a failure, not a late read
     demote_prefix(h)
     keys = prefix_keys(h, "a")
     assert set(keys) <= h.manager.held(tier)
