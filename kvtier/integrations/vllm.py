@@ -556,9 +556,11 @@ def lower_tiers(cfg: KvtierConfig, namespace: Namespace, world_size: int, parts:
             built[g] = []
             for r in range(world_size):
                 built[g].append(makers[g](rank_namespace(namespace, r, world_size)))
-    except BaseException:
+    except BaseException as exc:
         for tier in (t for ts in built.values() for t in ts):
             tier.close()
+        if isinstance(exc, OSError):
+            raise ValueError(f"KvtierOffloadingSpec: cannot use disk_path={cfg.disk_path!r}: {exc}") from exc
         raise
     return {g: RankedTier(ts, parts) for g, ts in built.items()}
 

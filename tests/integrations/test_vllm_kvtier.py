@@ -183,10 +183,16 @@ def test_chunks_of_several_blocks_round_trip(harness):
     (kvtier_spec(8, disk_paht="/tmp/x"), "unsupported key"),
     (kvtier_spec(8, policy="nope"), "policy"),
     (kvtier_spec(8, host_capacity_bytes="lots"), "host_capacity_bytes"),
+    (kvtier_spec(8, disk_path="/dev/null/g3"), "cannot use disk_path"),
+    (kvtier_spec(8, remote_url="http://127.0.0.1:1"), "Redis URL"),
+    (kvtier_spec(8, disk_path="/tmp/g3", disk_capacity_bytes=-5), "disk_capacity_bytes"),
+    (kvtier_spec(2, remote_url="redis://127.0.0.1:1"), "more than 2"),
 ])
 def test_bad_configuration_fails_at_startup(extra, error):
+    shm_before = set(Path("/dev/shm").glob("kvtier-*"))
     with pytest.raises(ValueError, match=error):
         VllmSchedulerHarness(extra)
+    assert set(Path("/dev/shm").glob("kvtier-*")) == shm_before  # nothing left behind by a failed start
 
 
 # --- G3 / G4 through the shared G2 region ------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""G2 shared between processes: the /dev/shm region and a host pool laid over it."""
+
+import os
+
+import pytest
+import torch
+
+from kvtier.tiers.host import HostPool
+from kvtier.tiers.shared_region import SharedRegion
+
+PAGE = 4096
+
+
+def test_two_mappings_share_bytes_and_the_name_goes_once_both_mapped(tmp_path):
+    first = SharedRegion("r0", 4 * PAGE, directory=tmp_path)
+    assert first.creator and (tmp_path / "r0").exists()
+    second = SharedRegion("r0", 4 * PAGE, directory=tmp_path)
+    assert not second.creator and not (tmp_path / "r0").exists()
+    first.buffer[PAGE:PAGE + 3] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    assert second.buffer[PAGE:PAGE + 3].tolist() == [1, 2, 3]
+    first.close()
+    assert second.buffer[PAGE + 1].item() == 2  # the memory lives as long as a mapping does
+    second.close()
+
+
+def test_a_region_never_joined_is_unlinked_on_close(tmp_path):
+    region = SharedRegion("alone", PAGE, directory=tmp_path)
+    region.close()
+    region.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_sizes_must_agree(tmp_path):
+    region = SharedRegion("r", 2 * PAGE, directory=tmp_path)
+    with pytest.raises(RuntimeError, match="not sized"):  # the joiner waits for 3 pages that never come
+        SharedRegion("r", 3 * PAGE, directory=tmp_path, wait_s=0.05)
+    region.close()
+    region = SharedRegion("r", 2 * PAGE, directory=tmp_path)
+    with pytest.raises(ValueError, match="disagree"):
+        SharedRegion("r", PAGE, directory=tmp_path)
+    region.close()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("nbytes, name", [(100, "r"), (0, "r"), (PAGE, "a/b"), (PAGE, "")])
+def test_bad_regions_are_refused(tmp_path, nbytes, name):
+    with pytest.raises(ValueError):
+        SharedRegion(name, nbytes, directory=tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_host_pool_over_a_region_writes_into_it_and_leaves_it_mapped(tmp_path):
+    region = SharedRegion("pool", 4 * PAGE, directory=tmp_path)
+    other = SharedRegion("pool", 4 * PAGE, directory=tmp_path)
+    pool = HostPool(4 * PAGE, PAGE, pin=False, buffer=region.buffer)
+    (slot,) = pool.alloc(1)
+    pool.view(slot)[:4] = 7
+    assert other.buffer[slot * PAGE:slot * PAGE + 4].tolist() == [7] * 4
+    pool.close()
+    assert region.buffer[slot * PAGE].item() == 7  # the pool did not own the memory
+    region.close()
+    other.close()
+
+
+@pytest.mark.parametrize("buffer", [torch.zeros(PAGE, dtype=torch.uint8), torch.zeros(4 * PAGE, dtype=torch.int8),
+                                    torch.zeros(2, 2 * PAGE, dtype=torch.uint8)])
+def test_a_host_pool_refuses_an_unusable_buffer(buffer):
+    with pytest.raises(ValueError, match="external pool buffer"):
+        HostPool(2 * PAGE, PAGE, pin=False, buffer=buffer)
