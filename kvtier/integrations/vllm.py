@@ -16,7 +16,9 @@ moves bytes below G2 itself, with the engine's own ``TierCascade``: evictions ar
 background mover, one entry per rank (namespace ``tp_rank = rank``); a chunk held only in G3/G4 is promoted
 into a G2 slot in the background while ``lookup`` answers ``HIT_PENDING`` (vLLM asks again next step), all
 ranks or none. A failed, damaged or late (``lower_tier_deadline_ms``) promotion answers ``MISS`` and vLLM
-recomputes: no worker job ever fails, which vLLM would assert on.
+recomputes: no worker job ever fails, which vLLM would assert on. An evicted chunk keeps its G2 slot until
+the mover wrote it below; while every spare slot is busy that way, stores wait a step (all of a request's
+chunks or none: vLLM does not offer again what a partial answer leaves out) and promotions answer ``RETRY``.
 Worker processes: ``KvtierOffloadingWorker`` moves chunks between vLLM's canonical KV tensors and its rank's
 part of G2 with kvtier's transfer kernels.
 
@@ -84,7 +86,15 @@ KVTIER_KEYS = frozenset({"host_capacity_bytes", "policy", "pin_budget_frac", "pi
                          "disk_max_pending_bytes", "remote_url", "remote_password", "remote_username",
                          "remote_ttl_s", "remote_timeout_s", "remote_part_bytes", "remote_connections",
                          "remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file"})
-SPARE_SLOTS = 2  # G2 slots outside the manager's capacity: G3 -> G4 moves go through them
+SPARE_SLOTS = 2  # at least this many G2 slots stay outside the manager's capacity when G3/G4 exist (see below)
+
+
+def spare_slots(num_slots: int) -> int:
+    """G2 slots the manager never fills: a chunk evicted for demotion keeps its slot until the mover wrote it
+    below, and G3 -> G4 moves pass through one. A sixteenth of G2 (at least ``SPARE_SLOTS``) absorbs a
+    step's demotions; beyond that, stores wait a step (``prepare_store`` answers None) and promotions answer
+    ``RETRY``."""
+    return max(SPARE_SLOTS, num_slots // 16)
 HINTS_FIELD = "agent_hints"
 
 
@@ -157,7 +167,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
         pool = HostPool(num_slots * part_bytes, part_bytes, pin=False, buffer=parts[0])
         lower = lower_tiers(cfg, namespace, len(parts), parts, chunk_bytes)
-        spare = SPARE_SLOTS if lower else 0
+        spare = spare_slots(num_slots) if lower else 0
         if num_slots <= spare:
             for tier in lower.values():
                 tier.close()

@@ -296,7 +296,9 @@ def test_a_damaged_or_lost_lower_tier_is_a_miss_and_the_prefix_is_recomputed(har
     assert sum(step.scheduled_tokens.get("b", 0) for step in steps) == len(PREFIX) + 1  # all recomputed
     answers = [answer for step in steps for req, answer in step.lookups if req == "b"]
     assert "HIT_PENDING" in answers and answers[-1] == "MISS"
-    assert not set(keys) & h.manager.held(tier)  # forgotten where they were damaged
+    assert not set(keys) & h.manager.held(tier)  # forgotten where they were damaged, and reported so
+    removed = [e for step in steps for e in step.removed_events if e.medium == "STORAGE"]
+    assert sum(len(e.block_hashes) for e in removed) == PREFIX_BLOCKS
     assert h.manager.metrics.errors.labels(tier, "get")._value.get() >= 1
 
 
