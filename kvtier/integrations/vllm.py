@@ -209,6 +209,10 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         return RequestOffloadingContext()
 
     def on_request_finished(self, req_context: ReqContext) -> None:
+        """The response ended: the policy learns each session's gap after it (vLLM does not say why it ended)."""
+        state = req_context.get_state(_RequestState)
+        if state is not None:
+            self.manager.end_request(state.hints.session_id)
         self._apply_hints(req_context)
 
     def _apply_hints(self, ctx: ReqContext) -> None:
