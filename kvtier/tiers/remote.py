@@ -69,7 +69,18 @@ def connect(url: str, password: str = "", username: str = "", timeout_s: float =
 
     Timeouts bound every request; one immediate retry on a broken connection lets a restarted server be
     picked up without a miss, and nothing retries longer (the circuit breaker does that, without blocking).
+    TLS: ``tls_ca_file`` verifies the server (system CAs when empty); ``tls_cert_file`` + ``tls_key_file``
+    authenticate this client to a server that asks (``tls-auth-clients``). ValueError for TLS files with a
+    plain URL, a certificate without its key, or a file that does not exist.
     """
+    tls_files = {"tls_ca_file": tls_ca_file, "tls_cert_file": tls_cert_file, "tls_key_file": tls_key_file}
+    if any(tls_files.values()) and not url.startswith("rediss"):
+        raise ValueError(f"TLS files given for a non-TLS URL {url!r}: use rediss://")
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise ValueError("tls_cert_file and tls_key_file go together (the client's certificate and its key)")
+    for name, path in tls_files.items():
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{name} {path!r} is not a file")
     cluster = "+cluster://" in url
     url = url.replace("+cluster://", "://")
     kwargs: dict[str, Any] = {
