@@ -303,6 +303,7 @@ def test_resp_send_writes_every_piece_in_order_through_partial_sendmsg() -> None
     pieces.insert(7, memoryview(bytearray(b"in-place")))
     writer, reader = socket.socketpair()
     writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer.settimeout(5.0)  # as redis-py's sockets: sendmsg then returns after a partial write
     received = bytearray()
     total = sum(len(p) for p in pieces)
 
