@@ -12,10 +12,11 @@ back after a restart, which is harmless: it is the same content under the same k
 An extent being read is never reused: dropping it defers the free to its last reader.
 
 I/O runs in a thread pool (several requests in flight, the GIL released in the syscalls); callers get
-futures. A batch is dealt out to the threads as one task each (rows strided, so each thread walks its own
-slabs in offset order, as fio's jobs do), still one syscall per chunk: per-chunk tasks and futures cost
-more Python time than a 256 KiB chunk's ``pwritev`` on a 2-core host. Every failure (ENOSPC from ``fallocate`` or ``pwritev``, EIO, a short or torn extent, too many
-writes queued) is a skipped write or a miss, counted in ``stats()``; the tier keeps working.
+futures. A batch is dealt out to the threads as one task each (rows strided), each thread moving its
+chunks in turn like one fio job, still one syscall per chunk: per-chunk tasks and futures cost more Python
+time than a 256 KiB chunk's ``pwritev`` on a 2-core host. Every failure (ENOSPC from ``fallocate`` or
+``pwritev``, EIO, a short or torn extent, too many writes queued) is a skipped write or a miss, counted
+in ``stats()``; the tier keeps working.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class RemoteTier(Tier):
 
     ``put``: True when every command of the chunk succeeded. ``get``: a buffer smaller than the stored
     payload is a miss. Batches are split over up to ``connections`` worker threads (no more than there are
-cores), one pipeline each.
+    cores), one pipeline each.
     """
 
     name = "remote"
