@@ -42,12 +42,15 @@ def tls_config(server: RedisServer, ca: Path, password: str = PASSWORD, **fields
 
 
 def round_trip(tier: RemoteTier, seed: int = 0) -> None:
-    data = payloads(SIZES, seed)
-    keys = list(range(1, len(SIZES) + 1))
-    assert tier.put(keys, data) == [True] * len(SIZES)
-    bufs = [bytearray(n) for n in SIZES]
-    assert tier.get(keys, bufs) == SIZES
-    assert all(bytes(b) == d.tobytes() for b, d in zip(bufs, data))
+    """One batch of one-value chunks (a batch holding a multi-part chunk goes through redis-py), then one
+    of multi-part chunks."""
+    for sizes in ([n for n in SIZES if n <= PART], [n for n in SIZES if n > PART]):
+        data = payloads(sizes, seed)
+        keys = list(range(seed * 100 + sizes[0], seed * 100 + sizes[0] + len(sizes)))
+        assert tier.put(keys, data) == [True] * len(sizes)
+        bufs = [bytearray(n) for n in sizes]
+        assert tier.get(keys, bufs) == sizes
+        assert all(bytes(b) == d.tobytes() for b, d in zip(bufs, data))
 
 
 def test_round_trip_over_tls_with_an_acl_user(tls_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
