@@ -2,15 +2,19 @@
 
 Disk (G3): DiskTier write/read GB/s per chunk size at its I/O concurrency, against fio (O_DIRECT, psync,
 one job per tier thread, same block size, same directory; dd with oflag/iflag=direct where fio is missing).
+Writes are measured twice on both sides: into fresh fallocated space (the cache's first fill; on ext4 each
+write then also converts unwritten extents) and over space written before (steady state: evicted extents
+reused, fio overwriting its files), the headline.
 Remote (G4): RemoteTier put/get GB/s against redis-benchmark SET/GET with the same value size, connections,
 pipeline depth and key space (-r), on the same redis-server started by this script. Host (G2): slot allocs+frees per second.
 
-    python benchmarks/bench_tiers.py [--quick] [--disk-only] [--json PATH] [--plot PATH] [--dir DIR]
+    python benchmarks/bench_tiers.py [--quick] [--sizes KIB,...] [--disk-only] [--json PATH] [--plot PATH] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -54,8 +58,10 @@ def best_of(reps: int, *measures: tuple) -> list[tuple]:
 
 
 # --- disk ----------------------------------------------------------------------------------------------------
-def tier_disk(directory: Path, size: int, count: int, threads: int, fsync: bool, pool: HostPool) -> tuple[float, float]:
-    """Write then read ``count`` chunks of ``size`` from/to pool slots; (write GB/s, read GB/s)."""
+def tier_disk(directory: Path, size: int, count: int, threads: int, fsync: bool, pool: HostPool) -> tuple[float, float, float]:
+    """Write ``count`` chunks of ``size`` from pool slots into a fresh tier (first fill: its extents were
+    fallocated and never written), delete them and write them again (steady state: freed extents reused),
+    then read them back into the slots; (fresh write GB/s, steady write GB/s, read GB/s)."""
     sub = Path(tempfile.mkdtemp(dir=directory))
     try:
         with DiskTier(NS, sub, count * (size + 8192), io_threads=threads, fsync=fsync, chunk_bytes=size,
@@ -65,44 +71,51 @@ def tier_disk(directory: Path, size: int, count: int, threads: int, fsync: bool,
                 for s in slots:
                     pool.view(s)[:size].random_(0, 256)
                 keys = list(range(1, count + 1))
-                start = time.perf_counter()
-                ok = tier.put(keys, [pool.view(s)[:size] for s in slots])
-                write = time.perf_counter() - start
-                assert all(ok), f"disk writes skipped: {tier.stats()}"
+                seconds = []
+                for _ in range(2):
+                    tier.delete(keys)
+                    start = time.perf_counter()
+                    ok = tier.put(keys, [pool.view(s)[:size] for s in slots])
+                    seconds.append(time.perf_counter() - start)
+                    assert all(ok), f"disk writes skipped: {tier.stats()}"
                 start = time.perf_counter()
                 got = tier.get(keys, [pool.view(s) for s in slots])
                 read = time.perf_counter() - start
                 assert got == [size] * count, f"disk reads missed: {tier.stats()}"
             finally:
                 pool.free(slots)
-        return gbps(size * count, write), gbps(size * count, read)
+        return gbps(size * count, seconds[0]), gbps(size * count, seconds[1]), gbps(size * count, read)
     finally:
         shutil.rmtree(sub, ignore_errors=True)
 
 
-def fio_disk(directory: Path, size: int, count: int, threads: int) -> tuple[float, float, str]:
-    """The same bytes at the same block size and concurrency with fio O_DIRECT (or dd); (write, read, tool)."""
+def fio_disk(directory: Path, size: int, count: int, threads: int) -> tuple[float, float, float, str]:
+    """The same bytes at the same block size and concurrency with fio O_DIRECT (or dd), in the same states
+    as the tier: a first write into freshly fallocated files (fio's default layout), an overwrite of the
+    same files, a read; (fresh write, overwrite, read, tool)."""
     sub = Path(tempfile.mkdtemp(dir=directory))
     per_job = max(size, count // threads * size)
     try:
         if shutil.which("fio"):
-            out = {}
-            for rw in ("write", "read"):
+            out = []
+            for rw in ("write", "write", "read"):
                 res = subprocess.run(
                     ["fio", "--name=ceiling", f"--directory={sub}", f"--rw={rw}", f"--bs={size}", f"--size={per_job}",
                      f"--numjobs={threads}", "--ioengine=psync", "--direct=1", "--group_reporting",
                      "--output-format=json"], check=True, capture_output=True, text=True)
                 job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0][rw]
-                out[rw] = job["bw_bytes"] / 1e9
-            return out["write"], out["read"], "fio"
+                out.append(job["bw_bytes"] / 1e9)
+            return out[0], out[1], out[2], "fio"
         path = sub / "dd.bin"  # dd: one stream only; the ratio is then against a single-threaded ceiling
         blocks = per_job * threads // size
         rates = []
-        for args in ([f"of={path}", "if=/dev/zero", "oflag=direct"], [f"if={path}", "of=/dev/null", "iflag=direct"]):
+        for args in ([f"of={path}", "if=/dev/zero", "oflag=direct"], [f"of={path}", "if=/dev/zero", "oflag=direct",
+                                                                      "conv=notrunc"],
+                     [f"if={path}", "of=/dev/null", "iflag=direct"]):
             start = time.perf_counter()
             subprocess.run(["dd", f"bs={size}", f"count={blocks}", *args], check=True, capture_output=True)
             rates.append(gbps(blocks * size, time.perf_counter() - start))
-        return rates[0], rates[1], "dd"
+        return rates[0], rates[1], rates[2], "dd"
     finally:
         shutil.rmtree(sub, ignore_errors=True)
 
@@ -192,10 +205,25 @@ def main() -> int:
     ap.add_argument("--disk-threads", type=int, default=KvtierConfig().disk_io_threads)
     ap.add_argument("--fsync", action="store_true", help="benchmark the disk tier with disk_fsync on")
     ap.add_argument("--disk-only", action="store_true", help="skip the redis and host parts")
+    ap.add_argument("--sizes", help="chunk sizes in KiB, comma-separated (default 256,512,1024,4096,16384,32768;"
+                                    " --quick: 256,2048,32768)")
+    ap.add_argument("--no-gc-freeze", action="store_true",
+                    help="leave torch's import-time objects in the collected heap (see main)")
     ap.add_argument("--reps", type=int, default=None, help="runs per measurement, best kept (default 2 quick, 3 full)")
     args = ap.parse_args()
+    if not args.no_gc_freeze:
+        # A full collection walks the ~1M objects torch creates at import: 160-190 ms measured here, landing
+        # in whichever tier measurement allocated last (fio and redis-benchmark never pay it). A serving
+        # process can freeze its start-up heap the same way; the tiers' own short-lived objects are still
+        # collected. --no-gc-freeze measures without.
+        gc.collect()
+        gc.freeze()
 
-    sizes = [256 * KiB, 2 * MiB, 32 * MiB] if args.quick else [256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 32 * MiB]
+    sizes = [256 * KiB, 2 * MiB, 32 * MiB] if args.quick else [256 * KiB, 512 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 32 * MiB]
+    if args.sizes:
+        sizes = [int(k) * KiB for k in args.sizes.split(",")]
+        if not sizes or min(sizes) <= 0:
+            ap.error("--sizes must be positive KiB values")
     disk_bytes = 64 * MiB if args.quick else 512 * MiB
     redis_bytes = 48 * MiB if args.quick else 384 * MiB
     conns = 4
@@ -213,10 +241,13 @@ def main() -> int:
         for size in sizes:
             count = max(args.disk_threads, disk_bytes // size)
             with HostPool(count * size, size) as pool:
-                (w, r), (cw, cr, tool) = best_of(reps, (tier_disk, directory, size, count, args.disk_threads, fsync, pool),
-                                                 (fio_disk, directory, size, count, args.disk_threads))
+                (wf, w, r), (cwf, cw, cr, tool) = best_of(
+                    reps, (tier_disk, directory, size, count, args.disk_threads, fsync, pool),
+                    (fio_disk, directory, size, count, args.disk_threads))
             results["disk"]["by_size"].append({"size": size, "write": w, "read": r, "ceiling_write": cw,
-                                               "ceiling_read": cr, "write_ratio": w / cw, "read_ratio": r / cr})
+                                               "ceiling_read": cr, "write_ratio": w / cw, "read_ratio": r / cr,
+                                               "write_fresh": wf, "ceiling_write_fresh": cwf,
+                                               "write_fresh_ratio": wf / cwf})
             results["disk"]["ceiling_tool"] = tool
             steps.update()
         if not args.disk_only:
@@ -243,7 +274,7 @@ def main() -> int:
 
 def report(results: dict, machine: str, reps: int, args: argparse.Namespace, conns: int) -> int:
     """Print the table (redis columns and host line only when measured), write the JSON and the plot."""
-    for name, keys in (("disk", ("write_ratio", "read_ratio")), ("redis", ("put_ratio", "get_ratio"))):
+    for name, keys in (("disk", ("write_ratio", "read_ratio", "write_fresh_ratio")), ("redis", ("put_ratio", "get_ratio"))):
         rows = results[name]["by_size"]
         if not rows:
             continue
@@ -253,10 +284,12 @@ def report(results: dict, machine: str, reps: int, args: argparse.Namespace, con
     redis_rows = results["redis"]["by_size"]
     print(f"\n{machine}; best of {reps} runs each; disk: {results['disk']['ceiling_tool']}, {args.disk_threads} threads, fsync={fsync}"
           + (f"; redis: {conns} connections, pipeline depth per size below" if redis_rows else ""))
-    print(f"{'size':>8} | {'disk W':>7} {'fio W':>7} {'ratio':>5} | {'disk R':>7} {'fio R':>7} {'ratio':>5}"
+    print(f"{'size':>8} | {'disk W1':>7} {'fio W1':>7} {'ratio':>5} | {'disk W':>7} {'fio W':>7} {'ratio':>5} | "
+          f"{'disk R':>7} {'fio R':>7} {'ratio':>5}"
           + (f" | {'put':>6} {'SET':>6} {'ratio':>5} | {'get':>6} {'GET':>6} {'ratio':>5}" if redis_rows else "") + "   (GB/s)")
     for i, d in enumerate(results["disk"]["by_size"]):
-        line = (f"{d['size'] // KiB:>6}Ki | {d['write']:7.2f} {d['ceiling_write']:7.2f} {d['write_ratio']:5.2f} | "
+        line = (f"{d['size'] // KiB:>6}Ki | {d['write_fresh']:7.2f} {d['ceiling_write_fresh']:7.2f} "
+                f"{d['write_fresh_ratio']:5.2f} | {d['write']:7.2f} {d['ceiling_write']:7.2f} {d['write_ratio']:5.2f} | "
                 f"{d['read']:7.2f} {d['ceiling_read']:7.2f} {d['read_ratio']:5.2f}")
         if redis_rows:
             r = redis_rows[i]
@@ -267,7 +300,10 @@ def report(results: dict, machine: str, reps: int, args: argparse.Namespace, con
         h = results["host"]
         print(f"host pool: {h['alloc_free_per_s']:,.0f} alloc+free/s (1 slot), "
               f"{h['alloc_free_slots_per_s_batch16']:,.0f} slots/s (batches of 16)")
-    print(f"worst-size ratios: disk write {results['disk']['write_ratio']:.2f} read {results['disk']['read_ratio']:.2f} (target 0.85)"
+    print("W1: first write into fresh (fallocated, never written) extents/files; W: overwrite of freed extents/"
+          "written files (steady state)")
+    print(f"worst-size ratios: disk write {results['disk']['write_ratio']:.2f} (first fill "
+          f"{results['disk']['write_fresh_ratio']:.2f}) read {results['disk']['read_ratio']:.2f} (target 0.85)"
           + (f"; redis put {results['redis']['put_ratio']:.2f} get {results['redis']['get_ratio']:.2f} (target 0.70)"
              if redis_rows else ""))
     if args.json:

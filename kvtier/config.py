@@ -68,8 +68,8 @@ class KvtierConfig:
     remote_timeout_s: float = 0.5
     remote_part_bytes: int = 8 * 2**20        # large chunks are split into parts of this size
     remote_connections: int = 4               # batches are split over this many pipelined connections
-    remote_tls_ca_file: str = ""              # rediss:// options; empty: system defaults
-    remote_tls_cert_file: str = ""
+    remote_tls_ca_file: str = ""              # rediss:// only: CA bundle to verify the server; empty: system CAs
+    remote_tls_cert_file: str = ""            # client certificate (mutual TLS), with remote_tls_key_file
     remote_tls_key_file: str = ""
     # --- manager ------------------------------------------------------------------------------------------
     policy: str = "agent"
@@ -98,6 +98,11 @@ class KvtierConfig:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.transfer_impl not in TRANSFER_IMPLS:
             raise ConfigError(f"transfer_impl must be one of {TRANSFER_IMPLS}, got {self.transfer_impl!r}")
+        tls = (self.remote_tls_ca_file, self.remote_tls_cert_file, self.remote_tls_key_file)
+        if self.remote_url and any(tls) and not self.remote_url.startswith("rediss"):
+            raise ConfigError(f"remote_tls_* files need a rediss:// remote_url, got {self.remote_url!r}")
+        if bool(self.remote_tls_cert_file) != bool(self.remote_tls_key_file):
+            raise ConfigError("remote_tls_cert_file and remote_tls_key_file must be set together")
         if not 0.0 <= self.pin_budget_frac <= 1.0:
             raise ConfigError(f"pin_budget_frac must be within [0, 1], got {self.pin_budget_frac}")
 

@@ -2,6 +2,8 @@
 
 Each server runs in its own temporary directory with persistence off, is stopped (SIGTERM, then SIGKILL)
 when the test is done, and can be ``kill()``ed and ``restart()``ed on the same port for fault tests.
+A server given ``TlsFiles`` (a throwaway CA and certificates made with the ``openssl`` CLI) listens for
+TLS only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -21,6 +24,45 @@ HOST = "127.0.0.1"
 
 def redis_available() -> bool:
     return shutil.which("redis-server") is not None
+
+
+def tls_available() -> bool:
+    """Whether ``openssl`` exists and this ``redis-server`` was built with TLS (Debian's is)."""
+    if shutil.which("openssl") is None or not redis_available():
+        return False
+    probe = subprocess.run(["redis-server", "--port", "0", "--tls-port", "0"], capture_output=True, text=True,
+                           timeout=10)
+    return "not listen anywhere" in probe.stdout + probe.stderr  # the option parsed; nothing to serve
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: a CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(cls, directory: Path, ca_name: str = "kvtier-test-ca") -> TlsFiles:
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+        directory.mkdir(parents=True, exist_ok=True)
+        ca, ca_key = directory / "ca.crt", directory / "ca.key"
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={ca_name}",
+            "-keyout", str(ca_key), "-out", str(ca))
+        for name, extension in (("server", f"subjectAltName=IP:{HOST}"), ("client", "extendedKeyUsage=clientAuth")):
+            key, csr, cert = (directory / f"{name}.{suffix}" for suffix in ("key", "csr", "crt"))
+            ext = directory / f"{name}.ext"
+            ext.write_text(extension + "\n")
+            run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr))
+            run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                "-days", "1", "-extfile", str(ext), "-out", str(cert))
+        return cls(ca, directory / "server.crt", directory / "server.key", directory / "client.crt",
+                   directory / "client.key")
 
 
 def _is_free(port: int) -> bool:
@@ -46,11 +88,15 @@ def free_port(cluster: bool = False) -> int:
 
 
 class RedisServer:
-    """One ``redis-server`` on ``127.0.0.1:<port>``; ``password`` turns on ``requirepass``."""
+    """One ``redis-server`` on ``127.0.0.1:<port>``; ``password`` turns on ``requirepass``, ``tls`` serves
+    TLS only on that port (``require_client_cert``: mutual TLS)."""
 
     def __init__(self, password: str | None = None, port: int | None = None, cluster: bool = False,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), tls: TlsFiles | None = None,
+                 require_client_cert: bool = False) -> None:
         self.password = password
+        self.tls = tls
+        self.require_client_cert = require_client_cert
         self.port = port or free_port(cluster)
         self.cluster = cluster
         self.extra_args = extra_args
@@ -59,14 +105,21 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{HOST}:{self.port}/0"
 
     def client(self, **kwargs: object) -> redis.Redis:
+        if self.tls:
+            kwargs = {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "ssl_certfile": str(self.tls.client_cert),
+                      "ssl_keyfile": str(self.tls.client_key), **kwargs}
         return redis.Redis(host=HOST, port=self.port, password=self.password, **kwargs)
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         args = ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
                 "--dir", self._dir.name, "--daemonize", "no", "--logfile", str(Path(self._dir.name) / "log")]
+        if self.tls:
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.server_cert),
+                         "--tls-key-file", str(self.tls.server_key), "--tls-ca-cert-file", str(self.tls.ca),
+                         "--tls-auth-clients", "yes" if self.require_client_cert else "no"]
         if self.password:
             args += ["--requirepass", self.password]
         if self.cluster:

@@ -25,6 +25,7 @@ again; redis-py reconnects on the next request.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 _PART_SIZE = struct.Struct("<Q")
 MANIFEST_BYTES = HEADER_BYTES + _PART_SIZE.size
 INLINE_FLAG = 1  # ChunkHeader.flags bit: this value is the header followed by the payload, not a manifest
+# A pipeline costs a thread hand-off and a round trip whatever it carries (~0.2-0.9 ms on a loaded 2-core
+# host): 16 chunks of 256 KiB put 10-20% faster over 2 pipelines than 4, 16 of 512 KiB 15% faster over 4.
+MIN_PIPELINE_BYTES = 2 << 20
 _FAILURES = (redis.RedisError, OSError)
 T = TypeVar("T")
 
@@ -68,7 +72,18 @@ def connect(url: str, password: str = "", username: str = "", timeout_s: float =
 
     Timeouts bound every request; one immediate retry on a broken connection lets a restarted server be
     picked up without a miss, and nothing retries longer (the circuit breaker does that, without blocking).
+    TLS: ``tls_ca_file`` verifies the server (system CAs when empty); ``tls_cert_file`` + ``tls_key_file``
+    authenticate this client to a server that asks (``tls-auth-clients``). ValueError for TLS files with a
+    plain URL, a certificate without its key, or a file that does not exist.
     """
+    tls_files = {"tls_ca_file": tls_ca_file, "tls_cert_file": tls_cert_file, "tls_key_file": tls_key_file}
+    if any(tls_files.values()) and not url.startswith("rediss"):
+        raise ValueError(f"TLS files given for a non-TLS URL {url!r}: use rediss://")
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise ValueError("tls_cert_file and tls_key_file go together (the client's certificate and its key)")
+    for name, path in tls_files.items():
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{name} {path!r} is not a file")
     cluster = "+cluster://" in url
     url = url.replace("+cluster://", "://")
     kwargs: dict[str, Any] = {
@@ -96,7 +111,8 @@ class RemoteTier(Tier):
     """Chunks of one namespace in Redis; see the module docstring.
 
     ``put``: True when every command of the chunk succeeded. ``get``: a buffer smaller than the stored
-    payload is a miss. Batches are split over ``connections`` worker threads, one pipeline each.
+    payload is a miss. Batches are split over up to ``connections`` worker threads, one pipeline each
+    (fewer for small batches: see ``MIN_PIPELINE_BYTES``).
     """
 
     name = "remote"
@@ -139,13 +155,15 @@ class RemoteTier(Tier):
         return max(1, -(-nbytes // (part_bytes or self.part_bytes)))
 
     # --- batching --------------------------------------------------------------------------------------------
-    def _split(self, count: int) -> list[range]:
-        groups = min(self._connections, count)
+    def _split(self, count: int, nbytes: int) -> list[range]:
+        """Rows per pipeline: up to one per connection, each carrying at least ``MIN_PIPELINE_BYTES``."""
+        groups = max(1, min(self._connections, count, nbytes // MIN_PIPELINE_BYTES))
         return [range(count * g // groups, count * (g + 1) // groups) for g in range(groups)]
 
-    def _run_batch(self, count: int, job: Callable[[range], list[T]], failed: T) -> Future[list[T]]:
+    def _run_batch(self, views: list[memoryview], job: Callable[[range], list[T]], failed: T) -> Future[list[T]]:
         """Run ``job`` over slices of a batch on the worker threads; one future for the joined results."""
-        parts = [self._pool.submit(self._guarded, job, r, failed) for r in self._split(count)]
+        rows = self._split(len(views), sum(map(len, views)))
+        parts = [self._pool.submit(self._guarded, job, r, failed) for r in rows]
         return then(gather(parts), lambda results: [x for part in results for x in part])
 
     def _guarded(self, job: Callable[[range], list[T]], rows: range, failed: T) -> list[T]:
@@ -178,7 +196,7 @@ class RemoteTier(Tier):
             replies = pipe.execute(raise_on_error=False)
             return self._per_chunk(replies, [self._commands_per_put(len(views[i])) for i in rows])
 
-        return then(self._run_batch(len(checked), job, False), lambda ok: self._count_puts(ok, views))
+        return then(self._run_batch(views, job, False), lambda ok: self._count_puts(ok, views))
 
     def _commands_per_put(self, nbytes: int) -> int:
         return 1 if nbytes <= self.part_bytes else 2 + self._parts_for(nbytes)
@@ -235,7 +253,7 @@ class RemoteTier(Tier):
             return [self._assemble(checked[i], views[i], [reply] if one and not isinstance(reply, Exception) else reply)
                     for i, one, reply in zip(rows, single, replies)]
 
-        return then(self._run_batch(len(checked), job, None), self._count_gets)
+        return then(self._run_batch(views, job, None), self._count_gets)
 
     def _assemble(self, key: int, buf: memoryview, reply: Any) -> int | None:
         """Copy a chunk (inline value or parts) into ``buf`` once verified; None (and the chunk deleted if

@@ -8,13 +8,19 @@ server, those copies are what a small-value get spends its time on. Here ``GET``
 hand and each value is received with ``recv_into``: its first ``head_bytes`` into a small buffer and the
 rest directly into the destination, so the kernel's copy is the only one; ``SET`` commands are framed by
 hand around the caller's buffers. The connection comes from (and goes back to) redis-py's pool, which has
-already done the handshake (password, ACL user, TLS), and its ``send_packed_command`` does the sending.
+already done the handshake (password, ACL user, TLS).
+
+A pipeline goes out in one ``sendmsg`` (scatter-gather) instead of one ``sendall`` per piece: with
+TCP_NODELAY every piece is its own segment and wakes the server, which on 2 shared cores cost 3x the
+round-trip time of 16 small SETs (measured 505 -> 163 us). A TLS socket has no ``sendmsg``: there the small
+pieces are joined and each payload is written on its own, as the TLS record layer copies anyway.
 """
 
 from __future__ import annotations
 
 import functools
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +28,7 @@ from typing import Any
 import redis
 
 _SCRATCH_BYTES = 16 << 10  # framing is read through this; at most this much of a value is copied out of it
+_IOV_MAX = 1024            # buffers per sendmsg (Linux IOV_MAX)
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,49 @@ def get_into(conn: Any, names: Sequence[str], dests: Sequence[memoryview], head_
     on any exception its stream is out of step, so the caller must disconnect it. Socket errors are raised
     as ``redis.ConnectionError`` / ``redis.TimeoutError`` (the former is retryable by redis-py's ``Retry``).
     """
-    conn.send_packed_command(conn.pack_commands([("GET", name) for name in names]), check_health=False)
-    stream = _Stream(conn._sock)
     try:
+        sock = _connected(conn)
+        send(sock, conn.pack_commands([("GET", name) for name in names]))
+        stream = _Stream(sock)
         return [_reply(stream, dest, head_bytes, whole_up_to) for dest in dests]
     except TimeoutError as exc:
         raise redis.TimeoutError(f"reading GET replies: {exc}") from exc
     except OSError as exc:
         raise redis.ConnectionError(f"reading GET replies: {exc}") from exc
+
+
+def _connected(conn: Any) -> socket.socket:
+    """The connection's socket, (re)connecting first after a disconnect (as ``send_packed_command`` would)."""
+    if conn._sock is None:
+        conn.connect()
+    return conn._sock
+
+
+def send(sock: socket.socket, pieces: Sequence[Any]) -> None:
+    """Write every piece, in order: in few ``sendmsg`` calls on a plain socket, joined small pieces and
+    whole payloads through ``sendall`` on a TLS socket. Socket errors propagate (callers map them)."""
+    if isinstance(sock, ssl.SSLSocket):
+        small: list[Any] = []
+        for piece in pieces:
+            if len(piece) < _SCRATCH_BYTES:
+                small.append(piece)
+                continue
+            if small:
+                sock.sendall(b"".join(small))
+                small = []
+            sock.sendall(piece)
+        if small:
+            sock.sendall(b"".join(small))
+        return
+    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    at = 0
+    while at < len(views):
+        sent = sock.sendmsg(views[at:at + _IOV_MAX])
+        while at < len(views) and sent >= len(views[at]):
+            sent -= len(views[at])
+            at += 1
+        if sent:
+            views[at] = views[at][sent:]
 
 
 def _reply(stream: _Stream, dest: memoryview, head_bytes: int, whole_up_to: int) -> Reply:
@@ -137,9 +179,10 @@ def set_joined(conn: Any, names: Sequence[str], values: Sequence[Sequence[Any]],
         out += [b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (5 if ttl_s else 3, len(key), key,
                                                                    sum(len(p) for p in pieces)),
                 *pieces, b"\r\n" + expiry]
-    conn.send_packed_command(out, check_health=False)
-    stream = _Stream(conn._sock)
     try:
+        sock = _connected(conn)
+        send(sock, out)
+        stream = _Stream(sock)
         return [_status(stream.line()) for _ in names]
     except TimeoutError as exc:
         raise redis.TimeoutError(f"reading SET replies: {exc}") from exc

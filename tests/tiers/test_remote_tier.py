@@ -290,3 +290,30 @@ def test_refused_one_value_puts_are_skipped_and_the_connection_stays_usable(redi
         assert tier.stats().errors == 0 and tier.breaker.state == "closed"
         bufs = [bytearray(PART), bytearray(PART)]
         assert tier.get([1, 11], bufs) == [PART, None] and bufs[0] == data.tobytes()
+
+
+def test_resp_send_writes_every_piece_in_order_through_partial_sendmsg() -> None:
+    """A small send buffer makes sendmsg stop mid-piece; ``send`` must resume exactly there."""
+    import socket
+
+    from kvtier.tiers.resp_direct import send
+
+    rng = np.random.default_rng(5)
+    pieces = [b"", *(rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in rng.integers(1, 300_000, 40))]
+    pieces.insert(7, memoryview(bytearray(b"in-place")))
+    writer, reader = socket.socketpair()
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer.settimeout(5.0)  # as redis-py's sockets: sendmsg then returns after a partial write
+    received = bytearray()
+    total = sum(len(p) for p in pieces)
+
+    def drain() -> None:
+        while len(received) < total:
+            received.extend(reader.recv(65536))
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    with writer, reader:
+        send(writer, pieces)
+        thread.join(10)
+    assert bytes(received) == b"".join(bytes(p) for p in pieces)
