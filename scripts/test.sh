@@ -8,6 +8,7 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
 command -v fio >/dev/null || need_apt+=(fio)
 command -v g++ >/dev/null || need_apt+=(g++)
+command -v openssl >/dev/null || need_apt+=(openssl)          # TLS tests make their certificates
 [ -f /usr/include/openssl/sha.h ] || need_apt+=(libssl-dev)   # SGLang builds its page-key extension
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

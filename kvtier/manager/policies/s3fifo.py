@@ -3,6 +3,7 @@ the rest, and a ghost FIFO remembers recent small-queue evictions so they go str
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection
 
 from kvtier.manager.policies.base import Key, Policy
@@ -16,9 +17,10 @@ class S3FIFO(Policy):
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
-        self._small: dict[Key, None] = {}
-        self._main: dict[Key, None] = {}
-        self._ghost: dict[Key, None] = {}
+        # OrderedDict, not dict: popping a plain dict's front leaves holes that the next pop scans (quadratic)
+        self._small: OrderedDict[Key, None] = OrderedDict()
+        self._main: OrderedDict[Key, None] = OrderedDict()
+        self._ghost: OrderedDict[Key, None] = OrderedDict()
         self._freq: dict[Key, int] = {}
 
     def insert(self, key: Key) -> None:
@@ -47,18 +49,16 @@ class S3FIFO(Policy):
         while budget > 0 and (self._small or self._main):
             budget -= 1
             if self._small and (len(self._small) >= SMALL_FRACTION * self.capacity or not self._main):
-                key = next(iter(self._small))
-                del self._small[key]
+                key = self._small.popitem(last=False)[0]
                 if key in busy or self._freq[key] > 0:
                     self._freq[key] = 0
                     self._main[key] = None
                     continue
                 self._ghost[key] = None
                 while len(self._ghost) > max(1, self.capacity - int(SMALL_FRACTION * self.capacity)):
-                    del self._ghost[next(iter(self._ghost))]
+                    self._ghost.popitem(last=False)
             else:
-                key = next(iter(self._main))
-                del self._main[key]
+                key = self._main.popitem(last=False)[0]
                 if key in busy or self._freq[key] > 0:
                     self._freq[key] = max(0, self._freq[key] - 1)
                     self._main[key] = None
