@@ -76,11 +76,10 @@ class _RequestState:
 
 @dataclass(frozen=True)
 class _Read:
-    """One chunk's share of a batched lower-tier ``get_async``: row ``row`` of ``future``, issued at ``issued``
-    (``time.monotonic``), which is where its deadline counts from."""
+    """One chunk's read in a batched lower-tier ``get_rows_async``, issued at ``issued`` (``time.monotonic``),
+    which is where its deadline counts from."""
 
-    future: Future[list[int | None]]
-    row: int
+    future: Future[int | None]
     tier: int
     issued: float
 
@@ -88,7 +87,7 @@ class _Read:
         """The chunk's payload size; None when it is missing or damaged or the tier failed. Raises
         ``FutureTimeout`` when the read is not done within ``timeout`` seconds."""
         try:
-            return self.future.result(timeout=timeout)[self.row]
+            return self.future.result(timeout=timeout)
         except FutureTimeout:
             raise
         except Exception:  # noqa: BLE001 - tiers should not raise; if one does, it is a miss
@@ -261,9 +260,8 @@ class KvtierEngine(TierCascade):
             if state is None:
                 raise ValueError(f"unknown request {request_id!r}")
         self._settle_transfers(state)
-        for key, read in state.promotions.items():  # never loaded: they land in G2 (or are forgotten) when read
-            read.future.add_done_callback(
-                lambda _f, key=key, read=read: self._landed(key, read, read.size(None), partial(self._settle_promotion, key)))
+        if state.promotions:  # read for loads that never came: they land in G2 as a prefetch would
+            self._mover.submit(self._settle_reads, state.promotions)
         with self._lock:
             self.manager.release(state.acquired)
             self.manager.end_request(state.request.session, stop_reason=stop_reason)
@@ -363,8 +361,8 @@ class KvtierEngine(TierCascade):
 
     def _start_promotions(self, keys: Sequence[int]) -> dict[int, _Read]:
         """Promote the chunks among ``keys`` held only below G2: reserve their G2 slots, then read each tier's
-        share with one batched ``get_async`` (the tiers read a batch concurrently). Chunks G2 has no room for
-        are left out. Each read must end in ``_await_read`` or ``_landed`` with ``_settle_promotion``."""
+        share with one batched ``get_rows_async`` (the tiers read a batch concurrently). Chunks G2 has no room for
+        are left out. Each read must end in ``_await_read`` with ``_settle_promotion``."""
         batches: dict[int, dict[int, torch.Tensor]] = {}
         with self._lock:
             for key in keys:
@@ -377,19 +375,22 @@ class KvtierEngine(TierCascade):
         return reads
 
     def _read(self, tier: int, keys: list[int], views: list[torch.Tensor]) -> dict[int, _Read]:
-        """One batched read from a lower tier into ``views``; a tier raising here fails the read (a miss)."""
+        """One batched read from a lower tier into ``views``, a future per chunk; a tier raising here fails
+        every read (misses)."""
         issued = time.monotonic()
         try:
-            future = self.tiers[tier].get_async(keys, views)
+            futures = self.tiers[tier].get_rows_async(keys, views)
         except Exception as exc:  # noqa: BLE001 - the reservations must still be settled
-            future = Future()
-            future.set_exception(exc)
-        return {key: _Read(future, row, tier, issued) for row, key in enumerate(keys)}
+            futures = [Future() for _ in keys]
+            for future in futures:
+                future.set_exception(exc)
+        return {key: _Read(future, tier, issued) for key, future in zip(keys, futures)}
 
     def _await_read(self, key: int, read: _Read, settle: Callable[[bool], None]) -> bool:
         """Wait for chunk ``key``'s read until ``lower_tier_deadline_ms`` after it was issued. A read past the
-        deadline is a miss: ``settle(False)`` runs when the batch finally completes, so the buffer is never
-        reused while being written. Otherwise see ``_landed``."""
+        deadline is a miss: ``settle(False)`` runs when the read finally completes, so the buffer is never
+        reused while being written; a damaged or missing chunk is forgotten in its tier and settled at once.
+        ``settle(True)`` only on success."""
         left = self.config.lower_tier_deadline_ms / 1000 - (time.monotonic() - read.issued)
         try:
             size = read.size(timeout=max(left, 0.0))
@@ -397,11 +398,6 @@ class KvtierEngine(TierCascade):
             self.metrics.recomputed.labels(TIER_NAMES[read.tier]).inc()
             read.future.add_done_callback(lambda _f: settle(False))
             return False
-        return self._landed(key, read, size, settle)
-
-    def _landed(self, key: int, read: _Read, size: int | None, settle: Callable[[bool], None]) -> bool:
-        """A read ended: ``settle(True)`` when the whole chunk arrived; a damaged or missing chunk is
-        forgotten in its tier and settled with False."""
         ok = size == self.chunk_bytes
         settle(ok)
         if not ok:
@@ -469,7 +465,11 @@ class KvtierEngine(TierCascade):
         self._complete_store(key, ok=True)
 
     def _prefetch(self, keys: list[int]) -> int:
-        reads = self._start_promotions(keys)
+        return self._settle_reads(self._start_promotions(keys))
+
+    def _settle_reads(self, reads: dict[int, _Read]) -> int:
+        """Mover: promotions no load waits for land in G2 (or are given up, see ``_await_read``); how many
+        came up."""
         return sum(self._await_read(key, read, partial(self._settle_promotion, key)) for key, read in reads.items())
 
     # --- helpers ---------------------------------------------------------------------------------------------------
