@@ -2,12 +2,12 @@
 """Restoring a context from kvtier against recomputing its prefill, on the reference model, same run.
 
 For each context length: time to first token when the whole prompt is recomputed, and when every reusable
-chunk is restored from G2 (pinned host memory) or from G3 (files; G2 emptied first), with G1 emptied before
-each timed call. Restored runs must produce logits bitwise equal to the recompute run's reference. On a GPU
+chunk is restored from G2 (pinned host memory) or from G3 (files; G2 emptied first), and with ``--redis-url``
+from G4 (a Redis server, in an engine without G3; G2 emptied first), with G1 emptied before each timed call. Restored runs must produce logits bitwise equal to the recompute run's reference. On a GPU
 the model is Llama-3-8B-shaped (random bf16 weights; ``--layers`` cuts depth, which scales both sides
 alike); on CPU the reference runner's ``small`` preset.
 
-    python benchmarks/bench_restore.py [--lengths 8192 32768 131072] [--layers N] [--json PATH]
+    python benchmarks/bench_restore.py [--lengths 8192 32768 131072] [--layers N] [--redis-url URL] [--json PATH]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--layers", type=int, default=32, help="GPU model depth (Llama-3-8B has 32)")
     parser.add_argument("--chunk-blocks", type=int, help="blocks per chunk (default 64 on GPU, 16 on CPU)")
+    parser.add_argument("--redis-url", default="", help="also restore from G4 on this Redis (its keys are deleted)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -56,22 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     chunk_bytes = layout.block_bytes * chunk_blocks
     Runner(model, pool, chunk_blocks, prefix_caching=False).generate(list(range(2 * chunk_tokens)), 1)  # warm-up
     rows = []
+    lowers = ["G3"] + (["G4"] if args.redis_url else [])
     with tempfile.TemporaryDirectory(prefix="kvtier-restore-") as disk:
-        engine_config = KvtierConfig(block_size=BLOCK, chunk_blocks=chunk_blocks, model_name=config.model_id,
-                                     host_capacity_bytes=(longest // chunk_tokens + 8) * chunk_bytes,
-                                     disk_path=disk, disk_capacity_bytes=(longest // chunk_tokens + 8) * (chunk_bytes + 8192),
-                                     write_through=True, admission_min_hits=0, lower_tier_deadline_ms=60_000)
-        with KvtierEngine(engine_config, layout, Namespace(config.model_id, config.dtype, layout.name)) as engine:
-            for n in tqdm(lengths, desc="contexts", unit="ctx"):
-                prompt = torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-                runner = Runner(model, pool, chunk_blocks, prefix_caching=False)
-                recompute = runner.generate(prompt, 1)
+        def engine_over(lower: str) -> KvtierEngine:
+            engine_config = KvtierConfig(
+                block_size=BLOCK, chunk_blocks=chunk_blocks, model_name=config.model_id,
+                host_capacity_bytes=(longest // chunk_tokens + 8) * chunk_bytes,
+                disk_path=disk if lower == "G3" else "", remote_url=args.redis_url if lower == "G4" else "",
+                disk_capacity_bytes=(longest // chunk_tokens + 8) * (chunk_bytes + 8192),
+                write_through=True, admission_min_hits=0, lower_tier_deadline_ms=60_000)
+            return KvtierEngine(engine_config, layout, Namespace(config.model_id, config.dtype, layout.name))
+
+        for n, lower in tqdm([(n, lower) for n in lengths for lower in lowers], desc="contexts", unit="ctx"):
+            prompt = torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            recompute = Runner(model, pool, chunk_blocks, prefix_caching=False).generate(prompt, 1)
+            with engine_over(lower) as engine:
                 pool.reset_prefix_cache()
                 cached = Runner(model, pool, chunk_blocks)
                 cached.generate(prompt, 1, kv_hooks=EngineHooks(engine, EngineRequest(f"store-{n}", prompt)))
                 engine.drain()
-                for tier in ("G2", "G3"):
-                    if tier == "G3":
+                for tier in ("G2", lower) if lower == "G3" else (lower,):
+                    if tier != "G2":
                         engine.clear("G2")
                     pool.reset_prefix_cache(poison=0xA5)
                     hooks = EngineHooks(engine, EngineRequest(f"{tier}-{n}", prompt))
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "recompute_ms": recompute.stats.ttft_s * 1e3, "restore_ms": restored.stats.ttft_s * 1e3,
                                  "speedup": recompute.stats.ttft_s / restored.stats.ttft_s,
                                  "identical": bool(torch.equal(restored.first_logits, recompute.first_logits))})
-                engine.clear("G3")
+                engine.clear(lower)
                 engine.clear("G2")
     name = device_name(device)
     print_table(rows, ["context", "source", "restored_tokens", "recompute_ms", "restore_ms", "speedup", "identical"],

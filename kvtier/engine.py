@@ -5,8 +5,9 @@
 decides what lives where, and this class moves the bytes it decides on:
 
 - ``store`` gathers a chunk's G1 blocks straight into a reserved G2 slot with the transfer kernels;
-- ``load`` scatters a G2 slot back into G1 blocks; a chunk found only in G3/G4 is read into a G2 slot first
-  (promotion in place: one I/O, no extra copy) within ``lower_tier_deadline_ms``, or the runner recomputes;
+- ``lookup`` starts promoting every hit chunk held only in G3/G4: G2 slots reserved, one batched read per tier
+  (promotion in place: no extra copy); ``load`` scatters a G2 slot back into G1 blocks, for a promoted chunk
+  once its read landed within ``lower_tier_deadline_ms`` of being issued, or the runner recomputes;
 - evictions chosen by the manager are demoted by a background mover (G2 -> G3 -> G4), so the serving path
   never waits on a disk or a server. A few spare host slots absorb chunks in flight.
 
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -68,6 +71,28 @@ class _RequestState:
     layer_ready: dict[int, torch.cuda.Event] = field(default_factory=dict)   # GPU: latest load per layer
     stores_done: list[torch.cuda.Event] = field(default_factory=list)       # GPU: offloads reading G1
     after_loads: list[Callable[[], None]] = field(default_factory=list)      # slot releases once loads land
+    promotions: dict[int, _Read] = field(default_factory=dict)               # reads lookup started, not loaded
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One chunk's read in a batched lower-tier ``get_rows_async``, issued at ``issued`` (``time.monotonic``),
+    which is where its deadline counts from."""
+
+    future: Future[int | None]
+    tier: int
+    issued: float
+
+    def size(self, timeout: float | None) -> int | None:
+        """The chunk's payload size; None when it is missing or damaged or the tier failed. Raises
+        ``FutureTimeout`` when the read is not done within ``timeout`` seconds."""
+        try:
+            return self.future.result(timeout=timeout)
+        except FutureTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - tiers should not raise; if one does, it is a miss
+            log.exception("kvtier: %s get failed", TIER_NAMES[self.tier])
+            return None
 
 
 @dataclass(frozen=True)
@@ -146,7 +171,7 @@ class KvtierEngine(TierCascade):
 
     def lookup(self, request_id: str, max_chunks: int | None = None) -> dict[str, int]:
         """Hit tokens per tier by the prefix rule; the hit chunks are protected from eviction until
-        ``release``."""
+        ``release``, and those held only below G2 start coming up into G2 now, all at once."""
         with self._lock:
             state = self._state(request_id)
             keys = state.chunk_keys if max_chunks is None else state.chunk_keys[:max_chunks]
@@ -163,21 +188,26 @@ class KvtierEngine(TierCascade):
                     self.metrics.lookups.labels(TIER_NAMES[g], "hit").inc(total - prev)
                 prev = total
             self.metrics.lookups.labels("none", "miss").inc(len(keys) - held)
-            return out
+            unread = [k for k in keys[:held] if k not in state.promotions]
+        reads = self._start_promotions(unread)
+        with self._lock:
+            state.promotions.update(reads)
+        return out
 
     def load(self, request_id: str, chunk_index: int, block_ids: Sequence[int]) -> bool:
         """Fill G1 blocks ``block_ids`` with chunk ``chunk_index``. False on any failure (miss, checksum,
         deadline): the caller recomputes the chunk."""
+        self._check_blocks(block_ids)
         with self._lock:
             state = self._state(request_id)
             key = self._chunk_key(state, chunk_index)
+            read = state.promotions.pop(key, None)
             where = self.manager.locate(key)
-            if where is None:
+            if read is None and where is None:
                 return False
-            tier = self._gnum[where]
-        self._check_blocks(block_ids)
+            tier = self._gnum[where] if read is None else read.tier
         ok = self._load_from_host(key, block_ids, state) if tier == G2 else \
-            self._load_from_below(key, tier, block_ids, state)
+            self._load_from_below(key, tier, read, block_ids, state)
         if ok:
             state.hit_tokens[TIER_NAMES[tier]] += self.chunk_tokens
         return ok
@@ -230,6 +260,8 @@ class KvtierEngine(TierCascade):
             if state is None:
                 raise ValueError(f"unknown request {request_id!r}")
         self._settle_transfers(state)
+        if state.promotions:  # read for loads that never came: they land in G2 as a prefetch would
+            self._mover.submit(self._settle_reads, state.promotions)
         with self._lock:
             self.manager.release(state.acquired)
             self.manager.end_request(state.request.session, stop_reason=stop_reason)
@@ -304,14 +336,14 @@ class KvtierEngine(TierCascade):
             self.manager.touch([key], self._index[G2])
         return True
 
-    def _load_from_below(self, key: int, tier: int, block_ids: Sequence[int], state: _RequestState) -> bool:
-        """Read the chunk into a G2 slot (promoting it in place), then load it from there; when G2 has no
-        room for it, read through a spare slot without promoting."""
-        with self._lock:
-            slot = self._reserve_promotion(key)
-        if slot is None:
+    def _load_from_below(self, key: int, tier: int, read: _Read | None, block_ids: Sequence[int],
+                         state: _RequestState) -> bool:
+        """Wait for the chunk's read into a G2 slot (started by ``lookup``, else now), then load it from there;
+        when G2 has no room for it, read through a spare slot without promoting."""
+        read = read or self._start_promotions([key]).get(key)
+        if read is None:
             return self._load_through_spare(key, tier, block_ids, state)
-        if not self._read_before_deadline(key, tier, slot, lambda ok: self._settle_promotion(key, ok)):
+        if not self._await_read(key, read, partial(self._settle_promotion, key)):
             return False
         self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[tier]}").inc(self.chunk_bytes)
         return self._load_from_host(key, block_ids, state)
@@ -321,30 +353,56 @@ class KvtierEngine(TierCascade):
         if slots is None:
             return False
         view = self.host.pool.view(slots[0])[:self.chunk_bytes]
-        if not self._read_before_deadline(key, tier, view, lambda ok: None if ok else self.host.pool.free(slots)):
+        read = self._read(tier, [key], [view])[key]
+        if not self._await_read(key, read, lambda ok: None if ok else self.host.pool.free(slots)):
             return False
         self._scatter(view, block_ids, state, lambda: self.host.pool.free(slots))
         return True
 
-    def _read_before_deadline(self, key: int, tier: int, view: torch.Tensor, settle) -> bool:
-        """Read chunk ``key`` from a lower tier into ``view``. A read past the deadline is a miss: ``settle``
-        (False) runs when it finally completes, so its buffer is never reused while being written; a
-        damaged or missing chunk is forgotten and settled at once. ``settle(True)`` only on success."""
-        future = self.tiers[tier].get_async([key], [view])
+    def _start_promotions(self, keys: Sequence[int]) -> dict[int, _Read]:
+        """Promote the chunks among ``keys`` held only below G2: reserve their G2 slots, then read each tier's
+        share with one batched ``get_rows_async`` (the tiers read a batch concurrently). Chunks G2 has no room for
+        are left out. Each read must end in ``_await_read`` with ``_settle_promotion``."""
+        batches: dict[int, dict[int, torch.Tensor]] = {}
+        with self._lock:
+            for key in keys:
+                where = self.manager.locate(key)
+                if where is not None and self._gnum[where] > G2 and (slot := self._reserve_promotion(key)) is not None:
+                    batches.setdefault(self._gnum[where], {})[key] = slot
+        reads: dict[int, _Read] = {}
+        for tier, slots in batches.items():
+            reads.update(self._read(tier, list(slots), list(slots.values())))
+        return reads
+
+    def _read(self, tier: int, keys: list[int], views: list[torch.Tensor]) -> dict[int, _Read]:
+        """One batched read from a lower tier into ``views``, a future per chunk; a tier raising here fails
+        every read (misses)."""
+        issued = time.monotonic()
         try:
-            size = future.result(timeout=self.config.lower_tier_deadline_ms / 1000)[0]
+            futures = self.tiers[tier].get_rows_async(keys, views)
+        except Exception as exc:  # noqa: BLE001 - the reservations must still be settled
+            futures = [Future() for _ in keys]
+            for future in futures:
+                future.set_exception(exc)
+        return {key: _Read(future, tier, issued) for key, future in zip(keys, futures)}
+
+    def _await_read(self, key: int, read: _Read, settle: Callable[[bool], None]) -> bool:
+        """Wait for chunk ``key``'s read until ``lower_tier_deadline_ms`` after it was issued. A read past the
+        deadline is a miss: ``settle(False)`` runs when the read finally completes, so the buffer is never
+        reused while being written; a damaged or missing chunk is forgotten in its tier and settled at once.
+        ``settle(True)`` only on success."""
+        left = self.config.lower_tier_deadline_ms / 1000 - (time.monotonic() - read.issued)
+        try:
+            size = read.size(timeout=max(left, 0.0))
         except FutureTimeout:
-            self.metrics.recomputed.labels(TIER_NAMES[tier]).inc()
-            future.add_done_callback(lambda _f: settle(False))
+            self.metrics.recomputed.labels(TIER_NAMES[read.tier]).inc()
+            read.future.add_done_callback(lambda _f: settle(False))
             return False
-        except Exception:  # noqa: BLE001 - tiers should not raise; if one does, it is a miss
-            log.exception("kvtier: %s get failed", TIER_NAMES[tier])
-            size = None
         ok = size == self.chunk_bytes
         settle(ok)
         if not ok:
-            self.metrics.errors.labels(TIER_NAMES[tier], "get").inc()
-            self._lost(key, tier)
+            self.metrics.errors.labels(TIER_NAMES[read.tier], "get").inc()
+            self._lost(key, read.tier)
         return ok
 
     def _scatter(self, slot: torch.Tensor, block_ids: Sequence[int], state: _RequestState,
@@ -407,18 +465,12 @@ class KvtierEngine(TierCascade):
         self._complete_store(key, ok=True)
 
     def _prefetch(self, keys: list[int]) -> int:
-        done = 0
-        for key in keys:
-            with self._lock:
-                where = self.manager.locate(key)
-                if where is None or self._gnum[where] == G2:
-                    continue
-                tier = self._gnum[where]
-                slot = self._reserve_promotion(key)
-            if slot is None:
-                continue
-            done += self._read_before_deadline(key, tier, slot, lambda ok, key=key: self._settle_promotion(key, ok))
-        return done
+        return self._settle_reads(self._start_promotions(keys))
+
+    def _settle_reads(self, reads: dict[int, _Read]) -> int:
+        """Mover: promotions no load waits for land in G2 (or are given up, see ``_await_read``); how many
+        came up."""
+        return sum(self._await_read(key, read, partial(self._settle_promotion, key)) for key, read in reads.items())
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def _apply_retention(self, state: _RequestState) -> None:

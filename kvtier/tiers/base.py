@@ -189,6 +189,13 @@ class Tier(abc.ABC):
     def capacity_bytes(self) -> int:
         """Bytes this tier may hold (0: bounded by the server, e.g. Redis maxmemory)."""
 
+    def get_rows_async(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> list[Future[int | None]]:
+        """``get_async`` with one future per key, for a caller that uses each chunk as soon as it lands (and
+        gives up on a late one alone). Here they all resolve with the batch; a tier that reads parts of a
+        batch concurrently resolves each part's keys when that part is done."""
+        batch = self.get_async(keys, buffers)
+        return [then(batch, lambda sizes, i=i: sizes[i]) for i in range(len(keys))]
+
     def put(self, keys: Sequence[int], payloads: Sequence[Buffer]) -> list[bool]:
         return self.put_async(keys, payloads).result()
 

@@ -245,6 +245,11 @@ class DiskTier(LocalTier):
         futures, merge, _ = self._submit_reads(keys, buffers)
         return then(gather(futures), merge)
 
+    def get_rows_async(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> list[Future[int | None]]:
+        """Each key's future resolves when its I/O thread's share of the batch (rows strided) is read."""
+        futures, _, _ = self._submit_reads(keys, buffers)
+        return [then(futures[i % len(futures)], lambda sizes, j=i // len(futures): sizes[j]) for i in range(len(keys))]
+
     def get(self, keys: Sequence[int], buffers: Sequence[Buffer], timeout_s: float | None = None) -> list[int | None]:
         """Synchronous get. With ``timeout_s``, reads not started by then are given up and count as misses;
         reads already in the kernel are awaited, so no buffer is written after ``get`` returns."""

@@ -328,3 +328,77 @@ def test_release_tells_the_policy_why_the_response_stopped(tmp_path, monkeypatch
         rig.engine.lookup(req.request_id)
         rig.engine.release(req.request_id, stop_reason="tool_use")
     assert ("s", "tool_use") in seen
+
+
+def test_a_restore_from_g3_reads_all_its_chunks_in_one_batch(tmp_path, monkeypatch):
+    """``lookup`` starts every hit chunk's read at once: one batched get, not one round trip per chunk."""
+    from kvtier.cascade import G3
+
+    rig = make_rig(tmp_path, disk=True, write_through=True)
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        rig.engine.drain()
+        rig.engine.clear("G2")
+        disk = rig.engine.tiers[G3]
+        batches: list[int] = []
+        for name in ("get_rows_async", "get_async"):
+            real = getattr(disk, name)
+            monkeypatch.setattr(disk, name, lambda keys, bufs, real=real: batches.append(len(keys)) or real(keys, bufs))
+        got, hooks = rig.call(rig.runner(), FOLLOW_UP)
+        assert batches == [len(PROMPT) // CHUNK_TOKENS]
+        assert got.stats.loaded_tokens == REUSABLE and hooks.hit_tokens["G3"] == REUSABLE
+        assert rig.same_as_reference(FOLLOW_UP, got)
+
+
+def _leaked_slots(engine) -> int:
+    """Host slots neither free nor holding a stored chunk, once late reads have landed."""
+    pool = engine.host.pool
+    engine.drain()
+    deadline = time.monotonic() + 10
+    while (leaked := pool.num_slots - pool.free_slots - len(engine.held_chunks()["G2"])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return leaked
+
+
+def test_a_late_chunk_in_a_batch_is_recomputed_while_the_others_load(tmp_path, monkeypatch):
+    from kvtier.tiers import fileio
+
+    rig = make_rig(tmp_path, disk=True, write_through=True, lower_tier_deadline_ms=300, disk_io_threads=8)
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        rig.engine.drain()
+        rig.engine.clear("G2")
+        real_read, calls, lock = fileio.read_at, [], threading.Lock()
+
+        def first_read_slow(fd, buffers, offset):  # one chunk of the batch (each has its own I/O thread) is late
+            with lock:
+                calls.append(offset)
+                slow = len(calls) == 1
+            if slow:
+                time.sleep(1.0)
+            return real_read(fd, buffers, offset)
+
+        monkeypatch.setattr(fileio, "read_at", first_read_slow)
+        got, hooks = rig.call(rig.runner(), FOLLOW_UP)
+        assert got.stats.failed_loads == 1 and got.stats.loaded_tokens == REUSABLE - CHUNK_TOKENS
+        assert hooks.hit_tokens["G3"] == REUSABLE - CHUNK_TOKENS
+        assert rig.same_as_reference(FOLLOW_UP, got)
+        assert _leaked_slots(rig.engine) == 0  # the late read's slot came back once it landed
+
+
+def test_release_settles_reads_no_load_waited_for(tmp_path):
+    """A request that looks up chunks below G2 and ends without loading them leaves no slot behind; the
+    chunks it read arrive in G2."""
+    rig = make_rig(tmp_path, disk=True, write_through=True)
+    with rig.engine:
+        rig.call(rig.runner(), PROMPT)
+        rig.engine.drain()
+        rig.engine.clear("G2")
+        req = EngineRequest("looks-only", PROMPT)
+        rig.engine.begin(req)
+        assert rig.engine.lookup(req.request_id)["G3"] == REUSABLE
+        assert rig.engine.release(req.request_id) == {"G2": 0, "G3": 0, "G4": 0}
+        assert _leaked_slots(rig.engine) == 0
+        assert len(rig.engine.held_chunks()["G2"]) == len(PROMPT) // CHUNK_TOKENS
+        got, hooks = rig.call(rig.runner(), FOLLOW_UP)
+        assert hooks.hit_tokens["G2"] == REUSABLE and rig.same_as_reference(FOLLOW_UP, got)
