@@ -83,17 +83,6 @@ class _Read:
     tier: int
     issued: float
 
-    def size(self, timeout: float | None) -> int | None:
-        """The chunk's payload size; None when it is missing or damaged or the tier failed. Raises
-        ``FutureTimeout`` when the read is not done within ``timeout`` seconds."""
-        try:
-            return self.future.result(timeout=timeout)
-        except FutureTimeout:
-            raise
-        except Exception:  # noqa: BLE001 - tiers should not raise; if one does, it is a miss
-            log.exception("kvtier: %s get failed", TIER_NAMES[self.tier])
-            return None
-
 
 @dataclass(frozen=True)
 class _ChunkMeta:
@@ -361,8 +350,8 @@ class KvtierEngine(TierCascade):
 
     def _start_promotions(self, keys: Sequence[int]) -> dict[int, _Read]:
         """Promote the chunks among ``keys`` held only below G2: reserve their G2 slots, then read each tier's
-        share with one batched ``get_rows_async`` (the tiers read a batch concurrently). Chunks G2 has no room for
-        are left out. Each read must end in ``_await_read`` with ``_settle_promotion``."""
+        share with one batched ``get_rows_async`` (the tiers read a batch concurrently). Chunks G2 has no
+        room for are left out. Each read must end in ``_await_read`` with ``_settle_promotion``."""
         batches: dict[int, dict[int, torch.Tensor]] = {}
         with self._lock:
             for key in keys:
@@ -393,11 +382,14 @@ class KvtierEngine(TierCascade):
         ``settle(True)`` only on success."""
         left = self.config.lower_tier_deadline_ms / 1000 - (time.monotonic() - read.issued)
         try:
-            size = read.size(timeout=max(left, 0.0))
+            size = read.future.result(timeout=max(left, 0.0))
         except FutureTimeout:
             self.metrics.recomputed.labels(TIER_NAMES[read.tier]).inc()
             read.future.add_done_callback(lambda _f: settle(False))
             return False
+        except Exception:  # noqa: BLE001 - tiers should not raise; if one does, it is a miss
+            log.exception("kvtier: %s get failed", TIER_NAMES[read.tier])
+            size = None
         ok = size == self.chunk_bytes
         settle(ok)
         if not ok:

@@ -355,9 +355,13 @@ def _leaked_slots(engine) -> int:
     pool = engine.host.pool
     engine.drain()
     deadline = time.monotonic() + 10
-    while (leaked := pool.num_slots - pool.free_slots - len(engine.held_chunks()["G2"])) and time.monotonic() < deadline:
+
+    def leaked() -> int:
+        return pool.num_slots - pool.free_slots - len(engine.held_chunks()["G2"])
+
+    while leaked() and time.monotonic() < deadline:
         time.sleep(0.05)
-    return leaked
+    return leaked()
 
 
 def test_a_late_chunk_in_a_batch_is_recomputed_while_the_others_load(tmp_path, monkeypatch):
