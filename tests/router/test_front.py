@@ -224,14 +224,17 @@ def test_malformed_requests_get_clear_4xx(cluster: Cluster) -> None:
 
 def test_dead_worker_requests_are_rerouted_and_it_comes_back(cluster: Cluster) -> None:
     client = oai(cluster)
-    victim, survivor = cluster.workers
+    messages = [{"role": "user", "content": "the shared context " * 30}]
+    first = client.chat.completions.create(model="m", messages=messages).choices[0].message.content
+    # the worker that holds the context is the one that dies, so the router must pick it and then reroute
+    victim, survivor = sorted(cluster.workers, key=lambda w: not first.startswith(w.name))
     port = victim.port
     cluster.stop_worker(victim)
     for i in range(4):
-        resp = client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i} " * 30}])
+        resp = client.chat.completions.create(model="m", messages=messages + [{"role": "user", "content": f"q{i}"}])
         assert resp.choices[0].message.content.startswith(survivor.name)
     health = http(cluster.url + "/health").json()
-    assert [w["alive"] for w in health["workers"]] == [False, True]
+    assert [w["alive"] for w in health["workers"]] == [w is survivor for w in cluster.workers]
     assert "kvtier_router_reroutes_total 1.0" in http(cluster.url + "/metrics").text
     cluster.stop_worker(survivor)
     resp = http(cluster.url + "/v1/chat/completions", json_body={"model": "m", "messages": [{"role": "user", "content": "x"}]})
@@ -247,7 +250,8 @@ def test_dead_worker_requests_are_rerouted_and_it_comes_back(cluster: Cluster) -
 
     cluster.loop.run(restart())
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not http(cluster.url + "/health").json()["workers"][0]["alive"]:
+    victim_index = cluster.workers.index(victim)
+    while time.monotonic() < deadline and not http(cluster.url + "/health").json()["workers"][victim_index]["alive"]:
         time.sleep(0.1)
     assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "back?"}]).choices[0].message.content
 
