@@ -5,28 +5,18 @@ from engines_env import ENGINES_MISSING
 
 pytest.importorskip("vllm.v1.kv_offload.base", reason=ENGINES_MISSING)
 
-import dataclasses
 import threading
-import uuid
 from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.offloading.config import build_offloading_config
 from vllm.v1.kv_offload.base import (
-    CanonicalKVCacheRef,
-    CanonicalKVCaches,
-    CanonicalKVCacheTensor,
-    GPULoadStoreSpec,
-    LookupResult,
-    ReqContext,
     make_offload_key,
 )
 from vllm_harness import VllmSchedulerHarness
 
 from kvtier.cascade import G3
-from kvtier.integrations.vllm import SPARE_SLOTS, KvtierOffloadingSpec, KvtierOffloadingWorker
+from kvtier.integrations.vllm import SPARE_SLOTS, KvtierOffloadingWorker
 from kvtier.layout import vllm_layout
 
 BLOCK = 16
@@ -218,15 +208,22 @@ def prefix_keys(h, req_id) -> list[int]:
     return [h.manager.key(make_offload_key(bh, 0)) for bh in h.request(req_id).block_hashes[:PREFIX_BLOCKS]]
 
 
-def snapshot(h, block_ids) -> dict[str, list[torch.Tensor]]:
-    return {n: [h.block_bytes(n, int(b)).clone() for b in block_ids] for n in h.shape.layer_names()}
+def snapshot(h, block_ids, rank: int = 0) -> dict[str, list[torch.Tensor]]:
+    return {n: [h.block_bytes(n, int(b), rank).clone() for b in block_ids] for n in h.shape.layer_names()}
 
 
-def demote_prefix(h) -> dict[str, list[torch.Tensor]]:
-    """Store PREFIX's chunks in G2, then push them below with another prompt of the same length."""
+def same_bytes(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]) -> bool:
+    return a.keys() == b.keys() and all(
+        len(a[n]) == len(b[n]) and all(torch.equal(x, y) for x, y in zip(a[n], b[n])) for n in a)
+
+
+def demote_prefix(h) -> list[dict[str, list[torch.Tensor]]]:
+    """Store PREFIX's chunks in G2, then push them below with another prompt of the same length.
+
+    Returns the stored bytes of each rank's worker (none without workers)."""
     h.add_request("a", PREFIX + [1])
     (store,) = jobs(h.run(), "store_jobs")
-    written = snapshot(h, store.src_spec.block_ids) if h.worker_connector else {}
+    written = [snapshot(h, store.src_spec.block_ids, rank) for rank in range(len(h.rank_workers))]
     h.add_request("other", OTHER + [2])
     h.run()
     h.manager.drain()
@@ -234,9 +231,9 @@ def demote_prefix(h) -> dict[str, list[torch.Tensor]]:
 
 
 def forget_g1(h) -> None:
-    if h.worker_connector:
-        for n in h.shape.layer_names():
-            h.kv_caches[n].zero_()
+    for kv_caches in h.rank_kv_caches:
+        for cache in kv_caches.values():
+            cache.zero_()
     h.drop_gpu_prefix_cache()
 
 
@@ -244,7 +241,7 @@ def forget_g1(h) -> None:
 def test_chunks_only_below_g2_are_promoted_then_loaded_bitwise(harness, tmp_path, request, kind):
     extra, tier = lower_tier(kind, tmp_path, request)
     h = harness(tiered(**extra), with_worker=True)
-    written = demote_prefix(h)
+    (written,) = demote_prefix(h)
     keys = prefix_keys(h, "a")
     assert set(keys) <= h.manager.held(tier) and not set(keys) & h.manager.held("G2")
     demotion_events = [e for step in h.steps[-3:] for e in step.stored_events if e.medium == "STORAGE"]
@@ -259,9 +256,7 @@ def test_chunks_only_below_g2_are_promoted_then_loaded_bitwise(harness, tmp_path
     assert any(answer == "HIT_PENDING" for step in steps[:first_load] for _, answer in step.lookups)
     assert hits(steps) == {"b": len(PREFIX)}
     (load,) = jobs(steps, "load_jobs")
-    for n in h.shape.layer_names():
-        for i, block_id in enumerate(load.dst_spec.block_ids):
-            assert torch.equal(h.block_bytes(n, int(block_id)), written[n][i])
+    assert same_bytes(snapshot(h, load.dst_spec.block_ids), written)
     assert set(keys) <= h.manager.held("G2")  # promoted, and still below too (write once, read many)
     assert set(keys) <= h.manager.held(tier)
     assert any(e.medium == "CPU" for step in steps for e in step.stored_events)
@@ -359,76 +354,23 @@ def test_shared_region_names_are_released(harness):
     assert shm_names(alone) == []
 
 
-def canonical_caches(num_blocks: int, pages: int, page_bytes: int) -> CanonicalKVCaches:
-    tensors = [CanonicalKVCacheTensor(torch.zeros(num_blocks, page_bytes, dtype=torch.int8), page_bytes)
-               for _ in range(pages)]
-    return CanonicalKVCaches(tensors, [[CanonicalKVCacheRef(i, page_bytes) for i in range(pages)]])
+def test_tensor_parallel_ranks_each_get_their_own_bytes_back_through_one_scheduler(harness, tmp_path):
+    """tensor_parallel_size=2 in vLLM's own ParallelConfig: one scheduler-side manager, a worker per rank."""
+    h = harness(tiered(**disk(tmp_path)), with_worker=True, tensor_parallel_size=2)
+    assert h.manager.namespace.tp_size == 2 and len(h.manager.tiers[G3].ranks) == 2
+    written_by_rank = demote_prefix(h)
+    keys = prefix_keys(h, "a")
+    assert set(keys) <= h.manager.held("G3")
+    assert h.manager.tiers[G3].stats().puts == 2 * PREFIX_BLOCKS  # one entry per rank for each chunk
 
-
-def test_two_ranks_share_one_scheduler_and_each_gets_its_own_bytes_back(harness, tmp_path):
-    h = harness(tiered(**disk(tmp_path)))
-    base = build_offloading_config(h.vllm_config, h.kv_cache_config)
-    configs = [dataclasses.replace(base, engine_id=f"tp-{uuid.uuid4()}", parallel=dataclasses.replace(
-        base.parallel, rank=r, world_size=2, tp_size=2)) for r in (0, 1)]
-    configs[1] = dataclasses.replace(configs[1], engine_id=configs[0].engine_id)
-    manager = KvtierOffloadingSpec(configs[0]).get_manager()
-    caches = [canonical_caches(64, 2, base.worker_kv_bytes_per_block // 2) for _ in range(2)]
-    workers = []
-    try:
-        workers = [KvtierOffloadingSpec(c).get_worker(kv) for c, kv in zip(configs, caches)]
-        gen = torch.Generator().manual_seed(7)
-        for kv in caches:  # different bytes on each rank
-            for t in kv.tensors:
-                t.tensor.copy_(torch.randint(-128, 128, t.tensor.shape, dtype=torch.int8, generator=gen))
-        original = [[t.tensor[:4].clone() for t in kv.tensors] for kv in caches]
-        keys = [make_offload_key(bytes([i]) * 32, 0) for i in range(4)]
-        fillers = [make_offload_key(bytes([100 + i]) * 32, 0) for i in range(PREFIX_BLOCKS)]
-        gpu = GPULoadStoreSpec(np.arange(4, dtype=np.int32), [4], [0])
-        ctx = ReqContext("a")
-        with manager.lock:
-            manager.on_new_request(ctx)
-            out = manager.prepare_store(keys, ctx)
-        for w in workers:
-            assert w.submit_store(1, gpu, out.store_spec) and w.get_finished()[0].success
-        with manager.lock:
-            manager.complete_store(keys, ctx)
-            # pushes the four chunks down to G3, one entry per rank; their slots stay busy until written, so
-            # there is no room for the fillers in this step (vLLM retries next step)
-            assert manager.prepare_store(fillers, ctx) is None
-        manager.drain()
-        with manager.lock:
-            filled = manager.prepare_store(fillers, ctx)
-            manager.complete_store(filled.keys_to_store, ctx)
-        ks = [manager.key(k) for k in keys]
-        assert set(ks) <= manager.held("G3") and not set(ks) & manager.held("G2")
-        assert manager.tiers[G3].stats().puts == 2 * len(keys)
-
-        for kv in caches:
-            for t in kv.tensors:
-                t.tensor.zero_()
-        ctx2 = ReqContext("b")
-        with manager.lock:
-            manager.on_new_request(ctx2)
-        answers = []
-        while not answers or answers[-1] != [LookupResult.HIT] * 4:  # vLLM asks again each step
-            assert len(answers) < 20
-            with manager.lock:
-                answers.append([manager.lookup(k, ctx2) for k in keys])
-            manager.drain()
-        assert answers[0][0] == LookupResult.HIT_PENDING
-        with manager.lock:
-            src = manager.prepare_load(keys, ctx2)
-        dst = GPULoadStoreSpec(np.arange(10, 14, dtype=np.int32), [4], [0])
-        for w in workers:
-            assert w.submit_load(2, src, dst) and w.get_finished()[0].success
-        with manager.lock:
-            manager.complete_load(keys, ctx2)
-        for r, kv in enumerate(caches):
-            for t, before in zip(kv.tensors, original[r]):
-                assert torch.equal(t.tensor[10:14], before)
-        assert not torch.equal(caches[0].tensors[0].tensor[10:14], caches[1].tensors[0].tensor[10:14])
-    finally:
-        for w in workers:
-            w.shutdown()
-        manager.shutdown()
-    assert not list(Path("/dev/shm").glob(f"kvtier-{configs[0].engine_id}-*"))
+    forget_g1(h)
+    h.add_request("b", PREFIX + [3])
+    steps = h.run()
+    assert hits(steps) == {"b": len(PREFIX)}
+    (load,) = jobs(steps, "load_jobs")
+    for rank, written in enumerate(written_by_rank):
+        assert same_bytes(snapshot(h, load.dst_spec.block_ids, rank), written)
+    assert not same_bytes(*written_by_rank)
+    engine_id = h.vllm_config.kv_transfer_config.engine_id
+    h.close()
+    assert not list(Path("/dev/shm").glob(f"kvtier-{engine_id}-*"))

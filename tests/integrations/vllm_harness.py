@@ -10,11 +10,17 @@ caches allocated by vLLM's ``allocate_kv_cache`` in the layout the connector ask
 driven in the model runner's order (bind metadata, start_load_kv, forward, wait_for_save,
 get_finished, build_connector_worker_meta). Without it, every job is reported done in the step it
 was issued, which is what a worker that finishes within a step would report.
+
+With ``tensor_parallel_size > 1`` the VllmConfig carries vLLM's own ParallelConfig, the scheduler side
+sees that world size, and one worker connector per rank (its VllmConfig with that rank) runs over its own
+KV caches holding different bytes; their outputs are combined by vLLM's ``KVOutputAggregator``, as the
+multiprocess executor combines them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 import time
@@ -33,10 +39,12 @@ from vllm.config import (  # noqa: E402
     KVEventsConfig,
     KVTransferConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     VllmConfig,
 )
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import (  # noqa: E402
     OffloadingConnectorMetadata,
@@ -151,8 +159,10 @@ class VllmSchedulerHarness:
         with_worker: bool = False,
         kv_events: bool = True,
         model_dir: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.block_size = block_size
+        self.tensor_parallel_size = tensor_parallel_size
         self.shape = shape
         self._num_gpu_blocks = num_gpu_blocks
         self._tmp = None if model_dir else tempfile.TemporaryDirectory(prefix="kvtier-opt-")
@@ -173,7 +183,13 @@ class VllmSchedulerHarness:
                 block_size=block_size,
                 log_stats=True,
             )
-            self.worker_connector = self._build_worker() if with_worker else None
+            # one worker connector and its KV caches per rank; rank 0's are also worker_connector / kv_caches
+            self.rank_workers: list[OffloadingConnector] = []
+            self.rank_kv_caches: list[dict[str, torch.Tensor]] = []
+            if with_worker:
+                for rank in range(tensor_parallel_size):
+                    self._build_worker(rank)
+            self._aggregator = KVOutputAggregator.from_connector(self.connector, tensor_parallel_size)
         self._offload_hits: dict[str, int] = {}
         self._offloaded_tokens: dict[str, int] = {}
         self._lookups: list[tuple[str, str]] = []
@@ -184,7 +200,7 @@ class VllmSchedulerHarness:
         self.steps: list[StepRecord] = []
         self._requests: dict[str, Request] = {}
         # Fills GPU blocks the fabricated forward pass "computes"; tests may replace it.
-        self.write_kv: Callable[[int, int], None] = self._write_pattern
+        self.write_kv: Callable[[int, int, int], None] = self._write_pattern
 
     # ----- construction -------------------------------------------------------------------
 
@@ -220,6 +236,8 @@ class VllmSchedulerHarness:
             if kv_events
             else None,
             device_config=DeviceConfig("cpu"),
+            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                           distributed_executor_backend="mp"),
         )
 
     def _build_kv_cache_config(self) -> KVCacheConfig:
@@ -241,13 +259,24 @@ class VllmSchedulerHarness:
         config.kv_cache_layout = self.kv_cache_layout.name
         return config
 
-    def _build_worker(self) -> OffloadingConnector:
-        self.kv_caches = allocate_kv_cache(
-            self.kv_cache_config, torch.device("cpu"), self.kv_cache_layout
-        )
-        worker = OffloadingConnector(self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config)
-        worker.register_kv_caches(self.kv_caches)
-        return worker
+    def _build_worker(self, rank: int) -> None:
+        config = self.vllm_config
+        if rank:  # what the executor hands each worker process: the same config with its own rank
+            config = copy.deepcopy(config)
+            config.parallel_config.rank = rank
+        kv_caches = allocate_kv_cache(self.kv_cache_config, torch.device("cpu"), self.kv_cache_layout)
+        worker = OffloadingConnector(config, KVConnectorRole.WORKER, self.kv_cache_config)
+        worker.register_kv_caches(kv_caches)
+        self.rank_workers.append(worker)
+        self.rank_kv_caches.append(kv_caches)
+
+    @property
+    def worker_connector(self) -> OffloadingConnector | None:
+        return self.rank_workers[0] if self.rank_workers else None
+
+    @property
+    def kv_caches(self) -> dict[str, torch.Tensor]:
+        return self.rank_kv_caches[0]
 
     def _record_offload_hits(self) -> None:
         """Keep what the connector answers the scheduler about each request's loadable tokens."""
@@ -294,9 +323,9 @@ class VllmSchedulerHarness:
     def request(self, req_id: str) -> Request:
         return self._requests[req_id]
 
-    def block_bytes(self, layer: str, block_id: int) -> torch.Tensor:
-        """The bytes of one GPU block of one layer, as the model sees them."""
-        return self.kv_caches[layer][block_id].contiguous().view(torch.uint8).flatten()
+    def block_bytes(self, layer: str, block_id: int, rank: int = 0) -> torch.Tensor:
+        """The bytes of one GPU block of one layer on one rank, as the model sees them."""
+        return self.rank_kv_caches[rank][layer][block_id].contiguous().view(torch.uint8).flatten()
 
     # ----- driving ------------------------------------------------------------------------
 
@@ -341,11 +370,15 @@ class VllmSchedulerHarness:
         )
         self._offload_hits.clear()
         self._lookups.clear()
-        connector_output = (
-            self._run_worker(output, meta) if self.worker_connector else self._complete_all(meta)
-        )
+        if self.rank_workers:
+            self._forward(output)
+            model_output = self._aggregator.aggregate(
+                [self._model_output(output, self._run_worker(rank, output, meta))
+                 for rank in range(self.tensor_parallel_size)])
+        else:
+            model_output = self._model_output(output, self._complete_all(meta))
         batches_before = len(self._publisher.batches)
-        self.scheduler.update_from_output(output, self._model_output(output, connector_output))
+        self.scheduler.update_from_output(output, model_output)
         for batch in self._publisher.batches[batches_before:]:
             record.events.extend(batch.events)
         self.steps.append(record)
@@ -383,16 +416,18 @@ class VllmSchedulerHarness:
         return KVConnectorOutput(finished_recving=loaded, kv_connector_worker_meta=done)
 
     def _run_worker(
-        self, output: SchedulerOutput, meta: OffloadingConnectorMetadata
+        self, rank: int, output: SchedulerOutput, meta: OffloadingConnectorMetadata
     ) -> KVConnectorOutput:
-        """The model runner's connector calls around one forward pass (kv_connector_model_runner_mixin)."""
-        worker = self.worker_connector
-        assert worker is not None
+        """One rank's connector calls around a forward pass (kv_connector_model_runner_mixin).
+
+        The forward pass itself (``_forward``) has written every rank's KV before the loads start;
+        jobs never cover blocks the same step computes, so the order within a step does not matter.
+        """
+        worker = self.rank_workers[rank]
         if meta.jobs_to_flush:
             worker.handle_preemptions(meta)
         worker.bind_connector_metadata(meta)
         worker.start_load_kv(None)
-        self._forward(output)
         worker.wait_for_save()
         _, finished_recving = worker.get_finished(output.finished_req_ids)
         worker_meta = worker.build_connector_worker_meta()
@@ -412,13 +447,14 @@ class VllmSchedulerHarness:
             first = (request.num_computed_tokens - num_tokens) // self.block_size
             last = (request.num_computed_tokens - 1) // self.block_size
             for block_idx in range(first, last + 1):
-                self.write_kv(block_ids[block_idx], block_idx)
+                for rank in range(self.tensor_parallel_size):
+                    self.write_kv(block_ids[block_idx], block_idx, rank)
 
-    def _write_pattern(self, block_id: int, block_idx: int) -> None:
-        """Deterministic per (block position, layer) bytes, so a bad load shows as a mismatch."""
+    def _write_pattern(self, block_id: int, block_idx: int, rank: int) -> None:
+        """Deterministic per (block position, layer, rank) bytes, so a bad load shows as a mismatch."""
         for layer_idx, name in enumerate(self.shape.layer_names()):
-            view = self.kv_caches[name][block_id].view(torch.uint8)
-            seed = (block_idx * 131 + layer_idx * 7919) % 251
+            view = self.rank_kv_caches[rank][name][block_id].view(torch.uint8)
+            seed = (block_idx * 131 + layer_idx * 7919 + rank * 53) % 251
             view.copy_(
                 (torch.arange(view.numel(), dtype=torch.int32) * 31 + seed)
                 .remainder(256)
@@ -443,8 +479,8 @@ class VllmSchedulerHarness:
         )
 
     def close(self) -> None:
-        if self.worker_connector is not None:
-            self.worker_connector.shutdown()
+        for worker in self.rank_workers:
+            worker.shutdown()
         self.scheduler.shutdown()
         if self._tmp is not None:
             self._tmp.cleanup()
