@@ -23,7 +23,9 @@ Worker processes: ``KvtierOffloadingWorker`` moves chunks between vLLM's canonic
 part of G2 with kvtier's transfer kernels.
 
 Agent hints ride in a request's ``kv_transfer_params["agent_hints"]`` (vLLM passes them to the manager
-verbatim); bad hints are logged and ignored, never raised into the serving loop. KV events go through vLLM's
+verbatim); bad hints are logged and ignored, never raised into the serving loop. A request whose hints say
+the session returns (``prefetch`` or ``next_call_delay_s``) has its chunks held only below G2 promoted when
+it finishes, so the next call finds them in G2. KV events go through vLLM's
 own event path: G2 chunks with medium ``CPU``, G3/G4 chunks with medium ``STORAGE``, removals included.
 """
 
@@ -133,10 +135,11 @@ class _RequestState:
 
 @dataclass
 class _Promotion:
-    """A chunk being read from G3/G4 into its reserved G2 slot."""
+    """A chunk being read from G3/G4 into its reserved G2 slot. A prefetch has no deadline until a lookup
+    waits for it."""
 
     tier: int
-    deadline: float
+    deadline: float | None
     late: bool = False
 
 
@@ -214,6 +217,17 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         if state is not None:
             self.manager.end_request(state.hints.session_id)
         self._apply_hints(req_context)
+        if state is not None and (state.hints.prefetch or state.hints.next_call_delay_s):
+            self._prefetch(state.ordered_keys())
+
+    def _prefetch(self, keys: list[int]) -> None:
+        """Start promoting the chunks held only in G3/G4, in order, while G2 has room."""
+        for k in keys:
+            where = self.manager.locate(k)
+            if where is None or self._gnum[where] == G2 or k in self._promotions:
+                continue
+            if not self._promote(k, self._gnum[where], deadline=None):
+                return
 
     def _apply_hints(self, ctx: ReqContext) -> None:
         state = ctx.get_state(_RequestState)
@@ -232,6 +246,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             return LookupResult.HIT
         promotion = self._promotions.get(k)
         if promotion is not None:
+            if promotion.deadline is None:  # a prefetch: the clock starts now that a request waits for it
+                promotion.deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
             if not promotion.late and time.monotonic() > promotion.deadline:
                 promotion.late = True  # vLLM recomputes; the read still lands in G2 for later requests
                 self.metrics.recomputed.labels(TIER_NAMES[promotion.tier]).inc()
@@ -240,19 +256,20 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             return LookupResult.HIT_PENDING  # a store in flight
         if where is not None and self.host.pool.free_slots == 0:
             return LookupResult.RETRY  # every spare slot is a demotion in flight: a slot frees up shortly
-        if where is None or not self._promote(k, self._gnum[where]):
+        deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
+        if where is None or not self._promote(k, self._gnum[where], deadline):
             self.metrics.lookups.labels("none", "miss").inc()
             return LookupResult.MISS
+        self.metrics.lookups.labels(TIER_NAMES[self._gnum[where]], "hit").inc()
         return LookupResult.HIT_PENDING
 
-    def _promote(self, key: int, tier: int) -> bool:
+    def _promote(self, key: int, tier: int, deadline: float | None) -> bool:
         """Start reading a chunk held only in ``tier`` into a reserved G2 slot; False when G2 has no room."""
         slot = self._reserve_promotion(key)
         if slot is None:
             return False
-        promotion = _Promotion(tier, time.monotonic() + self.config.lower_tier_deadline_ms / 1000)
+        promotion = _Promotion(tier, deadline)
         self._promotions[key] = promotion
-        self.metrics.lookups.labels(TIER_NAMES[tier], "hit").inc()
         future = self._guarded(tier, "get", lambda: self.tiers[tier].get_async([key], [slot]), None)
         if future is None:
             self._promoted(key, promotion, None)

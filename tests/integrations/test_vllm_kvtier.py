@@ -325,6 +325,32 @@ def test_a_promotion_past_the_deadline_is_a_miss_but_still_lands_in_g2(harness, 
     assert set(prefix_keys(h, "a")) <= h.manager.held("G2")
 
 
+@pytest.mark.parametrize("returns", [True, False])
+def test_a_session_that_says_it_returns_finds_its_chunks_prefetched_into_g2(harness, tmp_path, returns):
+    h = harness(tiered(**disk(tmp_path)))
+    hints = {"agent_hints": {"session_id": "agent-1", "next_call_delay_s": 3.0}} if returns else {}
+    h.add_request("a", PREFIX + [1], max_tokens=12, kv_transfer_params=hints)  # decodes while...
+    for _ in range(2):
+        h.step()
+    h.add_request("other", OTHER + [2])  # ...another prompt pushes its chunks below G2
+    while "other" not in h.steps[-1].scheduled_tokens:
+        h.step()
+    h.step()  # other's store job
+    h.manager.drain()
+    keys = prefix_keys(h, "a")
+    assert set(keys) <= h.manager.held("G3") and not set(keys) & h.manager.held("G2")
+    assert not h.request("a").is_finished()
+    h.run()  # "a" finishes
+    h.manager.drain()
+    assert (set(keys) <= h.manager.held("G2")) == returns
+
+    forget_g1(h)
+    h.add_request("b", PREFIX + [3])
+    steps = h.run()
+    answers = [answer for step in steps for req, answer in step.lookups if req == "b"]
+    assert (answers[0] == "HIT") == returns and hits(steps) == {"b": len(PREFIX)}
+
+
 def test_ephemeral_and_unadmitted_chunks_never_go_below_g2(harness, tmp_path):
     h = harness(kvtier_spec(PREFIX_BLOCKS + SPARE_SLOTS, **disk(tmp_path)))  # admission_min_hits: 2
     ephemeral = {"agent_hints": {"ephemeral": [{"start": 0, "end": len(PREFIX)}]}}
