@@ -185,6 +185,43 @@ def test_bad_configuration_fails_at_startup(extra, error):
     assert set(Path("/dev/shm").glob("kvtier-*")) == shm_before  # nothing left behind by a failed start
 
 
+def test_preempted_requests_resume_by_loading_their_own_bytes(harness):
+    """Too few GPU blocks for three decoding requests: vLLM preempts, then resumes from kvtier's G2."""
+    h = harness(kvtier_spec(64), with_worker=True, num_gpu_blocks=14, max_model_len=192)
+    req_ids = [f"r{i}" for i in range(3)]
+
+    def expected(first_token: int, position: int, layer: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(first_token * 1000 + position * 10 + layer)
+        return torch.randint(0, 256, (h.block_bytes(h.shape.layer_names()[0], 0).numel(),),
+                             dtype=torch.uint8, generator=gen)
+
+    def write_kv(block_id: int, position: int, rank: int) -> None:
+        """Bytes of the request that owns the block (prompts differ from the first token on)."""
+        owner = next(h.request(r) for r in req_ids if r in h.scheduler.requests
+                     and block_id in h.scheduler.kv_cache_manager.get_block_ids(r)[0])
+        for layer, name in enumerate(h.shape.layer_names()):
+            h.kv_caches[name][block_id].view(torch.uint8).view(-1).copy_(
+                expected(owner.prompt_token_ids[0], position, layer))
+
+    h.write_kv = write_kv
+    for i, req_id in enumerate(req_ids):
+        h.add_request(req_id, [1000 * (i + 1) + t for t in range(4 * BLOCK)], max_tokens=3 * BLOCK)
+    preempted, checked = set(), 0
+    while h.scheduler.has_requests() or h.connector.has_pending_push_work():
+        step = h.step()
+        preempted |= step.preempted
+        for job in step.load_jobs.values():
+            first = h.request(job.req_id).prompt_token_ids[0]
+            start = job.dst_spec.block_indices[0]
+            for i, block_id in enumerate(job.dst_spec.block_ids):
+                for layer, name in enumerate(h.shape.layer_names()):
+                    assert torch.equal(h.block_bytes(name, int(block_id)), expected(first, start + i, layer))
+                checked += 1
+        assert len(h.steps) < 400
+    assert preempted and checked
+    assert all(h.request(r).is_finished() for r in req_ids)
+
+
 # --- G3 / G4 through the shared G2 region ------------------------------------------------------------------------
 OTHER = [5000 + t for t in PREFIX]
 

@@ -114,6 +114,8 @@ class StepRecord:
     events: list[Any] = field(default_factory=list)
     # Every manager.lookup answer of the step, in call order: (request id, LookupResult name).
     lookups: list[tuple[str, str]] = field(default_factory=list)
+    # Requests vLLM preempted in this step (their blocks freed; they resume later).
+    preempted: set[str] = field(default_factory=set)
 
     @property
     def stored_events(self) -> list[BlockStored]:
@@ -367,14 +369,13 @@ class VllmSchedulerHarness:
             },
             offload_hits=dict(self._offload_hits),
             lookups=list(self._lookups),
+            preempted=set(output.preempted_req_ids or ()),
         )
         self._offload_hits.clear()
         self._lookups.clear()
         if self.rank_workers:
-            self._forward(output)
             model_output = self._aggregator.aggregate(
-                [self._model_output(output, self._run_worker(rank, output, meta))
-                 for rank in range(self.tensor_parallel_size)])
+                [self._model_output(output, out) for out in self._run_workers(output, meta)])
         else:
             model_output = self._model_output(output, self._complete_all(meta))
         batches_before = len(self._publisher.batches)
@@ -415,26 +416,26 @@ class VllmSchedulerHarness:
         loaded = {job.req_id for job in meta.load_jobs.values() if not job.sync}
         return KVConnectorOutput(finished_recving=loaded, kv_connector_worker_meta=done)
 
-    def _run_worker(
-        self, rank: int, output: SchedulerOutput, meta: OffloadingConnectorMetadata
-    ) -> KVConnectorOutput:
-        """One rank's connector calls around a forward pass (kv_connector_model_runner_mixin).
-
-        The forward pass itself (``_forward``) has written every rank's KV before the loads start;
-        jobs never cover blocks the same step computes, so the order within a step does not matter.
-        """
-        worker = self.rank_workers[rank]
-        if meta.jobs_to_flush:
-            worker.handle_preemptions(meta)
-        worker.bind_connector_metadata(meta)
-        worker.start_load_kv(None)
-        worker.wait_for_save()
-        _, finished_recving = worker.get_finished(output.finished_req_ids)
-        worker_meta = worker.build_connector_worker_meta()
-        worker.clear_connector_metadata()
-        return KVConnectorOutput(
-            finished_recving=finished_recving, kv_connector_worker_meta=worker_meta
-        )
+    def _run_workers(
+        self, output: SchedulerOutput, meta: OffloadingConnectorMetadata
+    ) -> list[KVConnectorOutput]:
+        """Every rank's connector calls around one forward pass, in the model runner's order
+        (kv_connector_model_runner_mixin): transfers a step submits in ``start_load_kv`` (the previous
+        step's stores among them) read and write blocks before this step's forward pass reuses them."""
+        for worker in self.rank_workers:
+            if meta.jobs_to_flush:
+                worker.handle_preemptions(meta)
+            worker.bind_connector_metadata(meta)
+            worker.start_load_kv(None)
+        self._forward(output)
+        outputs = []
+        for worker in self.rank_workers:
+            worker.wait_for_save()
+            _, finished_recving = worker.get_finished(output.finished_req_ids)
+            outputs.append(KVConnectorOutput(finished_recving=finished_recving,
+                                             kv_connector_worker_meta=worker.build_connector_worker_meta()))
+            worker.clear_connector_metadata()
+        return outputs
 
     def _forward(self, output: SchedulerOutput) -> None:
         """Write KV for the scheduled tokens into their GPU blocks, as attention would.
