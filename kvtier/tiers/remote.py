@@ -160,10 +160,16 @@ class RemoteTier(Tier):
         groups = max(1, min(self._connections, count, nbytes // MIN_PIPELINE_BYTES))
         return [range(count * g // groups, count * (g + 1) // groups) for g in range(groups)]
 
+    def _run_parts(self, views: list[memoryview], job: Callable[[range], list[T]], failed: T
+                   ) -> list[tuple[range, Future[list[T]]]]:
+        """Run ``job`` over slices of a batch (one pipeline each) on the worker threads: each slice's rows and
+        the future of its results."""
+        return [(rows, self._pool.submit(self._guarded, job, rows, failed))
+                for rows in self._split(len(views), sum(map(len, views)))]
+
     def _run_batch(self, views: list[memoryview], job: Callable[[range], list[T]], failed: T) -> Future[list[T]]:
-        """Run ``job`` over slices of a batch on the worker threads; one future for the joined results."""
-        rows = self._split(len(views), sum(map(len, views)))
-        parts = [self._pool.submit(self._guarded, job, r, failed) for r in rows]
+        """``_run_parts`` with one future for the joined results."""
+        parts = [future for _, future in self._run_parts(views, job, failed)]
         return then(gather(parts), lambda results: [x for part in results for x in part])
 
     def _guarded(self, job: Callable[[range], list[T]], rows: range, failed: T) -> list[T]:
@@ -232,9 +238,20 @@ class RemoteTier(Tier):
 
     # --- get -------------------------------------------------------------------------------------------------
     def get_async(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> Future[list[int | None]]:
+        parts = [future for _, future in self._submit_gets(keys, buffers)]
+        return then(gather(parts), lambda results: [n for part in results for n in part])
+
+    def get_rows_async(self, keys: Sequence[int], buffers: Sequence[Buffer]) -> list[Future[int | None]]:
+        """Each key's future resolves when its pipeline's replies are in, so a slow pipeline delays (and a
+        deadline gives up) only its own keys."""
+        return [then(future, lambda sizes, j=j: sizes[j])
+                for rows, future in self._submit_gets(keys, buffers) for j in range(len(rows))]
+
+    def _submit_gets(self, keys: Sequence[int], buffers: Sequence[Buffer]
+                     ) -> list[tuple[range, Future[list[int | None]]]]:
         checked, views = self._check_batch(keys, buffers, writable=True)
         if not checked:
-            return gather([])
+            return []
 
         def job(rows: range) -> list[int | None]:
             single = [len(views[i]) <= self.part_bytes for i in rows]
@@ -253,7 +270,7 @@ class RemoteTier(Tier):
             return [self._assemble(checked[i], views[i], [reply] if one and not isinstance(reply, Exception) else reply)
                     for i, one, reply in zip(rows, single, replies)]
 
-        return then(self._run_batch(views, job, None), self._count_gets)
+        return [(rows, then(future, self._count_gets)) for rows, future in self._run_parts(views, job, None)]
 
     def _assemble(self, key: int, buf: memoryview, reply: Any) -> int | None:
         """Copy a chunk (inline value or parts) into ``buf`` once verified; None (and the chunk deleted if

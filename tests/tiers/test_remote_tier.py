@@ -265,6 +265,30 @@ def test_readers_with_another_part_size_read_both_forms(redis_server: RedisServe
         assert small.stats().corrupt == big.stats().corrupt == 0
 
 
+def test_each_key_resolves_when_its_own_pipeline_does(redis_server: RedisServer) -> None:
+    """A batch of 4 x 1 MiB goes out as two pipelines; holding the second back delays only its own keys."""
+    data = payloads([1 << 20])[0]
+    keys = [1, 2, 3, 4]
+    with make_tier(redis_server, connections=2) as tier:
+        assert tier.put(keys, [data] * 4) == [True] * 4
+        release, run = threading.Event(), tier._guarded
+
+        def second_pipeline_held_back(job, rows, failed):
+            if rows.start:
+                release.wait(10)
+            return run(job, rows, failed)
+
+        tier._guarded = second_pipeline_held_back
+        bufs = [bytearray(len(data)) for _ in keys]
+        futures = tier.get_rows_async(keys, bufs)
+        assert [f.result(timeout=5) for f in futures[:2]] == [len(data)] * 2
+        assert not any(f.done() for f in futures[2:])
+        release.set()
+        assert [f.result(timeout=5) for f in futures[2:]] == [len(data)] * 2
+        assert all(bytes(b) == data.tobytes() for b in bufs)
+        assert tier.stats().hits == 4
+
+
 def test_one_value_gets_survive_kill_restart_and_keep_ttl(redis_server: RedisServer) -> None:
     data = payloads([PART])[0]
     with make_tier(redis_server, ttl_s=5) as tier, redis_server.client() as raw:
