@@ -5,8 +5,12 @@
 
 SGLang's own host pool is its L2; kvtier sits below it: a kvtier ``HostTier`` (its own slots, LRU) in front
 of an optional ``DiskTier`` and ``RemoteTier``, all keyed under one ``Namespace`` (model, dtype, pool layout,
-page size, TP/PP/CP rank; MLA pages are rank-independent). Pages are written to the host tier and written
-through to disk / remote in the background; a page found only below is promoted into the host tier on read.
+page size and bytes, TP/PP/CP rank; MLA pages are rank-independent). Pages are written to the host tier and
+written through to disk / remote in the background; a page found only below is promoted into the host tier on
+read. Each process has its own host tier and disk directory (``disk_path/dp<rank>``); with MLA and TP > 1 only
+one rank per shard writes (SGLang's ``is_storage_writer``), so the other ranks read through the remote tier,
+which such a deployment must have. Only the KV pool is stored: hybrid models' sidecar pools (SWA, Mamba, ...)
+use SGLang's v2 calls, which are refused when the backend is attached.
 
 Zero-copy (``interface_v1: 1``): ``batch_set_v1`` / ``batch_get_v1`` move pages between SGLang's host pool
 buffer and kvtier's host slots with kvtier's transfer kernels over a descriptor of the pool's layout
@@ -18,9 +22,11 @@ misses; configuration errors are raised when SGLang attaches the backend (start-
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -28,6 +34,7 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorage,
     HiCacheStorageConfig,
     HiCacheStorageExtraInfo,
+    PoolName,
 )
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
@@ -36,14 +43,16 @@ from kvtier.hashing import Namespace
 from kvtier.integrations.common import engine_key, kvtier_config, name_part
 from kvtier.layout import PageLayout, sglang_host_layout
 from kvtier.tiers.base import Tier, guarded
-from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.disk import DirectoryInUseError, DiskTier
 from kvtier.tiers.host import HostPool, HostTier
 from kvtier.tiers.remote import RemoteTier
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
+# SGLang's own keys (file_storage_path: SGLang adds it to every backend's config with --file-storage-path)
 SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "extra_backend_tag",
-                         "enable_metadata_cache", "metadata_ttl"})
+                         "enable_metadata_cache", "metadata_ttl", "file_storage_path"})
 KVTIER_KEYS = frozenset({"host_capacity_bytes", "disk_path", "disk_capacity_bytes", "disk_io_threads",
                          "disk_use_direct_io", "disk_fsync", "disk_max_pending_bytes", "remote_url",
                          "remote_password", "remote_username", "remote_ttl_s", "remote_timeout_s",
@@ -52,13 +61,15 @@ KVTIER_KEYS = frozenset({"host_capacity_bytes", "disk_path", "disk_capacity_byte
 WHERE = "KvtierHiCacheStorage"
 
 
-def sglang_namespace(config: HiCacheStorageConfig, host_pool: Any, zero_copy: bool, model_name: str = "") -> Namespace:
-    """Everything that changes a page's bytes; page hashes already carry the tokens and the tenant salt."""
+def sglang_namespace(config: HiCacheStorageConfig, host_pool: Any, page_bytes: int, zero_copy: bool,
+                     model_name: str = "") -> Namespace:
+    """Everything that changes a page's bytes; page hashes already carry the tokens and the tenant salt. DP
+    ranks share pages (same heads); MLA TP ranks too (SGLang's ``is_mla_model``: every rank holds the page)."""
     mla = isinstance(host_pool, MLATokenToKVPoolHost)
-    layout = (f"sglang-{'mla' if mla else 'mha'}-{host_pool.layout}-p{host_pool.page_size}-"
+    layout = (f"sglang-{'mla' if mla else 'mha'}-{host_pool.layout}-p{host_pool.page_size}-b{page_bytes}-"
               f"{'v1' if zero_copy else 'flat'}-pp{config.pp_rank}of{config.pp_size}-"
               f"cp{config.attn_cp_rank}of{config.attn_cp_size}-dcp{config.dcp_rank}of{config.dcp_size}")
-    tp_rank, tp_size = (0, 1) if mla else (config.tp_rank, config.tp_size)  # MLA: every rank holds the same page
+    tp_rank, tp_size = (0, 1) if config.is_mla_model else (config.tp_rank, config.tp_size)
     return Namespace(model=name_part(model_name or config.model_name or "model"),
                      dtype=name_part(str(host_pool.dtype).removeprefix("torch.")), layout=layout,
                      tp_rank=tp_rank, tp_size=tp_size)
@@ -87,23 +98,63 @@ class KvtierHiCacheStorage(HiCacheStorage):
     # --- attach ----------------------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         """Build the tiers for this pool's page format (the namespace needs the pool's dtype and layout)."""
+        config = self.storage_config
+        if config.is_mla_model and config.tp_size > config.dcp_size and not self.cfg.remote_url:
+            raise ValueError(f"{WHERE}: with MLA and TP > 1 only one rank per shard writes pages and the others "
+                             "read them, so every rank needs a tier they all reach: set remote_url (host and "
+                             "disk tiers are per process)")
+        if not isinstance(mem_pool_host.kv_buffer, torch.Tensor):
+            raise ValueError(f"{WHERE}: {type(mem_pool_host).__name__} keeps K and V in separate buffers; "
+                             "kvtier stores pools with one kv_buffer")
         mla = isinstance(mem_pool_host, MLATokenToKVPoolHost)
         layout = sglang_host_layout(mem_pool_host.kv_buffer, mem_pool_host.layout, mem_pool_host.page_size, mla)
-        namespace = sglang_namespace(self.storage_config, mem_pool_host, self.zero_copy, self._model_name)
-        pool = HostPool(self.cfg.host_capacity_bytes, layout.block_bytes) \
-            if self.cfg.host_capacity_bytes >= layout.block_bytes else None
-        if pool is None:
+        check_layout_against_pool(layout, mem_pool_host)
+        namespace = sglang_namespace(config, mem_pool_host, layout.block_bytes, self.zero_copy, self._model_name)
+        if self.cfg.host_capacity_bytes < layout.block_bytes:
             raise ValueError(f"{WHERE}: host_capacity_bytes={self.cfg.host_capacity_bytes} holds no page of "
                              f"{layout.block_bytes} B")
         self.close()
+        lower: list[Tier] = []
+        try:
+            if self.cfg.disk_path and config.is_storage_writer:  # a reader rank never writes its own disk
+                lower.append(self._disk_tier(namespace, layout.block_bytes))
+            if self.cfg.remote_url:
+                lower.append(RemoteTier.from_config(self.cfg, namespace))
+        except BaseException:
+            for tier in lower:
+                tier.close()
+            raise
         super().register_mem_pool_host(mem_pool_host)
-        self.layout, self.namespace = layout, namespace
-        self.host = HostTier(namespace, pool, own_pool=True)
-        self.lower = []
-        if self.cfg.disk_path:
-            self.lower.append(DiskTier.from_config(self.cfg, namespace, layout.block_bytes))
-        if self.cfg.remote_url:
-            self.lower.append(RemoteTier.from_config(self.cfg, namespace))
+        self.layout, self.namespace, self.lower = layout, namespace, lower
+        self.host = HostTier(namespace, HostPool(self.cfg.host_capacity_bytes, layout.block_bytes), own_pool=True)
+
+    def _disk_tier(self, namespace: Namespace, page_bytes: int) -> DiskTier:
+        """This process's disk directory: one per DP rank, since DP ranks share a namespace."""
+        root = Path(self.cfg.disk_path) / f"dp{self.storage_config.dp_rank}"
+        try:
+            return DiskTier(namespace, root, self.cfg.disk_capacity_bytes, self.cfg.disk_io_threads,
+                            self.cfg.disk_use_direct_io, self.cfg.disk_fsync, self.cfg.disk_max_pending_bytes,
+                            page_bytes)
+        except DirectoryInUseError as exc:
+            raise ValueError(f"{WHERE}: {exc}: another SGLang process serves the same model from this "
+                             "disk_path; give each process (e.g. each --dp-size replica) its own disk_path") from exc
+
+    def on_host_pools_registered(self) -> None:
+        """Refuse hybrid models' sidecar pools: SGLang would store them through the v2 calls, which kvtier does
+        not implement (every request would log a failure and hit nothing). Raising here fails the attach."""
+        sidecars = sorted(str(getattr(name, "value", name)) for name in getattr(self, "registered_pools", {})
+                          if name != PoolName.KV)
+        if sidecars:
+            raise ValueError(f"{WHERE}: stores the KV pool only; this model also has host pools {sidecars} "
+                             "(SGLang's v2 storage interface), which kvtier does not support")
+
+    def clear(self) -> None:
+        """Forget every stored page in every tier, the shared remote namespace included (SGLang's
+        /clear_hicache_storage_backend and PD role switches: stale pages there would be wrong KV)."""
+        host = self._ready()
+        self.flush()
+        for tier in (host, *self.lower):
+            self._guarded(tier, "clear", tier.clear, 0)
 
     def _key(self, key: str) -> int:
         return engine_key(self.namespace, key)
@@ -143,6 +194,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
             if view is not None:
                 rows.append(i)
                 slots.append(view)
+            else:  # stored meanwhile, or being promoted by a read on SGLang's prefetch thread
+                results[i] = host.contains([key])[0] or host.writing(key)
         self._store_reserved(pages, ks, rows, slots, results)
         return results
 
@@ -314,10 +367,40 @@ class KvtierHiCacheStorage(HiCacheStorage):
         """Finish background writes and close the tiers (a later register_mem_pool_host builds new ones)."""
         if self.host is None:
             return
-        self.flush()
-        for tier in (self.host, *self.lower):
-            tier.close()
-        self.host, self.lower = None, []
+        try:
+            self.flush()
+        except TimeoutError:
+            log.warning("kvtier: write-through still running at close; closing the tiers anyway")
+        finally:
+            for tier in (self.host, *self.lower):
+                tier.close()
+            self.host, self.lower = None, []
+
+
+def check_layout_against_pool(layout: PageLayout, pool: Any) -> None:
+    """kvtier's descriptor must cover exactly the bytes SGLang's own storage path moves for a page
+    (``get_page_buffer_meta``), in the same order: a pool with bytes elsewhere (e.g. MXFP8 scales) is refused."""
+    page_size = pool.page_size
+    try:
+        ptrs, sizes = pool.get_page_buffer_meta(torch.arange(2 * page_size))
+    except NotImplementedError as exc:
+        raise ValueError(f"{WHERE}: {type(pool).__name__} has no storage page format: {exc}") from exc
+    ours = [(layout.seg_ptrs[j] + page * layout.seg_block_strides[j], layout.segment_bytes)
+            for page in (0, 1) for j in range(layout.num_segments)]
+    if _runs(ours) != _runs(list(zip(ptrs, sizes))):
+        raise ValueError(f"{WHERE}: the pages of {type(pool).__name__} ({pool.layout}) are not where kvtier's "
+                         "descriptor of its kv_buffer puts them")
+
+
+def _runs(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges with touching neighbours merged: the same memory however it is cut into pieces."""
+    out: list[tuple[int, int]] = []
+    for ptr, size in pieces:
+        if out and out[-1][0] + out[-1][1] == ptr:
+            out[-1] = (out[-1][0], out[-1][1] + size)
+        else:
+            out.append((ptr, size))
+    return out
 
 
 def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -270,6 +270,9 @@ class LruIndex:
     def __len__(self) -> int:
         return len(self._sizes)
 
+    def keys(self) -> list[int]:
+        return list(self._sizes)
+
     @property
     def used_bytes(self) -> int:
         return self._stored + self._reserved
@@ -325,6 +328,7 @@ class LocalTier(Tier):
     """A tier whose index lives in this process (G2, G3): membership and deletes under one lock."""
 
     _lock: threading.Lock
+    _index: LruIndex
 
     @abc.abstractmethod
     def _holds_locked(self, key: int) -> bool: ...
@@ -349,6 +353,15 @@ class LocalTier(Tier):
             self._count(deletes=sum(out))
             self._gauges_locked()
             return out
+
+    def clear(self) -> int:
+        """Drop every chunk held (writes in flight still land); how many were dropped."""
+        with self._lock:
+            self._check_open()
+            dropped = sum(self._drop_locked(k) for k in self._index.keys())
+            self._count(deletes=dropped)
+            self._gauges_locked()
+            return dropped
 
 
 def guarded(what: str, call: Callable[[], T], default: T, on_error: Callable[[], None] | None = None) -> T:

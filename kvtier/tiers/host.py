@@ -264,6 +264,11 @@ class HostTier(LocalTier):
             self.on_evicted(victims)
         return self.pool.view(slots[0])[:nbytes]
 
+    def writing(self, key: int) -> bool:
+        """Whether ``key`` is reserved and not yet committed or aborted (a write in flight)."""
+        with self._lock:
+            return key in self._reserved
+
     def commit(self, key: int) -> None:
         """The reserved slot of ``key`` holds its chunk: make it visible."""
         with self._lock:

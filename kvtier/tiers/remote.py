@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -385,6 +386,21 @@ class RemoteTier(Tier):
         out = self._guarded(job, range(len(checked)), False)
         self._count(deletes=sum(out))
         return out
+
+    def clear(self) -> int:
+        """Delete every value of this namespace on the server, whoever wrote it (SCAN by prefix, then UNLINK);
+        how many Redis values (manifests and parts) were deleted, 0 while the server is unreachable."""
+        self._check_open()
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.namespace.prefix) + "/*"
+
+        def job(_rows: range) -> list[int]:
+            names = list(self.client.scan_iter(match=pattern, count=1000))
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:  # one by one: a chunk's keys share a cluster slot, different chunks do not
+                pipe.execute_command("UNLINK", name)
+            return [sum(r for r in pipe.execute(raise_on_error=False) if isinstance(r, int))]
+
+        return self._guarded(job, range(1), 0)[0]
 
     def _stored_part_count(self, manifest: Any) -> int:
         """How many parts a manifest names (0 for an inline value); for a damaged or missing one, as many

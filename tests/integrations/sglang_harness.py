@@ -154,8 +154,8 @@ def make_host_pool(kind: str, layout: str, shape: PoolShape = PoolShape()):
 
 
 def storage_config(host_pool, extra_config: dict[str, Any], *, model_name: str = "opt-test",
-                   tp_rank: int = 0, tp_size: int = 1) -> HiCacheStorageConfig:
-    """The config HiCacheController._generate_storage_config builds for one TP rank, no PP/CP."""
+                   tp_rank: int = 0, tp_size: int = 1, dp_rank: int = 0) -> HiCacheStorageConfig:
+    """The config HiCacheController._generate_storage_config builds for one TP (and DP) rank, no PP/CP."""
     return HiCacheStorageConfig(
         tp_rank=tp_rank,
         tp_size=tp_size,
@@ -167,6 +167,7 @@ def storage_config(host_pool, extra_config: dict[str, Any], *, model_name: str =
         enable_storage_metrics=False,
         is_page_first_layout=host_pool.layout == "page_first",
         model_name=model_name,
+        dp_rank=dp_rank,
         extra_config=extra_config,
     )
 

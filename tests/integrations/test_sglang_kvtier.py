@@ -121,16 +121,83 @@ def test_disk_tier_serves_evicted_pages_and_survives_a_restart(backends, tmp_pat
     assert backends(pool, disk_config(tmp_path, 2), tp_rank=1, tp_size=2).batch_exists(keys) == 0
 
 
-def test_mla_pages_are_shared_across_tp_ranks(backends, tmp_path):
-    pool = make_host_pool("mla", "page_first_direct")
-    writer = backends(pool, disk_config(tmp_path, 4), tp_rank=0, tp_size=2)
-    keys, src, _ = stored_pages(pool, 2, seed=7)
+def test_mla_ranks_alive_together_share_pages_through_the_remote_tier(backends, tmp_path, redis_server):
+    extra = {**disk_config(tmp_path, 4), "remote_url": redis_server.url}
+    pools = [make_host_pool("mla", "page_first_direct") for _ in range(2)]
+    writer = backends(pools[0], extra, tp_rank=0, tp_size=2)
+    reader = backends(pools[1], extra, tp_rank=1, tp_size=2)  # TP workers run at the same time
+    assert [type(t).__name__ for t in reader.lower] == ["RemoteTier"]  # a reader rank has no disk of its own
+    keys, src, expected = stored_pages(pools[0], 2, seed=7)
     assert writer.batch_set_v1(keys, src) == [True, True]
     writer.flush()
-    writer.close()
-    reader = backends(pool, disk_config(tmp_path, 4), tp_rank=1, tp_size=2)
-    assert reader.batch_exists(keys) == 2
+    assert min(writer.batch_exists(keys), reader.batch_exists(keys)) == 2  # SGLang's TP-synced hit count
+    got, data = read_back(reader, pools[1], keys)
+    assert got == [True, True] and all(torch.equal(a, b) for a, b in zip(data, expected))
     assert reader.batch_set_v1(keys, src) == [True, True]  # not the writer rank: nothing written
+    with pytest.raises(ValueError, match="set remote_url"):
+        make_backend(pools[0], disk_config(tmp_path, 4), tp_rank=0, tp_size=2)
+
+
+def test_dp_ranks_get_their_own_disk_directory_and_one_directory_one_process(backends, tmp_path):
+    pools = [make_host_pool("mha", "page_first") for _ in range(2)]
+    ranks = [backends(pool, disk_config(tmp_path, 2), dp_rank=r) for r, pool in enumerate(pools)]
+    assert ranks[0].namespace == ranks[1].namespace  # same heads: pages are interchangeable
+    assert {p.name for p in tmp_path.iterdir()} == {"dp0", "dp1"}
+    with pytest.raises(ValueError, match="its own disk_path"):  # e.g. two --dp-size replicas, dp_rank 0 both
+        make_backend(pools[0], disk_config(tmp_path, 2))
+
+
+def test_clear_forgets_pages_in_every_tier(backends, tmp_path, redis_server):
+    pool = make_host_pool("mha", "page_first")
+    extra = {**disk_config(tmp_path, 2), "remote_url": redis_server.url}
+    backend = backends(pool, extra)
+    keys, src, _ = stored_pages(pool, 3, seed=11)
+    assert backend.batch_set_v1(keys, src) == [True] * 3
+    backend.flush()
+    assert [t.contains(keys_of(backend, keys)) for t in backend.lower] == [[True] * 3] * 2
+    backend.clear()
+    assert backend.batch_exists(keys) == 0
+    assert [t.contains(keys_of(backend, keys)) for t in backend.lower] == [[False] * 3] * 2
+    assert backend.batch_set_v1(keys, src) == [True] * 3 and backend.batch_exists(keys) == 3  # usable after
+
+
+def keys_of(backend, keys):
+    return [backend._key(k) for k in keys]
+
+
+def test_a_page_being_promoted_counts_as_stored(backends):
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, KVTIER)
+    keys, src, _ = stored_pages(pool, 1, seed=12)
+    (key,) = keys_of(backend, keys)
+    assert backend.host.reserve(key, backend.layout.block_bytes) is not None  # a read on the prefetch thread
+    assert backend.batch_set_v1(keys, src) == [True]
+    backend.host.commit(key)
+
+
+def test_hybrid_sidecar_pools_fail_the_attach(backends):
+    from sglang.srt.mem_cache.hicache_storage import PoolName
+
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, KVTIER)
+    backend.register_mem_host_pool_v2(pool, PoolName.KV)
+    backend.on_host_pools_registered()  # the KV pool alone is fine
+    backend.register_mem_host_pool_v2(make_host_pool("mha", "page_first"), PoolName.SWA)
+    with pytest.raises(ValueError, match="swa"):
+        backend.on_host_pools_registered()
+
+
+def test_pools_with_bytes_outside_kv_buffer_fail_the_attach():
+    from sglang.srt.mem_cache.pool_host.mha_mxfp8 import MHATokenToKVPoolMXFP8Host
+
+    real = make_host_pool("mha", "page_first")
+    mxfp8 = MHATokenToKVPoolMXFP8Host.__new__(MHATokenToKVPoolMXFP8Host)  # its scales live in k/v_scale_host
+    mxfp8.__dict__.update(real.__dict__)
+    with pytest.raises(ValueError, match="no storage page format"):
+        make_backend(mxfp8, KVTIER)
+    real.kv_buffer = (real.kv_buffer[0], real.kv_buffer[1])  # separate K and V buffers
+    with pytest.raises(ValueError, match="separate buffers"):
+        make_backend(real, KVTIER)
 
 
 def test_remote_tier_round_trip_and_outage_is_a_miss(backends, redis_server):
@@ -160,6 +227,7 @@ def test_remote_tier_round_trip_and_outage_is_a_miss(backends, redis_server):
     ({**KVTIER, "disk_pth": "/tmp/x"}, "unsupported key"),
     ({**KVTIER, "policy": "lru"}, "unsupported key"),
     ({**KVTIER, "remote_timeout_s": "soon"}, "remote_timeout_s"),
+    ({**KVTIER, "file_storage_path": "/tmp/hicache", "host_capacity_bytes": 0}, "must be positive"),  # SGLang's key is fine
 ])
 def test_bad_configuration_fails_when_attached(extra, error):
     pool = make_host_pool("mha", "page_first")

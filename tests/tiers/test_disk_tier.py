@@ -73,6 +73,8 @@ def test_round_trip_through_pool_slots_and_plain_buffers(tier: DiskTier) -> None
     assert s.puts == len(SIZES) and s.hits == 3 * len(SIZES) and s.corrupt == s.errors == 0
     assert s.bounce_copies == len(SIZES)  # only the unaligned buffers
     assert s.used_bytes == len(SIZES) * extent_bytes_for(max(SIZES)) == len(SIZES) * tier.extent_bytes
+    assert tier.clear() == len(SIZES) and tier.contains(keys) == [False] * len(SIZES)
+    assert tier.stats().used_bytes == 0
 
 
 def test_asyncio_callers_await_without_blocking(tier: DiskTier) -> None:

@@ -133,6 +133,9 @@ def test_namespaces_and_salts_do_not_share_chunks(redis_server: RedisServer) -> 
     with make_tier(redis_server) as a, RemoteTier(other, connect(redis_server.url)) as b:
         a.put([7], [b"tenant a"])
         assert b.get([7], [bytearray(8)]) == [None] and b.contains([7]) == [False]
+        b.put([7], [b"tenant b"])
+        assert b.clear() == 1  # its own namespace only
+        assert a.contains([7]) == [True] and b.contains([7]) == [False]
 
 
 def test_ttl_expires_chunks(redis_server: RedisServer) -> None:
@@ -199,6 +202,8 @@ def test_redis_cluster_keeps_a_chunks_parts_on_one_shard() -> None:
             assert len(slots) == 1
             shards = {client.keyslot(tier.manifest_key(k)) * 3 // 16384 for k in keys}
             assert len(shards) > 1  # different chunks spread over the shards
+            assert tier.clear() == 15 * (1 + 4) + 14  # every shard: manifests and parts
+            assert tier.contains(keys) == [False] * 30
 
 
 # --- chunks that fit one part: one header+payload value ------------------------------------------------------
