@@ -12,6 +12,7 @@ holds it). All manager state is guarded by ``_lock``; I/O runs outside it on the
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,6 +60,8 @@ class TierCascade:
                                block_bytes=unit, listener=self)
         for g, tier in self.tiers.items():
             tier.on_evicted = lambda keys, g=g: self._tier_dropped(g, keys)
+        # (key, G-number) of demotions the manager already lists below whose bytes are not written yet
+        self._landing: Counter[tuple[int, int]] = Counter()
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
 
     # --- manager listener: demotions and evictions ---------------------------------------------------------------
@@ -68,6 +71,7 @@ class TierCascade:
         self.metrics.demotions.labels(TIER_NAMES[g_src], TIER_NAMES[g_dst]).inc(len(keys))
         newly_stored = [k for k in keys if not self._in_storage(k, exclude=dst)]
         self._publish_stored(newly_stored, MEDIUM_STORAGE)
+        self._landing.update((k, g_dst) for k in keys)
         if g_src == G2:  # hold the slots now: the entries are dropped right after this call
             holds = [(k, self.host.borrow(k)) for k in keys]
             views = [(k, cm, cm.__enter__()) for k, cm in holds]
@@ -92,14 +96,15 @@ class TierCascade:
     # --- the mover ------------------------------------------------------------------------------------------------
     def _write_down(self, held: list, g_dst: int) -> None:
         """Mover: write G2 slots (held since ``on_demote``) into G3/G4, then let the slots go."""
+        keys = [k for k, _, view in held if view is not None]
+        lost = [k for k, _, view in held if view is None]  # not in G2 after all: nothing to write
         try:
-            keys = [k for k, _, view in held if view is not None]
             views = [view for _, _, view in held if view is not None]
             results = self._guarded(g_dst, "put", lambda: self.tiers[g_dst].put(keys, views), [False] * len(keys))
         finally:
             for _, cm, _ in held:
                 cm.__exit__(None, None, None)
-        self._after_put(keys, results, g_dst)
+        self._after_put(keys + lost, results + [False] * len(lost), g_dst)
 
     def _move_down(self, keys: list[int], g_src: int, g_dst: int) -> None:
         """Mover: G3 -> G4 through a spare host slot (queued before the G3 delete, so the file still exists)."""
@@ -118,6 +123,9 @@ class TierCascade:
             self._after_put([key], [ok], g_dst)
 
     def _after_put(self, keys: list[int], results: list[bool], g_dst: int) -> None:
+        with self._lock:
+            self._landing.subtract((k, g_dst) for k in keys)
+            self._landing = +self._landing  # drop the zeros
         failed = [k for k, ok in zip(keys, results) if not ok]
         self.metrics.bytes_moved.labels(f"demote_{TIER_NAMES[g_dst]}").inc((len(keys) - len(failed)) * self.chunk_bytes)
         if failed:
@@ -140,10 +148,15 @@ class TierCascade:
         self._lost_many([key], g)
 
     def _lost_many(self, keys: list[int], g: int) -> None:
-        """A tier does not have what the manager thinks it has (failed write, damage, expiry): forget it."""
+        """A tier does not have what the manager thinks it has (failed write, damage, expiry): forget it. A
+        read that missed a chunk still being written there proves nothing: that one stays."""
         with self._lock:
             if not self._closed:
-                self.manager.discard(keys, self._index[g])
+                self.manager.discard([k for k in keys if (k, g) not in self._landing], self._index[g])
+
+    def _is_landing(self, key: int, g: int) -> bool:
+        """Under the lock: the manager lists ``key`` in ``g`` but its demotion has not been written yet."""
+        return (key, g) in self._landing
 
     def _tier_dropped(self, g: int, keys: list[int]) -> None:
         """A tier evicted or dropped keys on its own (damage found, its own capacity): tell the manager."""

@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,8 +164,15 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._lock = threading.RLock()
         self._closed = False
         self._regions = list(regions)
-        self._offload_key: dict[int, OffloadKey] = {}
+        self._offload_key: dict[int, OffloadKey] = {}   # chunks some tier holds or is writing
         self._promotions: dict[int, _Promotion] = {}
+        # readers this manager holds: chunks answered HIT, per request, until its load (or store, or end) is
+        # planned, so a later promotion cannot evict them; and the readers of vLLM's load jobs
+        self._protected: dict[str, set[int]] = {}
+        self._job_readers: Counter[int] = Counter()
+        # jobs in flight at a reset_cache that vLLM will never complete: their chunks until on_reset_flushed
+        self._fenced_readers: Counter[int] = Counter()
+        self._fenced_stores: set[int] = set()
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
         self._evicted_now: list[OffloadKey] = []
         parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
@@ -188,12 +196,14 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
     def key(self, offload_key: OffloadKey) -> int:
         return engine_key(self.namespace, offload_key)
 
-    def _keys(self, offload_keys: Iterable[OffloadKey], ctx: ReqContext | None) -> list[int]:
+    def _keys(self, offload_keys: Iterable[OffloadKey], ctx: ReqContext | None, remember: bool = False) -> list[int]:
+        """kvtier keys of vLLM's; ``remember`` keeps vLLM's key for events (for chunks about to enter a tier)."""
         state = ctx.get_state(_RequestState) if ctx is not None else None
         out = []
         for ok in offload_keys:
             k = self.key(ok)
-            self._offload_key[k] = ok
+            if remember:
+                self._offload_key[k] = ok
             end = ctx.get_offload_key_position(ok) if state is not None else None
             if end is not None:
                 state.chunks[(end - 1) // self.chunk_tokens] = k
@@ -214,6 +224,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
     def on_request_finished(self, req_context: ReqContext) -> None:
         """The response ended: the policy learns each session's gap after it (vLLM does not say why it ended)."""
         state = req_context.get_state(_RequestState)
+        self._unprotect(req_context.req_id)
         if state is not None:
             self.manager.end_request(state.hints.session_id)
         self._apply_hints(req_context)
@@ -226,7 +237,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             where = self.manager.locate(k)
             if where is None or self._gnum[where] == G2 or k in self._promotions:
                 continue
-            if not self._promote(k, self._gnum[where], deadline=None):
+            offload_key = self._offload_key.get(k)
+            if offload_key is not None and not self._promote(offload_key, k, self._gnum[where], deadline=None):
                 return
 
     def _apply_hints(self, ctx: ReqContext) -> None:
@@ -241,9 +253,14 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
     # --- loads ---------------------------------------------------------------------------------------------------
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         (k,) = self._keys([key], req_context)
+        if k in self._fenced_readers or k in self._fenced_stores:
+            return LookupResult.MISS  # in use by a job vLLM dropped at a reset: gone once it is flushed
         where = self.manager.locate(k)
         if where == self._g2:
+            self._protect(req_context.req_id, k)
             return LookupResult.HIT
+        if where is not None and self._is_landing(k, self._gnum[where]):
+            return LookupResult.HIT_PENDING  # just demoted, its bytes not written below yet
         promotion = self._promotions.get(k)
         if promotion is not None:
             if promotion.deadline is None:  # a prefetch: the clock starts now that a request waits for it
@@ -257,17 +274,27 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         if where is not None and self.host.pool.free_slots == 0:
             return LookupResult.RETRY  # every spare slot is a demotion in flight: a slot frees up shortly
         deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
-        if where is None or not self._promote(k, self._gnum[where], deadline):
+        if where is None or not self._promote(key, k, self._gnum[where], deadline):
             self.metrics.lookups.labels("none", "miss").inc()
             return LookupResult.MISS
         self.metrics.lookups.labels(TIER_NAMES[self._gnum[where]], "hit").inc()
         return LookupResult.HIT_PENDING
 
-    def _promote(self, key: int, tier: int, deadline: float | None) -> bool:
+    def _protect(self, req_id: str, key: int) -> None:
+        protected = self._protected.setdefault(req_id, set())
+        if key not in protected:
+            self.manager.acquire([key])
+            protected.add(key)
+
+    def _unprotect(self, req_id: str) -> None:
+        self.manager.release(self._protected.pop(req_id, ()))
+
+    def _promote(self, offload_key: OffloadKey, key: int, tier: int, deadline: float | None) -> bool:
         """Start reading a chunk held only in ``tier`` into a reserved G2 slot; False when G2 has no room."""
         slot = self._reserve_promotion(key)
         if slot is None:
             return False
+        self._offload_key[key] = offload_key
         promotion = _Promotion(tier, deadline)
         self._promotions[key] = promotion
         future = self._guarded(tier, "get", lambda: self.tiers[tier].get_async([key], [slot]), None)
@@ -301,6 +328,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         ks = self._keys(keys, req_context)
         self.manager.acquire(ks)
+        self._job_readers.update(ks)
+        self._unprotect(req_context.req_id)
         self.manager.touch(ks, self._g2)
         return KvtierChunksSpec([self._slot(k) for k in ks])
 
@@ -308,11 +337,15 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self.manager.touch(self._keys(keys, req_context), self._g2)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        self.manager.release(self._keys(keys, req_context))
+        ks = self._keys(keys, req_context)
+        self.manager.release(ks)
+        self._job_readers.subtract(ks)
+        self._job_readers = +self._job_readers
 
     # --- stores --------------------------------------------------------------------------------------------------
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
-        ks = self._keys(keys, req_context)
+        ks = self._keys(keys, req_context, remember=True)
+        self._unprotect(req_context.req_id)  # its loads are planned by now
         state = req_context.get_state(_RequestState)
         g2 = self.manager.tiers[self._g2]
         held = [k for k in dict.fromkeys(ks) if k in g2.sizes]
@@ -324,7 +357,10 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         finally:
             self.manager.release(held)
         evicted, self._evicted_now = self._evicted_now, []
+        self._forget_meta([k for k in wanted if k not in plan.store])
         if wanted and not plan.store:
+            if set(plan.declined) == set(wanted):  # the policy will not take them: no point asking again
+                return PrepareStoreOutput([], KvtierChunksSpec([]), evicted)
             return None  # no room now (everything pinned or in use): vLLM retries next step
         views = [self.host.reserve(key, self.chunk_bytes) for key in plan.store]
         if any(view is None for view in views):
@@ -359,8 +395,11 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
     def _publish(self, keys: list[int], medium: str, removed: bool) -> None:
         offload_keys = [self._offload_key[k] for k in keys if k in self._offload_key]
         if self._events is not None and offload_keys:
+            storage = medium != MEDIUM_CPU
+            # removal_expected: vLLM keeps a STORAGE chunk's block metadata until its removal is announced
             self._events.append(OffloadingEvent(keys=offload_keys, removed=removed,
-                                                medium=Medium.CPU if medium == MEDIUM_CPU else Medium.STORAGE))
+                                                medium=Medium.STORAGE if storage else Medium.CPU,
+                                                removal_expected=storage and not removed))
 
     def _forget_meta(self, keys: list[int]) -> None:
         for key in keys:
@@ -379,7 +418,29 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         return bool(self._promotions)
 
     def reset_cache(self) -> None:
-        """Forget every chunk no job is using, in every tier (vLLM's reset_prefix_cache with the connector)."""
+        """Forget every chunk in every tier (vLLM's reset_prefix_cache with the connector). vLLM never completes
+        the jobs in flight at a reset: their chunks (loads reading, stores being written) are answered MISS and
+        dropped with their slots once the workers reported those jobs (``on_reset_flushed``)."""
+        for req_id in list(self._protected):
+            self._unprotect(req_id)
+        self._fenced_readers.update(self._job_readers)
+        self._job_readers.clear()
+        g2 = self.manager.tiers[self._g2]
+        self._fenced_stores |= {k for k in g2.pending if k not in self._promotions}
+        self._discard_unused()
+
+    def on_reset_flushed(self) -> None:
+        """The workers reported every job in flight at the last reset: release what they held, then forget it."""
+        for key, readers in self._fenced_readers.items():
+            self.manager.release([key] * readers)
+        for key in self._fenced_stores:
+            self.host.abort(key)
+            self._complete_store(key, ok=False)
+        self._fenced_readers.clear()
+        self._fenced_stores.clear()
+        self._discard_unused()
+
+    def _discard_unused(self) -> None:
         for g, i in self._index.items():
             if g > G1:
                 held = self.manager.tiers[i].sizes

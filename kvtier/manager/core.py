@@ -44,6 +44,7 @@ class ManagerListener(Protocol):
 class StorePlan:
     store: list[Key]                                            # keys the caller must now write
     evicted: list[tuple[Key, int, int | None]] = field(default_factory=list)  # (key, from tier, demoted to)
+    declined: list[Key] = field(default_factory=list)           # refused by the policy's admission, not for room
 
 
 @dataclass
@@ -248,10 +249,11 @@ class Manager:
         wanted = [k for k in dict.fromkeys(keys) if k not in state.sizes and k not in state.pending]
         sizes = dict(zip(keys, nbytes)) if nbytes is not None else None
         evicted: list[tuple[Key, int, int | None]] = []
-        stored = self._store(tier, wanted, self._busy, sizes, evicted, pending=True)
+        declined: list[Key] = []
+        stored = self._store(tier, wanted, self._busy, sizes, evicted, pending=True, declined=declined)
         for key in stored:
             self._busy[key] = self._busy.get(key, 0) + 1
-        return StorePlan(list(stored), evicted)
+        return StorePlan(list(stored), evicted, declined)
 
     def complete_store(self, keys: Sequence[Key], tier: int = 0, ok: bool = True) -> None:
         """The writes of ``prepare_store`` finished (``ok``) or failed (the reservation is dropped)."""
@@ -461,7 +463,7 @@ class Manager:
             state.lane_add(key, lane, priority)
 
     def _store(self, ti: int, keys: Sequence[Key], protect, sizes: dict[Key, int] | None = None,
-               evicted: list | None = None, *, pending: bool = False) -> Sequence[Key]:
+               evicted: list | None = None, *, pending: bool = False, declined: list | None = None) -> Sequence[Key]:
         """Make room in tier ``ti`` and add the keys that fit (a prefix of the admitted ones). Keys go to their
         lane, except normal keys of G1 in ``access``, which ``touch_request`` hands to the policy."""
         state = self.tiers[ti]
@@ -475,7 +477,10 @@ class Manager:
             keys = ok
         if not keys:
             return ()
-        keys = state.policy.admit(keys)
+        admitted = state.policy.admit(keys)
+        if declined is not None and len(admitted) < len(keys):
+            declined.extend(set(keys).difference(admitted))
+        keys = admitted
         unit = self.block_bytes
         need = len(keys) * unit if sizes is None else sum(sizes[k] for k in keys)
         deficit = state.used + need - state.capacity

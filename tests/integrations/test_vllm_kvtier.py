@@ -388,6 +388,155 @@ def test_a_session_that_says_it_returns_finds_its_chunks_prefetched_into_g2(harn
     assert (answers[0] == "HIT") == returns and hits(steps) == {"b": len(PREFIX)}
 
 
+def test_self_describing_storage_removals_name_every_block_of_a_chunk(harness, tmp_path):
+    """2 blocks per chunk: a chunk's STORAGE removal (G3 full) comes after its CPU removal (the demotion);
+    vLLM keeps the block metadata for it because the STORAGE store said a removal would follow."""
+    chunks = PREFIX_BLOCKS // 2
+    h = harness(kvtier_spec(chunks + SPARE_SLOTS, blocks_per_chunk=2, admission_min_hits=1,
+                            self_describing_kv_events=True, disk_path=str(tmp_path),
+                            disk_capacity_bytes=(chunks + SPARE_SLOTS) * 4096))
+    for i in range(3):
+        h.add_request(f"r{i}", [5000 * i + t for t in PREFIX] + [1])
+        h.run()
+        h.manager.drain()
+    h.step()
+    removed = [e for step in h.steps for e in step.removed_events if e.medium == "STORAGE"]
+    assert removed and all(len(e.block_hashes) % 2 == 0 for e in removed)
+
+
+def test_a_reset_with_a_store_in_flight_neither_stalls_nor_leaks(harness):
+    """vLLM never completes the jobs in flight at a reset: their chunks are misses until it reports them
+    flushed, then forgotten with their readers."""
+    h = harness(kvtier_spec(32), with_worker=True)
+    h.add_request("a", PREFIX + [1])
+    while not h.steps or not h.steps[-1].store_jobs:
+        h.step()
+    assert h.scheduler.reset_prefix_cache(reset_connector=True)  # the store job is still in flight
+    h.run()
+    h.drop_gpu_prefix_cache()
+    h.add_request("b", PREFIX + [2])
+    h.run(idle_timeout_s=5)
+    assert h.request("b").is_finished()
+    g2 = h.manager.manager.tiers[h.manager._g2]
+    assert not g2.pending and not h.manager.manager._busy
+
+
+def test_a_reset_during_a_load_releases_its_readers(harness):
+    """With asynchronous scheduling the reset can fall between schedule() and update_from_output()."""
+    h = harness(kvtier_spec(32), with_worker=True)
+    h.add_request("a", PREFIX + [1])
+    h.run()
+    h.drop_gpu_prefix_cache()
+    h.add_request("b", PREFIX + [2], max_tokens=4)
+    schedule, reset_during = h.scheduler.schedule, []
+
+    def schedule_then_reset():
+        out = schedule()
+        if out.kv_connector_metadata.load_jobs and not reset_during:
+            reset_during.append(len(h.manager.manager._busy))
+            h.scheduler.reset_connector_cache()
+        return out
+
+    h.scheduler.schedule = schedule_then_reset
+    h.run()
+    assert reset_during == [PREFIX_BLOCKS] and not h.manager.manager._busy
+
+
+def long_prefix_only_in_g3(h) -> tuple[list[int], list[int]]:
+    """A 16-chunk prompt whose chunks all sit in G3 only, twice the chunks G2 holds."""
+    long = list(range(1, 16 * BLOCK + 1))
+
+    def push_down(i):
+        h.add_request(f"o{i}", [7000 + 1000 * i + t for t in range(8 * BLOCK)] + [3])
+        h.run()
+        h.manager.drain()
+
+    h.add_request("x", long[:8 * BLOCK] + [1])
+    h.run()
+    push_down(0)
+    h.drop_gpu_prefix_cache()
+    h.add_request("y", long + [2])
+    h.run()
+    h.manager.drain()
+    push_down(1)
+    keys = [h.manager.key(make_offload_key(bh, 0)) for bh in h.request("y").block_hashes[:16]]
+    assert set(keys) <= h.manager.held("G3")
+    h.drop_gpu_prefix_cache()
+    return long, keys
+
+
+def test_a_prefix_twice_the_size_of_g2_loads_what_fits_without_thrashing(harness, tmp_path):
+    """Chunks answered HIT are held until their load is planned: later promotions cannot evict them."""
+    h = harness(tiered(**disk(tmp_path)))
+    long, _ = long_prefix_only_in_g3(h)
+    promoted = h.manager.metrics.bytes_moved.labels("promote_G3")
+    before = promoted._value.get()
+    h.add_request("z", long + [4])
+    steps = h.run()
+    assert hits(steps).get("z", 0) >= 8 * BLOCK
+    assert (promoted._value.get() - before) / h.manager.chunk_bytes <= 16
+
+
+def test_a_promotion_without_a_free_slot_after_evicting_is_a_miss_not_an_error(harness, tmp_path):
+    h = harness(tiered(**disk(tmp_path)))
+    long, keys = long_prefix_only_in_g3(h)
+    h.add_request("x2", long[:8 * BLOCK] + [5])  # chunks 0..7 back in G2
+    h.run()
+    h.manager.drain()
+    assert set(keys[:8]) <= h.manager.held("G2")
+    h.drop_gpu_prefix_cache()
+    pool, try_alloc = h.manager.host.pool, h.manager.host.pool.try_alloc
+    pool.try_alloc = lambda n: None  # as when the mover's G3 -> G4 copy just took the last free slot
+    h.add_request("z", long + [4])
+    h.step()
+    pool.try_alloc = try_alloc
+    steps = h.run()
+    assert hits(h.steps[-len(steps) - 1:]).get("z", 0) >= 8 * BLOCK
+
+
+def test_a_chunk_looked_up_before_its_demotion_is_written_is_not_lost(harness, tmp_path):
+    h = harness(tiered(**disk(tmp_path), lower_tier_deadline_ms=5000))
+    g3 = h.manager.tiers[G3]
+    put = g3.put_async
+
+    def slow_put(keys, payloads):  # a disk busy with other writes: 300 ms
+        out = Future()
+        threading.Timer(0.3, lambda: out.set_result(put(keys, payloads).result())).start()
+        return out
+
+    g3.put_async = slow_put
+    h.add_request("a", PREFIX + [1])
+    h.run()
+    h.add_request("other", OTHER + [2])
+    h.run()  # a's chunks are on their way to G3
+    keys = prefix_keys(h, "a")
+    assert set(keys) <= h.manager.held("G3")
+    h.drop_gpu_prefix_cache()
+    h.add_request("b", PREFIX + [3])
+    steps = h.run()
+    answers = [answer for step in steps for req, answer in step.lookups if req == "b"]
+    assert answers[0] == "HIT_PENDING" and hits(steps) == {"b": len(PREFIX)}
+
+
+def test_chunks_the_policy_declines_are_an_empty_answer_and_leave_no_state(harness):
+    """TinyLFU declines chunks seen once against frequent ones: vLLM must not retry them every step, and the
+    manager keeps no key mapping for chunks no tier holds."""
+    h = harness(kvtier_spec(PREFIX_BLOCKS, policy="tinylfu"))
+    h.add_request("a", PREFIX + [1])
+    h.run()
+    for i in range(2):  # loaded twice: frequent
+        h.drop_gpu_prefix_cache()
+        h.add_request(f"b{i}", PREFIX + [2 + i])
+        h.run()
+    prepare_store, answers = h.manager.prepare_store, []
+    h.manager.prepare_store = lambda keys, ctx: answers.append(prepare_store(keys, ctx)) or answers[-1]
+    for i in range(5):
+        h.add_request(f"n{i}", [5000 + 1000 * i + t for t in PREFIX] + [9], max_tokens=24)
+        h.run()
+    assert answers and all(a is not None and not a.keys_to_store for a in answers)
+    assert len(h.manager._offload_key) == PREFIX_BLOCKS
+
+
 def test_ephemeral_and_unadmitted_chunks_never_go_below_g2(harness, tmp_path):
     h = harness(kvtier_spec(PREFIX_BLOCKS + SPARE_SLOTS, **disk(tmp_path)))  # admission_min_hits: 2
     ephemeral = {"agent_hints": {"ephemeral": [{"start": 0, "end": len(PREFIX)}]}}
