@@ -5,7 +5,9 @@ core initialises the workers' KV caches before it builds the scheduler; tests bu
 round). So both sides call the same constructor: the first opener (``O_EXCL``) sizes the file, the second
 waits for that size, maps it, and unlinks the name. From then on the memory lives exactly as long as the
 mappings: nothing is left in /dev/shm however the processes end. A side that is never joined unlinks the
-name on ``close``.
+name on ``close``. A side killed before the other came leaves its name behind: the page after the region
+records the creator (pid and start time), and an opener whose creator is gone replaces the file instead of
+joining it, so a relaunch with the same engine id never splits the region between a stale and a fresh file.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import struct
 import time
 from pathlib import Path
 
 import torch
 
 SHM_DIR = Path("/dev/shm")
+_CREATOR = struct.Struct("<qQ")  # pid, start time in clock ticks since boot (/proc/<pid>/stat field 22)
 
 
 class SharedRegion:
@@ -31,17 +35,8 @@ class SharedRegion:
             raise ValueError(f"bad shared region name {name!r}")
         self.path = Path(directory) / name
         self.nbytes = nbytes
+        fd = self._open(wait_s)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            self.creator = True
-        except FileExistsError:
-            fd = os.open(self.path, os.O_RDWR)
-            self.creator = False
-        try:
-            if self.creator:
-                os.ftruncate(fd, nbytes)
-            else:
-                self._wait_for_size(fd, wait_s)
             self._mmap: mmap.mmap | None = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED,
                                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
@@ -54,15 +49,48 @@ class SharedRegion:
             self._unlink()  # both sides have it mapped: the name is no longer needed
         self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
 
+    def _open(self, wait_s: float) -> int:
+        """Create the file (and say who did), or join a live creator's; a dead creator's file is replaced."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:
+                    continue  # unlinked meanwhile: try to create it again
+                try:
+                    self._wait_for_size(fd, wait_s)
+                    pid, started = _CREATOR.unpack(os.pread(fd, _CREATOR.size, self.nbytes))
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if _start_time(pid) == started:
+                    self.creator = False
+                    return fd
+                os.close(fd)
+                self._unlink()  # left by a process that is gone
+                continue
+            self.creator = True
+            try:
+                os.pwrite(fd, _CREATOR.pack(os.getpid(), _start_time(os.getpid()) or 0), self.nbytes)
+                os.ftruncate(fd, self.nbytes + mmap.PAGESIZE)  # sized last: a joiner then finds the creator
+            except BaseException:
+                os.close(fd)
+                self._unlink()
+                raise
+            return fd
+
     def _wait_for_size(self, fd: int, wait_s: float) -> None:
-        deadline = time.monotonic() + wait_s
-        while (size := os.fstat(fd).st_size) < self.nbytes:
+        deadline, want = time.monotonic() + wait_s, self.nbytes + mmap.PAGESIZE
+        while (size := os.fstat(fd).st_size) < want:
             if os.fstat(fd).st_nlink == 0 or time.monotonic() > deadline:
-                raise RuntimeError(f"shared region {self.path} was not sized by its creator within {wait_s} s")
+                raise RuntimeError(f"shared region {self.path} was not sized by its creator within {wait_s} s "
+                                   "(a file left by a crash while it was being created: remove it)")
             time.sleep(0.005)
-        if size != self.nbytes:
-            raise ValueError(f"shared region {self.path} is {size} B, expected {self.nbytes} B: the scheduler and "
-                             "the worker disagree on its size (different kv_connector_extra_config?)")
+        if size != want:
+            raise ValueError(f"shared region {self.path} is {size - mmap.PAGESIZE} B, expected {self.nbytes} B: the "
+                             "scheduler and the worker disagree on its size (different kv_connector_extra_config?)")
 
     def _unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -77,3 +105,13 @@ class SharedRegion:
         with contextlib.suppress(BufferError):  # views still alive: unmapped when the last one dies
             self._mmap.close()
         self._mmap = None
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None if there is no such process: a pid and its
+    start time name one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])

@@ -1,6 +1,8 @@
 """G2 shared between processes: the /dev/shm region and a host pool laid over it."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +30,21 @@ def test_a_region_never_joined_is_unlinked_on_close(tmp_path):
     region.close()
     region.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_name_left_by_a_killed_creator_is_replaced_not_joined(tmp_path):
+    """A relaunch with the same engine id: the old scheduler died before its worker came."""
+    code = (f"import os; from pathlib import Path; from kvtier.tiers.shared_region import SharedRegion; "
+            f"r = SharedRegion('stale', {2 * PAGE}, directory=Path({str(tmp_path)!r})); r.buffer[:4] = 9; os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.getcwd())
+    assert (tmp_path / "stale").exists()
+    scheduler = SharedRegion("stale", 2 * PAGE, directory=tmp_path)
+    assert scheduler.creator and scheduler.buffer[:4].tolist() == [0] * 4  # a fresh file, not the dead one's
+    worker = SharedRegion("stale", 2 * PAGE, directory=tmp_path)
+    worker.buffer[:4] = 7
+    assert not worker.creator and scheduler.buffer[:4].tolist() == [7] * 4 and os.listdir(tmp_path) == []
+    worker.close()
+    scheduler.close()
 
 
 def test_sizes_must_agree(tmp_path):
