@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ from kvtier.layout import VLLM_ORDERS, PageLayout, build_layout
 from kvtier.manager import ManagerError
 from kvtier.metrics import EngineMetrics
 from kvtier.tiers.base import Tier
-from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.disk import DirectoryInUseError, DiskTier
 from kvtier.tiers.host import HostPool, HostTier, round_up
 from kvtier.tiers.ranks import RankedTier
 from kvtier.tiers.remote import RemoteTier
@@ -98,6 +99,8 @@ def spare_slots(num_slots: int) -> int:
     step's demotions; beyond that, stores wait a step (``prepare_store`` answers None) and promotions answer
     ``RETRY``."""
     return max(SPARE_SLOTS, num_slots // 16)
+
+
 HINTS_FIELD = "agent_hints"
 
 
@@ -578,6 +581,9 @@ class KvtierOffloadingSpec(OffloadingSpec):
             raise ValueError(f"{where}: kv_connector_extra_config needs host_capacity_bytes (G2 per worker, "
                              f"e.g. \"8GiB\")")
         self.kvtier = kvtier_config(self.extra_config, VLLM_KEYS, KVTIER_KEYS, where)
+        if self.kvtier.disk_path:  # DP ranks are separate engines with one namespace: a directory each
+            self.kvtier = dataclasses.replace(self.kvtier, disk_path=str(
+                Path(self.kvtier.disk_path) / f"dp{config.parallel.data_parallel_index}"))
         if len(config.groups) != 1:
             raise ValueError(f"{where}: {len(config.groups)} KV cache groups; kvtier handles one (no hybrid models)")
         if config.kv_cache_layout not in VLLM_ORDERS:
@@ -653,6 +659,9 @@ def lower_tiers(cfg: KvtierConfig, namespace: Namespace, world_size: int, parts:
             tier.close()
         if isinstance(exc, OSError):
             raise ValueError(f"KvtierOffloadingSpec: cannot use disk_path={cfg.disk_path!r}: {exc}") from exc
+        if isinstance(exc, DirectoryInUseError):
+            raise ValueError(f"KvtierOffloadingSpec: {exc}: another vLLM engine serves the same model from this "
+                             "disk_path; give each engine its own disk_path") from exc
         raise
     return {g: RankedTier(ts, parts) for g, ts in built.items()}
 

@@ -5,18 +5,27 @@ from engines_env import ENGINES_MISSING
 
 pytest.importorskip("vllm.v1.kv_offload.base", reason=ENGINES_MISSING)
 
+import dataclasses
 import threading
+import uuid
 from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.config import (
+    build_offloading_config,
+)
 from vllm.v1.kv_offload.base import (
     make_offload_key,
 )
 from vllm_harness import VllmSchedulerHarness
 
 from kvtier.cascade import G3
-from kvtier.integrations.vllm import SPARE_SLOTS, KvtierOffloadingWorker
+from kvtier.integrations.vllm import (
+    SPARE_SLOTS,
+    KvtierOffloadingSpec,
+    KvtierOffloadingWorker,
+)
 from kvtier.layout import vllm_layout
 
 BLOCK = 16
@@ -535,6 +544,25 @@ def test_chunks_the_policy_declines_are_an_empty_answer_and_leave_no_state(harne
         h.run()
     assert answers and all(a is not None and not a.keys_to_store for a in answers)
     assert len(h.manager._offload_key) == PREFIX_BLOCKS
+
+
+def test_data_parallel_engines_get_a_disk_directory_each(harness, tmp_path):
+    h = harness(tiered(**disk(tmp_path)))
+    base = build_offloading_config(h.vllm_config, h.kv_cache_config)
+
+    def engine(dp_index: int):
+        config = dataclasses.replace(base, engine_id=f"dp-{uuid.uuid4()}", parallel=dataclasses.replace(
+            base.parallel, data_parallel_index=dp_index, data_parallel_size=3))
+        return KvtierOffloadingSpec(config).get_manager()
+
+    managers = [engine(1), engine(2)]  # the harness's own engine is DP index 0
+    try:
+        assert {p.name for p in (tmp_path / "g3").iterdir()} == {"dp0", "dp1", "dp2"}
+        with pytest.raises(ValueError, match="its own disk_path"):
+            engine(1)
+    finally:
+        for manager in managers:
+            manager.shutdown()
 
 
 def test_ephemeral_and_unadmitted_chunks_never_go_below_g2(harness, tmp_path):
