@@ -236,8 +236,9 @@ OTHER = [5000 + t for t in PREFIX]
 
 
 def tiered(**lower) -> dict:
-    """G2 holds one prefix (plus the spare slots); every chunk seen once may go below."""
-    return kvtier_spec(PREFIX_BLOCKS + SPARE_SLOTS, admission_min_hits=1, **lower)
+    """G2 holds one prefix (plus the spare slots); every chunk seen once may go below. Promotions get 5 s
+    unless a test says otherwise, so a loaded CI machine does not turn hits into misses."""
+    return kvtier_spec(PREFIX_BLOCKS + SPARE_SLOTS, admission_min_hits=1, **{"lower_tier_deadline_ms": 5000, **lower})
 
 
 def disk(tmp_path) -> dict:
@@ -504,7 +505,7 @@ def test_a_promotion_without_a_free_slot_after_evicting_is_a_miss_not_an_error(h
 
 
 def test_a_chunk_looked_up_before_its_demotion_is_written_is_not_lost(harness, tmp_path):
-    h = harness(tiered(**disk(tmp_path), lower_tier_deadline_ms=5000))
+    h = harness(tiered(**disk(tmp_path)))
     g3 = h.manager.tiers[G3]
     put = g3.put_async
 
