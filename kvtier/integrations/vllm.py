@@ -144,6 +144,7 @@ class _Promotion:
 
     tier: int
     deadline: float | None
+    epoch: int                 # reset_cache calls before it started: a read from before a reset is stale
     late: bool = False
 
 
@@ -176,6 +177,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         # jobs in flight at a reset_cache that vLLM will never complete: their chunks until on_reset_flushed
         self._fenced_readers: Counter[int] = Counter()
         self._fenced_stores: set[int] = set()
+        self._epoch = 0
+        self._landing_waits: dict[int, float] = {}  # deadline of lookups waiting for a demotion's write
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
         self._evicted_now: list[OffloadKey] = []
         parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
@@ -238,7 +241,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         """Start promoting the chunks held only in G3/G4, in order, while G2 has room."""
         for k in keys:
             where = self.manager.locate(k)
-            if where is None or self._gnum[where] == G2 or k in self._promotions:
+            if where is None or self._gnum[where] == G2 or k in self._promotions or \
+                    self._is_landing(k, self._gnum[where]):
                 continue
             offload_key = self._offload_key.get(k)
             if offload_key is not None and not self._promote(offload_key, k, self._gnum[where], deadline=None):
@@ -262,9 +266,16 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         if where == self._g2:
             self._protect(req_context.req_id, k)
             return LookupResult.HIT
-        if where is not None and self._is_landing(k, self._gnum[where]):
-            return LookupResult.HIT_PENDING  # just demoted, its bytes not written below yet
+        if where is not None and self._is_landing(k, self._gnum[where]):  # just demoted, not written below yet
+            now = time.monotonic()
+            if now <= self._landing_waits.setdefault(k, now + self.config.lower_tier_deadline_ms / 1000):
+                return LookupResult.HIT_PENDING
+            self.metrics.recomputed.labels(TIER_NAMES[self._gnum[where]]).inc()
+            return LookupResult.MISS  # a slow or backed-up write: recompute rather than wait on it
+        self._landing_waits.pop(k, None)
         promotion = self._promotions.get(k)
+        if promotion is not None and promotion.epoch != self._epoch:
+            return LookupResult.MISS  # read from before a reset: it is forgotten when it lands
         if promotion is not None:
             if promotion.deadline is None:  # a prefetch: the clock starts now that a request waits for it
                 promotion.deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
@@ -298,7 +309,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         if slot is None:
             return False
         self._offload_key[key] = offload_key
-        promotion = _Promotion(tier, deadline)
+        promotion = _Promotion(tier, deadline, self._epoch)
         self._promotions[key] = promotion
         future = self._guarded(tier, "get", lambda: self.tiers[tier].get_async([key], [slot]), None)
         if future is None:
@@ -314,6 +325,10 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         with self._lock:
             del self._promotions[key]
             if self._closed:
+                return
+            if promotion.epoch != self._epoch:  # started before a reset: its bytes must not be served
+                self._settle_promotion(key, False)
+                self._discard_unused([key])
                 return
             self._settle_promotion(key, ok)
             if ok:
@@ -408,6 +423,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         for key in keys:
             if self.manager.locate(key) is None and not any(key in t.pending for t in self.manager.tiers):
                 self._offload_key.pop(key, None)
+                self._landing_waits.pop(key, None)
 
     def take_events(self) -> Iterable[OffloadingEvent]:
         with self._lock:
@@ -426,6 +442,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         dropped with their slots once the workers reported those jobs (``on_reset_flushed``)."""
         for req_id in list(self._protected):
             self._unprotect(req_id)
+        self._epoch += 1
+        self._landing_waits.clear()
         self._fenced_readers.update(self._job_readers)
         self._job_readers.clear()
         g2 = self.manager.tiers[self._g2]
@@ -434,6 +452,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     def on_reset_flushed(self) -> None:
         """The workers reported every job in flight at the last reset: release what they held, then forget it."""
+        fenced = [*self._fenced_readers, *self._fenced_stores]
         for key, readers in self._fenced_readers.items():
             self.manager.release([key] * readers)
         for key in self._fenced_stores:
@@ -441,13 +460,15 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             self._complete_store(key, ok=False)
         self._fenced_readers.clear()
         self._fenced_stores.clear()
-        self._discard_unused()
+        self._discard_unused(fenced)  # chunks stored since the reset stay
 
-    def _discard_unused(self) -> None:
+    def _discard_unused(self, keys: Collection[int] | None = None) -> None:
+        """Forget ``keys`` (default: every chunk) in every tier, except where a reader still holds one."""
         for g, i in self._index.items():
             if g > G1:
                 held = self.manager.tiers[i].sizes
-                self.manager.discard([k for k in held if self.manager.entry(k).readers == 0], i)
+                candidates = held if keys is None else [k for k in keys if k in held]
+                self.manager.discard([k for k in candidates if self.manager.entry(k).readers == 0], i)
 
     def config_info(self) -> Sequence[dict[str, Any]]:
         return ({"kvtier_host_chunks": self.num_slots, "kvtier_policy": self.config.policy,

@@ -13,6 +13,7 @@ joining it, so a relaunch with the same engine id never splits the region betwee
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import struct
@@ -68,8 +69,12 @@ class SharedRegion:
                 if _start_time(pid) == started:
                     self.creator = False
                     return fd
-                os.close(fd)
-                self._unlink()  # left by a process that is gone
+                try:  # left by a process that is gone; locked, so that of two openers only one replaces it
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    if self._names(fd):
+                        self._unlink()
+                finally:
+                    os.close(fd)
                 continue
             self.creator = True
             try:
@@ -80,6 +85,15 @@ class SharedRegion:
                 self._unlink()
                 raise
             return fd
+
+    def _names(self, fd: int) -> bool:
+        """Whether the name still points at the file open as ``fd`` (not a newer one of the same name)."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
     def _wait_for_size(self, fd: int, wait_s: float) -> None:
         deadline, want = time.monotonic() + wait_s, self.nbytes + mmap.PAGESIZE

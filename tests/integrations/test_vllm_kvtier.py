@@ -7,25 +7,19 @@ pytest.importorskip("vllm.v1.kv_offload.base", reason=ENGINES_MISSING)
 
 import dataclasses
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.offloading.config import (
-    build_offloading_config,
-)
-from vllm.v1.kv_offload.base import (
-    make_offload_key,
-)
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.config import build_offloading_config
+from vllm.v1.kv_offload.base import ReqContext, make_offload_key
+from vllm.v1.request import RequestStatus
 from vllm_harness import VllmSchedulerHarness
 
 from kvtier.cascade import G3
-from kvtier.integrations.vllm import (
-    SPARE_SLOTS,
-    KvtierOffloadingSpec,
-    KvtierOffloadingWorker,
-)
+from kvtier.integrations.vllm import SPARE_SLOTS, KvtierOffloadingSpec, KvtierOffloadingWorker
 from kvtier.layout import vllm_layout
 
 BLOCK = 16
@@ -450,6 +444,72 @@ def test_a_reset_during_a_load_releases_its_readers(harness):
     h.scheduler.schedule = schedule_then_reset
     h.run()
     assert reset_during == [PREFIX_BLOCKS] and not h.manager.manager._busy
+
+
+def test_chunks_stored_between_a_reset_and_its_flush_survive_the_flush(harness):
+    h = harness(kvtier_spec(32), with_worker=True)
+    h.add_request("a", PREFIX + [1])
+    while not h.steps or not h.steps[-1].store_jobs:
+        h.step()
+    assert h.scheduler.reset_prefix_cache(reset_connector=True)  # the store job is in flight: fenced
+    late, ctx = make_offload_key(b"\x01" * 32, 0), ReqContext("late")
+    with h.manager.lock:  # stored after the reset, before the workers report the old job
+        h.manager.on_new_request(ctx)
+        h.manager.complete_store(h.manager.prepare_store([late], ctx).keys_to_store, ctx)
+    h.run()  # the flush comes in
+    assert h.manager.held("G2") == {h.manager.key(late)}
+
+
+def slow_reads(tier, delay_s: float) -> None:
+    read = tier.get_async
+
+    def slow_read(keys, buffers):
+        out = Future()
+        threading.Timer(delay_s, lambda: out.set_result(read(keys, buffers).result())).start()
+        return out
+
+    tier.get_async = slow_read
+
+
+def test_a_promotion_in_flight_at_a_reset_is_never_served(harness, tmp_path):
+    """reset_prefix_cache after a weight update must not let pre-reset KV back in through a read in flight."""
+    h = harness(tiered(**disk(tmp_path)))
+    demote_prefix(h)
+    slow_reads(h.manager.tiers[G3], 0.3)
+    forget_g1(h)
+    h.add_request("b", PREFIX + [3])
+    h.step()  # promotions started
+    assert h.manager.has_pending_work()
+    h.scheduler.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    h.step()
+    assert h.scheduler.reset_prefix_cache(reset_connector=True)
+    h.manager.drain()
+    keys = set(prefix_keys(h, "a"))
+    assert not keys & (h.manager.held("G2") | h.manager.held("G3"))
+    h.drop_gpu_prefix_cache()
+    h.add_request("c", PREFIX + [4])
+    assert hits(h.run()) == {}
+
+
+def test_a_chunk_whose_demotion_write_is_stuck_is_recomputed_after_the_deadline(harness, tmp_path):
+    h = harness(tiered(**disk(tmp_path), lower_tier_deadline_ms=50))
+    g3, gate = h.manager.tiers[G3], threading.Event()
+    put = g3.put
+    g3.put = lambda keys, views: gate.wait(10) and put(keys, views)  # a stuck disk holds the mover
+    try:
+        demote_prefix(h)
+        forget_g1(h)
+        h.add_request("b", PREFIX + [3])
+        start = time.monotonic()
+        while not any(step.scheduled_tokens.get("b") for step in h.steps):
+            assert time.monotonic() - start < 5
+            h.step()
+        answers = [answer for step in h.steps for req, answer in step.lookups if req == "b"]
+        assert answers[0] == "HIT_PENDING" and answers[-1] == "MISS"
+    finally:
+        gate.set()
+    h.run()
+    assert sum(step.scheduled_tokens.get("b", 0) for step in h.steps) == len(PREFIX) + 1
 
 
 def long_prefix_only_in_g3(h) -> tuple[list[int], list[int]]:

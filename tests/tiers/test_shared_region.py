@@ -3,11 +3,13 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 from kvtier.tiers.host import HostPool
+from kvtier.tiers import shared_region
 from kvtier.tiers.shared_region import SharedRegion
 
 PAGE = 4096
@@ -45,6 +47,36 @@ def test_a_name_left_by_a_killed_creator_is_replaced_not_joined(tmp_path):
     assert not worker.creator and scheduler.buffer[:4].tolist() == [7] * 4 and os.listdir(tmp_path) == []
     worker.close()
     scheduler.close()
+
+
+def test_two_openers_of_a_dead_creators_file_end_up_on_one_region(tmp_path, monkeypatch):
+    """Both find the stale file; the first replaces it while the second still looks at the old one: the
+    second must join the first's new file, not delete it by name."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "r").write_bytes(bytes(PAGE) + shared_region._CREATOR.pack(dead.pid, 1) + bytes(PAGE - 16))
+    real, first_checked, second_done = shared_region._start_time, threading.Event(), threading.Event()
+
+    def start_time(pid):
+        if threading.current_thread().name == "first" and pid == dead.pid:
+            first_checked.set()
+            second_done.wait(5)  # the second opener runs its whole open meanwhile
+        return real(pid)
+
+    monkeypatch.setattr(shared_region, "_start_time", start_time)
+    regions = {}
+    first = threading.Thread(name="first", target=lambda: regions.setdefault(
+        "first", SharedRegion("r", PAGE, directory=tmp_path)))
+    first.start()
+    first_checked.wait(5)
+    regions["second"] = SharedRegion("r", PAGE, directory=tmp_path, wait_s=5)
+    second_done.set()
+    first.join(10)
+    regions["first"].buffer[0] = 7
+    assert [regions[n].creator for n in ("first", "second")].count(True) == 1
+    assert regions["second"].buffer[0].item() == 7
+    for region in regions.values():
+        region.close()
 
 
 def test_sizes_must_agree(tmp_path):
