@@ -388,6 +388,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                 if view is not None:
                     self.host.abort(key)
             self.manager.complete_store(plan.store, self._g2, ok=False)
+            self._forget_meta(plan.store)
             return None
         slots = [self.host.slot_offset(view) // self.host.pool.slot_bytes for view in views]
         return PrepareStoreOutput([self._offload_key[k] for k in plan.store], KvtierChunksSpec(slots), evicted)
