@@ -5,6 +5,9 @@ from engines_env import ENGINES_MISSING
 
 pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory", reason=ENGINES_MISSING)
 
+import random
+import threading
+
 import torch
 from sglang_harness import (
     LAYOUTS,
@@ -240,3 +243,51 @@ def test_unsupported_pool_layout_fails_when_attached():
     pool.layout = "page_head"
     with pytest.raises(ValueError, match="unsupported SGLang host layout"):
         make_backend(pool, KVTIER)
+
+
+def test_prefetch_and_backup_threads_at_once_never_read_wrong_bytes(backends, tmp_path):
+    """SGLang stores from its backup thread while its prefetch thread reads; with a 4-page host tier over disk
+    every call evicts, demotes or promotes. A page read back is always the page stored under that key."""
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, disk_config(tmp_path, 4))
+    docs = 12
+    tokens = [list(range(10_000 * (d + 1), 10_000 * (d + 1) + 3 * pool.page_size)) for d in range(docs)]
+    keys = [page_keys(t, pool.page_size) for t in tokens]
+    src, dst = pool.alloc(3 * pool.page_size), pool.alloc(3 * pool.page_size)
+    expected = []
+    for d in range(docs):
+        fill_pages(pool, src, seed=d)
+        expected.append(page_bytes(pool, src))
+    errors, wrong, hits = [], [], [0]
+
+    def backup() -> None:
+        rng = random.Random(1)
+        for _ in range(300):
+            d = rng.randrange(docs)
+            fill_pages(pool, src, seed=d)  # the page bytes of document d
+            backend.batch_set_v1(keys[d], src)
+
+    def prefetch() -> None:
+        rng = random.Random(2)
+        for _ in range(300):
+            d = rng.randrange(docs)
+            got = backend.batch_get_v1(keys[d], dst)
+            assert got == sorted(got, reverse=True)  # a prefix of hits
+            data = page_bytes(pool, dst)
+            hits[0] += sum(got)
+            wrong.extend((d, i) for i, ok in enumerate(got) if ok and not torch.equal(data[i], expected[d][i]))
+
+    def guarded(fn):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(fn,)) for fn in (backup, prefetch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not wrong and hits[0] > 0
+    backend.flush()
+    assert backend.host.stats().evictions > 0
