@@ -19,6 +19,9 @@ ranks or none. A failed, damaged or late (``lower_tier_deadline_ms``) promotion 
 recomputes: no worker job ever fails, which vLLM would assert on. An evicted chunk keeps its G2 slot until
 the mover wrote it below; while every spare slot is busy that way, stores wait a step (all of a request's
 chunks or none: vLLM does not offer again what a partial answer leaves out) and promotions answer ``RETRY``.
+A chunk answered ``HIT`` is held until the request's load (or store, or end) is planned, so a later promotion
+in the same lookup pass cannot evict it. ``reset_cache`` forgets every tier; the chunks of jobs in flight stay
+fenced (``MISS``) until vLLM reports them flushed, and reads in flight from before the reset are never served.
 Worker processes: ``KvtierOffloadingWorker`` moves chunks between vLLM's canonical KV tensors and its rank's
 part of G2 with kvtier's transfer kernels.
 
