@@ -121,6 +121,14 @@ class DiskTier(LocalTier):
         return self._index.capacity_bytes
 
     @property
+    def capacity_chunks(self) -> int:
+        """How many chunks fit: whole extents (header page + padded payload) in ``capacity_bytes``. Known once
+        the extent size is (``chunk_bytes``, the disk, or the first put)."""
+        if self._slabs is None:
+            raise ValueError("the extent size is not known yet: give chunk_bytes")
+        return self._index.capacity_bytes // self._slabs.extent_bytes
+
+    @property
     def extent_bytes(self) -> int | None:
         """Bytes per extent (None until the first put when neither ``chunk_bytes`` nor the disk said)."""
         return None if self._slabs is None else self._slabs.extent_bytes

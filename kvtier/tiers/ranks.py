@@ -75,6 +75,11 @@ class RankedTier(Tier):
     def capacity_bytes(self) -> int:
         return sum(tier.capacity_bytes for tier in self.ranks)
 
+    @property
+    def capacity_chunks(self) -> int:
+        """Chunks every rank has room for (ranks of a disk tier)."""
+        return min(tier.capacity_chunks for tier in self.ranks)
+
     def stats(self) -> TierStats:
         """The ranks' counters summed."""
         total = TierStats()

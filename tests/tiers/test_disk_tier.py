@@ -150,6 +150,7 @@ def test_an_extent_being_read_is_not_reused_until_the_read_ends(tier: DiskTier, 
 def test_index_is_rebuilt_on_restart_and_damage_dropped(tmp_path: Path) -> None:
     data = payloads([5000, 70000, 4096, 9000])
     with DiskTier(NS, tmp_path, 64 << 20, chunk_bytes=70000) as t:
+        assert t.capacity_chunks == (64 << 20) // extent_bytes_for(70000)  # a header page per extent
         for key, d in zip((1, 2, 3, 4), data):  # one by one: extents 0..3 in key order
             assert t.put([key], [d]) == [True]
         where = [t.location(k) for k in (1, 2, 3, 4)]
