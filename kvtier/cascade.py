@@ -13,7 +13,7 @@ holds it). All manager state is guarded by ``_lock``; I/O runs outside it on the
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -28,6 +28,14 @@ from kvtier.tiers.host import HostTier
 G1, G2, G3, G4 = 0, 1, 2, 3
 TIER_NAMES = ("G1", "G2", "G3", "G4")
 UNBOUNDED = 2**62  # G4's size is the server's business (maxmemory); its evictions surface as misses
+
+
+def uncount(counter: Counter, items: Iterable[Hashable]) -> None:
+    """Take one of each item off ``counter``, dropping the items that reach zero (``in`` stays meaningful)."""
+    for item in items:
+        counter[item] -= 1
+        if counter[item] <= 0:
+            del counter[item]
 
 
 class TierCascade:
@@ -126,8 +134,7 @@ class TierCascade:
 
     def _after_put(self, keys: list[int], results: list[bool], g_dst: int) -> None:
         with self._lock:
-            self._landing.subtract((k, g_dst) for k in keys)
-            self._landing = +self._landing  # drop the zeros
+            uncount(self._landing, ((k, g_dst) for k in keys))
         failed = [k for k, ok in zip(keys, results) if not ok]
         self.metrics.bytes_moved.labels(f"demote_{TIER_NAMES[g_dst]}").inc((len(keys) - len(failed)) * self.chunk_bytes)
         if failed:

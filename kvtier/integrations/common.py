@@ -1,15 +1,19 @@
-"""What both engine plug-ins need: stable namespaced keys and kvtier settings read from an extra config."""
+"""What both engine plug-ins need: stable namespaced keys, kvtier settings read from an extra config, and a
+disk tier per process."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 import xxhash
 
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
+from kvtier.tiers.disk import DirectoryInUseError, DiskTier
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -43,3 +47,22 @@ def kvtier_config(extra: Mapping[str, Any] | None, engine_keys: Collection[str],
         raise ValueError(f"{where}: unsupported key(s) {unused} in the extra config; kvtier keys accepted here: "
                          f"{sorted(allowed)}")
     return KvtierConfig.from_mapping(ours, source=where)
+
+
+def per_dp_rank(cfg: KvtierConfig, dp_rank: int) -> KvtierConfig:
+    """Data-parallel ranks are separate processes with one namespace (their pages are interchangeable), and a
+    disk directory has one owner: each rank keeps its chunks in ``disk_path/dp<rank>``."""
+    if not cfg.disk_path:
+        return cfg
+    return dataclasses.replace(cfg, disk_path=str(Path(cfg.disk_path) / f"dp{dp_rank}"))
+
+
+def open_disk_tier(cfg: KvtierConfig, namespace: Namespace, chunk_bytes: int, where: str) -> DiskTier:
+    """``DiskTier.from_config`` whose failures are start-up errors a user can act on."""
+    try:
+        return DiskTier.from_config(cfg, namespace, chunk_bytes)
+    except DirectoryInUseError as exc:
+        raise ValueError(f"{where}: {exc}: another process serves the same model from this disk_path; give "
+                         "each process (each engine or --dp-size replica) its own disk_path") from exc
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot use disk_path={cfg.disk_path!r}: {exc}") from exc

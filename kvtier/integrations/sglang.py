@@ -26,7 +26,6 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -40,10 +39,9 @@ from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
 from kvtier import kernels
 from kvtier.hashing import Namespace
-from kvtier.integrations.common import engine_key, kvtier_config, name_part
+from kvtier.integrations.common import engine_key, kvtier_config, name_part, open_disk_tier, per_dp_rank
 from kvtier.layout import PageLayout, sglang_host_layout
 from kvtier.tiers.base import Tier, guarded
-from kvtier.tiers.disk import DirectoryInUseError, DiskTier
 from kvtier.tiers.host import HostPool, HostTier
 from kvtier.tiers.remote import RemoteTier
 
@@ -117,7 +115,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
         lower: list[Tier] = []
         try:
             if self.cfg.disk_path and config.is_storage_writer:  # a reader rank never writes its own disk
-                lower.append(self._disk_tier(namespace, layout.block_bytes))
+                lower.append(open_disk_tier(per_dp_rank(self.cfg, config.dp_rank), namespace, layout.block_bytes,
+                                            WHERE))
             if self.cfg.remote_url:
                 lower.append(RemoteTier.from_config(self.cfg, namespace))
         except BaseException:
@@ -127,17 +126,6 @@ class KvtierHiCacheStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         self.layout, self.namespace, self.lower = layout, namespace, lower
         self.host = HostTier(namespace, HostPool(self.cfg.host_capacity_bytes, layout.block_bytes), own_pool=True)
-
-    def _disk_tier(self, namespace: Namespace, page_bytes: int) -> DiskTier:
-        """This process's disk directory: one per DP rank, since DP ranks share a namespace."""
-        root = Path(self.cfg.disk_path) / f"dp{self.storage_config.dp_rank}"
-        try:
-            return DiskTier(namespace, root, self.cfg.disk_capacity_bytes, self.cfg.disk_io_threads,
-                            self.cfg.disk_use_direct_io, self.cfg.disk_fsync, self.cfg.disk_max_pending_bytes,
-                            page_bytes)
-        except DirectoryInUseError as exc:
-            raise ValueError(f"{WHERE}: {exc}: another SGLang process serves the same model from this "
-                             "disk_path; give each process (e.g. each --dp-size replica) its own disk_path") from exc
 
     def on_host_pools_registered(self) -> None:
         """Refuse hybrid models' sidecar pools: SGLang would store them through the v2 calls, which kvtier does

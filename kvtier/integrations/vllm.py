@@ -41,7 +41,6 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,17 +65,16 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.config import OffloadingConfig
 
 from kvtier import kernels
-from kvtier.cascade import G1, G2, G3, G4, TIER_NAMES, TierCascade
+from kvtier.cascade import G1, G2, G3, G4, TIER_NAMES, TierCascade, uncount
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU
 from kvtier.hashing import Namespace
 from kvtier.hints import AgentHints, HintError, parse_hints
-from kvtier.integrations.common import engine_key, kvtier_config, name_part
+from kvtier.integrations.common import engine_key, kvtier_config, name_part, open_disk_tier, per_dp_rank
 from kvtier.layout import VLLM_ORDERS, PageLayout, build_layout
 from kvtier.manager import ManagerError
 from kvtier.metrics import EngineMetrics
 from kvtier.tiers.base import Tier
-from kvtier.tiers.disk import DirectoryInUseError, DiskTier
 from kvtier.tiers.host import HostPool, HostTier, round_up
 from kvtier.tiers.ranks import RankedTier
 from kvtier.tiers.remote import RemoteTier
@@ -360,8 +358,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         ks = self._keys(keys, req_context)
         self.manager.release(ks)
-        self._job_readers.subtract(ks)
-        self._job_readers = +self._job_readers
+        uncount(self._job_readers, ks)
 
     # --- stores --------------------------------------------------------------------------------------------------
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
@@ -378,7 +375,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         finally:
             self.manager.release(held)
         evicted, self._evicted_now = self._evicted_now, []
-        self._forget_meta([k for k in wanted if k not in plan.store])
+        stored = set(plan.store)
+        self._forget_meta([k for k in wanted if k not in stored])
         if wanted and not plan.store:
             if set(plan.declined) == set(wanted):  # the policy will not take them: no point asking again
                 return PrepareStoreOutput([], KvtierChunksSpec([]), evicted)
@@ -606,9 +604,7 @@ class KvtierOffloadingSpec(OffloadingSpec):
             raise ValueError(f"{where}: kv_connector_extra_config needs host_capacity_bytes (G2 per worker, "
                              f"e.g. \"8GiB\")")
         self.kvtier = kvtier_config(self.extra_config, VLLM_KEYS, KVTIER_KEYS, where)
-        if self.kvtier.disk_path:  # DP ranks are separate engines with one namespace: a directory each
-            self.kvtier = dataclasses.replace(self.kvtier, disk_path=str(
-                Path(self.kvtier.disk_path) / f"dp{config.parallel.data_parallel_index}"))
+        self.kvtier = per_dp_rank(self.kvtier, config.parallel.data_parallel_index)
         if len(config.groups) != 1:
             raise ValueError(f"{where}: {len(config.groups)} KV cache groups; kvtier handles one (no hybrid models)")
         if config.kv_cache_layout not in VLLM_ORDERS:
@@ -670,7 +666,7 @@ def lower_tiers(cfg: KvtierConfig, namespace: Namespace, world_size: int, parts:
                 chunk_bytes: int) -> dict[int, Tier]:
     """G3 and G4 as configured, each a ``RankedTier`` over one tier per rank (its own namespace)."""
     per_rank = dataclasses.replace(cfg, disk_capacity_bytes=cfg.disk_capacity_bytes // world_size)
-    makers = {G3: lambda ns: DiskTier.from_config(per_rank, ns, chunk_bytes),
+    makers = {G3: lambda ns: open_disk_tier(per_rank, ns, chunk_bytes, "KvtierOffloadingSpec"),
               G4: lambda ns: RemoteTier.from_config(cfg, ns)}
     wanted = [g for g, on in ((G3, cfg.disk_path), (G4, cfg.remote_url)) if on]
     built: dict[int, list[Tier]] = {}
@@ -679,14 +675,9 @@ def lower_tiers(cfg: KvtierConfig, namespace: Namespace, world_size: int, parts:
             built[g] = []
             for r in range(world_size):
                 built[g].append(makers[g](rank_namespace(namespace, r, world_size)))
-    except BaseException as exc:
+    except BaseException:
         for tier in (t for ts in built.values() for t in ts):
             tier.close()
-        if isinstance(exc, OSError):
-            raise ValueError(f"KvtierOffloadingSpec: cannot use disk_path={cfg.disk_path!r}: {exc}") from exc
-        if isinstance(exc, DirectoryInUseError):
-            raise ValueError(f"KvtierOffloadingSpec: {exc}: another vLLM engine serves the same model from this "
-                             "disk_path; give each engine its own disk_path") from exc
         raise
     return {g: RankedTier(ts, parts) for g, ts in built.items()}
 

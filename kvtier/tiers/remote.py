@@ -394,11 +394,12 @@ class RemoteTier(Tier):
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.namespace.prefix) + "/*"
 
         def job(_rows: range) -> list[int]:
-            names = list(self.client.scan_iter(match=pattern, count=1000))
-            pipe = self.client.pipeline(transaction=False)
-            for name in names:  # one by one: a chunk's keys share a cluster slot, different chunks do not
-                pipe.execute_command("UNLINK", name)
-            return [sum(r for r in pipe.execute(raise_on_error=False) if isinstance(r, int))]
+            deleted, pipe = 0, self.client.pipeline(transaction=False)
+            for i, name in enumerate(self.client.scan_iter(match=pattern, count=1000), 1):
+                pipe.execute_command("UNLINK", name)  # one by one: different chunks live in different cluster slots
+                if i % 1000 == 0:  # a pipeline per SCAN page, not one for the whole namespace
+                    deleted += sum(r for r in pipe.execute(raise_on_error=False) if isinstance(r, int))
+            return [deleted + sum(r for r in pipe.execute(raise_on_error=False) if isinstance(r, int))]
 
         return self._guarded(job, range(1), 0)[0]
 

@@ -344,18 +344,22 @@ def test_a_damaged_or_lost_lower_tier_is_a_miss_and_the_prefix_is_recomputed(har
     assert h.manager.metrics.errors.labels(tier, "get")._value.get() >= 1
 
 
+def delay(tier, method: str, delay_s: float) -> None:
+    """Make a tier's ``get_async`` or ``put_async`` answer ``delay_s`` late (a busy disk or server)."""
+    call = getattr(tier, method)
+
+    def late(keys, buffers):
+        out = Future()
+        threading.Timer(delay_s, lambda: out.set_result(call(keys, buffers).result())).start()
+        return out
+
+    setattr(tier, method, late)
+
+
 def test_a_promotion_past_the_deadline_is_a_miss_but_still_lands_in_g2(harness, tmp_path):
     h = harness(tiered(**disk(tmp_path), lower_tier_deadline_ms=50))
     demote_prefix(h)
-    g3 = h.manager.tiers[G3]
-    read = g3.get_async
-
-    def slow_read(keys, buffers):  # a disk that answers after 300 ms
-        out = Future()
-        threading.Timer(0.3, lambda: out.set_result(read(keys, buffers).result())).start()
-        return out
-
-    g3.get_async = slow_read
+    delay(h.manager.tiers[G3], "get_async", 0.3)
     forget_g1(h)
     h.add_request("b", PREFIX + [3])
     steps = h.run()
@@ -461,22 +465,11 @@ def test_chunks_stored_between_a_reset_and_its_flush_survive_the_flush(harness):
     assert h.manager.held("G2") == {h.manager.key(late)}
 
 
-def slow_reads(tier, delay_s: float) -> None:
-    read = tier.get_async
-
-    def slow_read(keys, buffers):
-        out = Future()
-        threading.Timer(delay_s, lambda: out.set_result(read(keys, buffers).result())).start()
-        return out
-
-    tier.get_async = slow_read
-
-
 def test_a_promotion_in_flight_at_a_reset_is_never_served(harness, tmp_path):
     """reset_prefix_cache after a weight update must not let pre-reset KV back in through a read in flight."""
     h = harness(tiered(**disk(tmp_path)))
     demote_prefix(h)
-    slow_reads(h.manager.tiers[G3], 0.3)
+    delay(h.manager.tiers[G3], "get_async", 0.3)
     forget_g1(h)
     h.add_request("b", PREFIX + [3])
     h.step()  # promotions started
@@ -567,15 +560,7 @@ def test_a_promotion_without_a_free_slot_after_evicting_is_a_miss_not_an_error(h
 
 def test_a_chunk_looked_up_before_its_demotion_is_written_is_not_lost(harness, tmp_path):
     h = harness(tiered(**disk(tmp_path)))
-    g3 = h.manager.tiers[G3]
-    put = g3.put_async
-
-    def slow_put(keys, payloads):  # a disk busy with other writes: 300 ms
-        out = Future()
-        threading.Timer(0.3, lambda: out.set_result(put(keys, payloads).result())).start()
-        return out
-
-    g3.put_async = slow_put
+    delay(h.manager.tiers[G3], "put_async", 0.3)  # a disk busy with other writes
     h.add_request("a", PREFIX + [1])
     h.run()
     h.add_request("other", OTHER + [2])

@@ -133,9 +133,9 @@ def test_namespaces_and_salts_do_not_share_chunks(redis_server: RedisServer) -> 
     with make_tier(redis_server) as a, RemoteTier(other, connect(redis_server.url)) as b:
         a.put([7], [b"tenant a"])
         assert b.get([7], [bytearray(8)]) == [None] and b.contains([7]) == [False]
-        b.put([7], [b"tenant b"])
-        assert b.clear() == 1  # its own namespace only
-        assert a.contains([7]) == [True] and b.contains([7]) == [False]
+        b.put(list(range(2500)), [b"tenant b"] * 2500)  # more than one SCAN page's pipeline
+        assert b.clear() == 2500  # its own namespace only
+        assert a.contains([7]) == [True] and b.contains([7, 2499]) == [False, False]
 
 
 def test_ttl_expires_chunks(redis_server: RedisServer) -> None:
