@@ -35,6 +35,7 @@ own event path: G2 chunks with medium ``CPU``, G3/G4 chunks with medium ``STORAG
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
 from vllm.v1.kv_offload.base import (
     BlockIDsLoadStoreSpec,
     CanonicalKVCaches,
@@ -52,7 +54,9 @@ from vllm.v1.kv_offload.base import (
     LoadStoreSpec,
     LookupResult,
     Medium,
+    OffloadingCounterMetadata,
     OffloadingEvent,
+    OffloadingGaugeMetadata,
     OffloadingManager,
     OffloadingSpec,
     OffloadingWorker,
@@ -103,6 +107,40 @@ def spare_slots(num_slots: int) -> int:
 
 
 HINTS_FIELD = "agent_hints"
+
+# vLLM >= 0.33 enters ``manager.lock`` around every manager call; 0.32 (its CPU build) has no such lock and
+# calls the manager bare, while kvtier's tier threads land promotions and demotions concurrently.
+VLLM_HOLDS_MANAGER_LOCK = hasattr(OffloadingManager, "lock")
+
+
+def _locked(method):
+    """Run a manager method under the manager's lock where vLLM does not hold it for us (0.32)."""
+    if VLLM_HOLDS_MANAGER_LOCK:
+        return method
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+# Prometheus series kvtier adds to vLLM's /metrics (through OffloadingSpec.build_metric_definitions)
+LOADED_TOKENS = "vllm:kvtier_loaded_tokens"
+PROMOTED_CHUNKS = "vllm:kvtier_promoted_chunks"
+REFUSED_STORES = "vllm:kvtier_refused_store_chunks"
+RESIDENT_CHUNKS = "vllm:kvtier_resident_chunks"
+METRIC_DEFINITIONS = {
+    LOADED_TOKENS: OffloadingCounterMetadata(
+        "Tokens of the chunks kvtier loaded into vLLM's KV cache, by the tier that held them when they were "
+        "looked up (G2; G3 or G4 when promoted for that load)", ("tier",)),
+    PROMOTED_CHUNKS: OffloadingCounterMetadata(
+        "Chunks read from a lower tier into G2, by source tier and outcome (ok, failed)", ("tier", "outcome")),
+    REFUSED_STORES: OffloadingCounterMetadata(
+        "Chunks vLLM offered that kvtier did not store, by reason (full: no slot this step, policy: declined)",
+        ("reason",)),
+    RESIDENT_CHUNKS: OffloadingGaugeMetadata("Chunks each kvtier tier holds", ("tier",)),
+}
 
 
 class KvtierChunksSpec(BlockIDsLoadStoreSpec):
@@ -182,6 +220,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._landing_waits: dict[int, float] = {}  # deadline of lookups waiting for a demotion's write
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
         self._evicted_now: list[OffloadKey] = []
+        self._stats = OffloadingConnectorStats()
+        self._promoted_from: dict[int, int] = {}  # chunks in G2 because a lookup promoted them: source tier
         parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
         pool = HostPool(num_slots * part_bytes, part_bytes, pin=False, buffer=parts[0])
         lower = lower_tiers(cfg, namespace, len(parts), parts, chunk_bytes)
@@ -217,6 +257,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             out.append(k)
         return out
 
+    @_locked
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
         params = req_context.kv_transfer_params or {}
         try:
@@ -228,6 +269,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self.manager.begin_request(hints.session_id, hints=hints)
         return RequestOffloadingContext()
 
+    @_locked
     def on_request_finished(self, req_context: ReqContext) -> None:
         """The response ended: the policy learns each session's gap after it (vLLM does not say why it ended)."""
         state = req_context.get_state(_RequestState)
@@ -259,6 +301,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                      len(report.downgraded))
 
     # --- loads ---------------------------------------------------------------------------------------------------
+    @_locked
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         (k,) = self._keys([key], req_context)
         if k in self._fenced_readers or k in self._fenced_stores:
@@ -332,7 +375,9 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                 self._discard_unused([key])
                 return
             self._settle_promotion(key, ok)
+            self._stats.increase_counter(PROMOTED_CHUNKS, 1, (TIER_NAMES[promotion.tier], "ok" if ok else "failed"))
             if ok:
+                self._promoted_from[key] = promotion.tier
                 self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[promotion.tier]}").inc(self.chunk_bytes)
             else:
                 self.metrics.errors.labels(TIER_NAMES[promotion.tier], "get").inc()
@@ -344,23 +389,30 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                 raise ManagerError(f"chunk {key:#x} is not in G2")
             return self.host.slot_offset(view) // self.host.pool.slot_bytes
 
+    @_locked
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         ks = self._keys(keys, req_context)
         self.manager.acquire(ks)
         self._job_readers.update(ks)
         self._unprotect(req_context.req_id)
         self.manager.touch(ks, self._g2)
+        for k in ks:
+            source = TIER_NAMES[self._promoted_from.pop(k, G2)]
+            self._stats.increase_counter(LOADED_TOKENS, self.chunk_tokens, (source,))
         return KvtierChunksSpec([self._slot(k) for k in ks])
 
+    @_locked
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         self.manager.touch(self._keys(keys, req_context), self._g2)
 
+    @_locked
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         ks = self._keys(keys, req_context)
         self.manager.release(ks)
         uncount(self._job_readers, ks)
 
     # --- stores --------------------------------------------------------------------------------------------------
+    @_locked
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         ks = self._keys(keys, req_context, remember=True)
         self._unprotect(req_context.req_id)  # its loads are planned by now
@@ -379,7 +431,9 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._forget_meta([k for k in wanted if k not in stored])
         if wanted and not plan.store:
             if set(plan.declined) == set(wanted):  # the policy will not take them: no point asking again
+                self._stats.increase_counter(REFUSED_STORES, len(wanted), ("policy",))
                 return PrepareStoreOutput([], KvtierChunksSpec([]), evicted)
+            self._stats.increase_counter(REFUSED_STORES, len(wanted), ("full",))
             return None  # no room now (everything pinned or in use): vLLM retries next step
         views = [self.host.reserve(key, self.chunk_bytes) for key in plan.store]
         if any(view is None for view in views):
@@ -390,10 +444,12 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                     self.host.abort(key)
             self.manager.complete_store(plan.store, self._g2, ok=False)
             self._forget_meta(plan.store)
+            self._stats.increase_counter(REFUSED_STORES, len(plan.store), ("full",))
             return None
         slots = [self.host.slot_offset(view) // self.host.pool.slot_bytes for view in views]
         return PrepareStoreOutput([self._offload_key[k] for k in plan.store], KvtierChunksSpec(slots), evicted)
 
+    @_locked
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
         pending = self.manager.tiers[self._g2].pending
         for k in self._keys(keys, req_context):
@@ -410,6 +466,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
     def _publish_removed(self, keys: list[int], medium: str) -> None:
         if medium == MEDIUM_CPU:
             self._evicted_now += [self._offload_key[k] for k in keys if k in self._offload_key]
+            for k in keys:
+                self._promoted_from.pop(k, None)
         self._publish(keys, medium, removed=True)
 
     def _publish(self, keys: list[int], medium: str, removed: bool) -> None:
@@ -425,7 +483,17 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         for key in keys:
             if self.manager.locate(key) is None and not any(key in t.pending for t in self.manager.tiers):
                 self._offload_key.pop(key, None)
+                self._promoted_from.pop(key, None)
                 self._landing_waits.pop(key, None)
+
+    def get_stats(self) -> OffloadingConnectorStats:
+        """What kvtier did since vLLM last asked (once per step), plus each tier's chunk count."""
+        with self._lock:
+            stats, self._stats = self._stats, OffloadingConnectorStats()
+            for g, i in self._index.items():
+                if g > G1:
+                    stats.set_gauge(RESIDENT_CHUNKS, len(self.manager.tiers[i].sizes), (TIER_NAMES[g],))
+        return stats
 
     def take_events(self) -> Iterable[OffloadingEvent]:
         with self._lock:
@@ -435,9 +503,11 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             return events
 
     # --- housekeeping -------------------------------------------------------------------------------------------
+    @_locked
     def has_pending_work(self) -> bool:
         return bool(self._promotions)
 
+    @_locked
     def reset_cache(self) -> None:
         """Forget every chunk in every tier (vLLM's reset_prefix_cache with the connector). vLLM never completes
         the jobs in flight at a reset: their chunks (loads reading, stores being written) are answered MISS and
@@ -452,6 +522,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._fenced_stores |= {k for k in g2.pending if k not in self._promotions}
         self._discard_unused()
 
+    @_locked
     def on_reset_flushed(self) -> None:
         """The workers reported every job in flight at the last reset: release what they held, then forget it."""
         fenced = [*self._fenced_readers, *self._fenced_stores]
@@ -618,6 +689,10 @@ class KvtierOffloadingSpec(OffloadingSpec):
         self.world_size = config.parallel.world_size
         self.namespace = vllm_namespace(config, self.kvtier.model_name if "model_name" in self.extra_config else "")
         self._manager: KvtierOffloadingManager | None = None
+
+    @classmethod
+    def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, Any]:
+        return dict(METRIC_DEFINITIONS)
 
     @classmethod
     def config_info_keys(cls, extra_config: dict[str, Any]) -> tuple[str, ...]:

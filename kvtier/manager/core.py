@@ -276,10 +276,12 @@ class Manager:
                 state.stats.refused += 1
         if not ok:
             self._forget([k for k in keys if self.locate(k) is None and k not in self._busy])
-        elif self.write_through and tier + 1 < len(self.tiers):
-            copied = self._store(tier + 1, [k for k in keys if lane.get(k) != EPHEMERAL], self._busy, None, None)
-            if self.listener is not None and copied:
-                self.listener.on_demote(tier, tier + 1, list(copied))  # a copy down; the source keeps it
+        elif self.write_through:  # a copy into every tier below (G4 too, so other machines see it); the source keeps it
+            durable = [k for k in keys if lane.get(k) != EPHEMERAL]
+            for lower in range(tier + 1, len(self.tiers)):
+                copied = self._store(lower, durable, self._busy, None, None)
+                if self.listener is not None and copied:
+                    self.listener.on_demote(tier, lower, list(copied))
 
     def discard(self, keys: Iterable[Key], tier: int) -> None:
         """A tier lost these keys (failed write, checksum mismatch, remote expiry): forget them there."""

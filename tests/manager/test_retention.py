@@ -157,3 +157,23 @@ def test_bad_arguments_are_clear_errors():
         m.prepare_store([1], tier=3)
     with pytest.raises(ManagerError):
         m.acquire([42])
+
+
+def test_write_through_copies_a_stored_chunk_into_every_lower_tier():
+    """G2 -> G3 and G4 at once: a chunk written through reaches the shared remote tier, not only the disk."""
+    demoted = []
+
+    class Listener:
+        def on_demote(self, src, dst, keys):
+            demoted.append((src, dst, sorted(keys)))
+
+        def on_evict(self, tier, keys):
+            pass
+
+    m = Manager([TierSpec("G1", 0), TierSpec("G2", 4), TierSpec("G3", 8), TierSpec("G4", 16)], policy="lru",
+                write_through=True, listener=Listener())
+    plan = m.prepare_store([1, 2], 1)
+    m.complete_store(plan.store, 1)
+    assert demoted == [(1, 2, [1, 2]), (1, 3, [1, 2])]
+    assert all(k in m.tiers[t].sizes for t in (1, 2, 3) for k in (1, 2))
+    m.check_invariants()

@@ -1,0 +1,153 @@
+"""kvtier inside a real vLLM server (vLLM 0.32's CPU build, OpenAI server, official ``openai`` SDK), compared
+with vLLM alone: same greedy tokens, prefixes dropped from vLLM's own cache coming back from G2, G3 and G4
+(G4 in a new server process), and agent hints deciding what survives a flood.
+
+vLLM's own prefix cache (G1) is dropped with ``/reset_prefix_cache`` (kvtier keeps its tiers), so every hit
+after a reset is kvtier's; which tier served it is read from the ``vllm:kvtier_loaded_tokens`` series kvtier
+adds to the server's ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvtier.testing.agent_session import AgentSession
+from tests.redis_server import RedisServer, redis_available
+from tests.serving.conftest import chat, kvtier_shm, metric
+
+pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+
+BLOCK = 128            # vLLM's CPU backend: 128-token blocks
+G2_BYTES = "2MiB"      # 16 chunks of one block (128 KiB each for the tiny model): 14 usable beside the spares
+
+
+def wait_for(condition, what: str, timeout_s: float = 120.0) -> None:
+    """Stats reach /metrics a step after the work; wait on the condition, not on time."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def loaded(server, tier: str) -> float:
+    return metric(server, "vllm:kvtier_loaded_tokens", tier=tier)
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def plain(module_serve):
+    return module_serve("plain")
+
+
+@pytest.fixture(scope="module")
+def tiered(module_serve, redis, tmp_path_factory):
+    """G2 of 14 usable chunks, then disk, then Redis, written through so every chunk also reaches Redis."""
+    return module_serve("tiered", {
+        "host_capacity_bytes": G2_BYTES, "policy": "lru", "blocks_per_chunk": 1,
+        "disk_path": str(tmp_path_factory.mktemp("kvtier-disk")), "disk_capacity_bytes": "64MiB",
+        "remote_url": redis.url, "write_through": True, "admission_min_hits": 1, "lower_tier_deadline_ms": 10000})
+
+
+def run_session(servers, session: AgentSession, reset: bool = True) -> list[list[tuple[list[int], int]]]:
+    """Each call of ``session`` on every server (vLLM's own cache dropped first): [(tokens, cached)] per call."""
+    calls = []
+    while not session.done():
+        body = session.request()
+        row = []
+        for server in servers:
+            if reset:
+                server.reset_prefix_cache()
+            row.append(chat(server.url, body))
+        calls.append(row)
+        session.advance()
+    return calls
+
+
+def test_agent_session_gives_vllm_alones_tokens_with_kvtier_serving_every_earlier_turn(plain, tiered):
+    before = loaded(tiered, "G2")
+    calls = run_session([plain, tiered], AgentSession(seed=1, turns=4))
+    for turn, ((plain_tokens, plain_cached), (tiered_tokens, tiered_cached)) in enumerate(calls):
+        assert tiered_tokens == plain_tokens, f"turn {turn}: kvtier changed the greedy tokens"
+        assert plain_cached == 0  # vLLM alone recomputes after its cache was dropped
+        if turn > 0:  # everything but the new tool result comes from kvtier
+            assert tiered_cached >= BLOCK * 4, f"turn {turn}: only {tiered_cached} tokens from kvtier"
+    wait_for(lambda: loaded(tiered, "G2") > before, "G2 loads in /metrics")
+
+
+def test_a_prefix_evicted_from_g2_comes_back_from_disk(plain, tiered):
+    prompt = AgentSession(seed=2, turns=1).request()
+    reference, _ = chat(plain.url, prompt)
+    chat(tiered.url, prompt)
+    tiered.reset_prefix_cache()
+    tokens, cached = chat(tiered.url, prompt)
+    assert tokens == reference and cached >= 4 * BLOCK  # from G2
+
+    for seed in range(100, 104):  # other sessions: 20+ chunks through a G2 of 14
+        chat(tiered.url, AgentSession(seed=seed, turns=1).request())
+    g3_before = loaded(tiered, "G3")
+    tiered.reset_prefix_cache()
+    tokens, cached = chat(tiered.url, prompt)
+    assert tokens == reference
+    assert cached >= 4 * BLOCK
+    wait_for(lambda: loaded(tiered, "G3") > g3_before, "a load promoted from G3")
+
+
+def test_hits_survive_in_redis_for_a_new_server_process(plain, tiered, redis, serve):
+    prompt = AgentSession(seed=3, turns=1).request()
+    reference, _ = chat(plain.url, prompt)
+    chat(tiered.url, prompt)  # written through to disk and Redis
+    wait_for(lambda: metric(tiered, "vllm:kvtier_resident_chunks", tier="G4") >= 4, "chunks in Redis")
+
+    fresh = serve("g4-only", {"host_capacity_bytes": G2_BYTES, "blocks_per_chunk": 1, "remote_url": redis.url,
+                              "lower_tier_deadline_ms": 10000})
+    tokens, cached = chat(fresh.url, prompt)
+    assert tokens == reference
+    assert cached >= 4 * BLOCK
+    wait_for(lambda: loaded(fresh, "G4") >= 4 * BLOCK, "a load promoted from G4")
+
+
+def test_pinned_system_prompt_and_tools_survive_a_flood_that_evicts_unpinned_ones(plain, serve):
+    hinted = serve("hinted", {"host_capacity_bytes": G2_BYTES, "blocks_per_chunk": 1})
+    pinned = AgentSession(seed=10, system_seed=10, turns=2)
+    unpinned = AgentSession(seed=11, system_seed=11, turns=2)
+    prefix = len(tokenize(hinted, pinned.request()["messages"][:1], pinned.request()["tools"]))
+    assert prefix >= 4 * BLOCK
+    hints = {"session_id": pinned.session_id, "prefix_tokens": prefix,
+             "pins": [{"target": "system_and_tools", "lease_s": 600}]}
+    chat(hinted.url, pinned.request(), hints)
+    chat(hinted.url, unpinned.request(), {"session_id": unpinned.session_id})
+    for session in (pinned, unpinned):
+        session.advance()
+
+    for seed in range(200, 206):  # other sessions, each a new system prompt: far more than G2 holds
+        chat(hinted.url, AgentSession(seed=seed, system_seed=seed, turns=1).request())
+    hinted.reset_prefix_cache()
+
+    tokens, cached = chat(hinted.url, pinned.request(), hints)
+    assert cached >= (prefix // BLOCK) * BLOCK, "the pinned system prompt and tools were evicted"
+    assert tokens == chat(plain.url, pinned.request())[0]
+    _, cached = chat(hinted.url, unpinned.request())
+    assert cached == 0, "the flood should have evicted the unpinned session (G2 is far smaller than it)"
+
+
+def tokenize(server, messages: list[dict], tools: list[dict]) -> list[int]:
+    """The prompt's tokens as the server renders them (vLLM's /tokenize), as an agent client would count."""
+    return server.post("/tokenize", {"model": "tiny", "messages": messages, "tools": tools,
+                                     "add_generation_prompt": False})["tokens"]
+
+
+def test_servers_leave_no_shared_memory_behind(module_serve, tmp_path):
+    before = kvtier_shm()
+    server = module_serve("shm-check", {"host_capacity_bytes": G2_BYTES})
+    chat(server.url, AgentSession(seed=4, turns=1).request())
+    server.kill()  # SIGKILL: scheduler and worker had both mapped G2, so its name is already gone
+    assert kvtier_shm() <= before
