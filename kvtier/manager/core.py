@@ -283,6 +283,18 @@ class Manager:
                 if self.listener is not None and copied:
                     self.listener.on_demote(tier, lower, list(copied))
 
+    def adopt(self, keys: Sequence[Key], tier: int) -> list[Key]:
+        """Record chunks ``tier`` already holds that this manager never placed there (written by an earlier
+        process to its disk, or by another machine to Redis), so they hit without being written again.
+        Admission does not apply (the bytes are there, nothing is written); room is made as for a store.
+        Returns the keys recorded (a prefix of the new ones, as many as fit)."""
+        self._check_tier(tier)
+        state = self.tiers[tier]
+        before = (state.stats.writes, state.stats.write_bytes)
+        recorded = list(self._store(tier, keys, self._busy, adopted=True))
+        state.stats.writes, state.stats.write_bytes = before
+        return recorded
+
     def discard(self, keys: Iterable[Key], tier: int) -> None:
         """A tier lost these keys (failed write, checksum mismatch, remote expiry): forget them there."""
         self._check_tier(tier)
@@ -465,21 +477,22 @@ class Manager:
             state.lane_add(key, lane, priority)
 
     def _store(self, ti: int, keys: Sequence[Key], protect, sizes: dict[Key, int] | None = None,
-               evicted: list | None = None, *, pending: bool = False, declined: list | None = None) -> Sequence[Key]:
+               evicted: list | None = None, *, pending: bool = False, declined: list | None = None,
+               adopted: bool = False) -> Sequence[Key]:
         """Make room in tier ``ti`` and add the keys that fit (a prefix of the admitted ones). Keys go to their
         lane, except normal keys of G1 in ``access``, which ``touch_request`` hands to the policy."""
         state = self.tiers[ti]
         lane = self._lane
         if ti > 0:  # deduplicate: write once
             keys = [k for k in keys if k not in state.sizes and k not in state.pending]
-        if ti >= FIRST_COLD_TIER:
+        if ti >= FIRST_COLD_TIER and not adopted:
             floor = state.spec.admission_min_hits
             ok = [k for k in keys if lane.get(k) != EPHEMERAL and (floor <= 1 or self._freq.get(k, 0) >= floor)]
             state.stats.refused += len(keys) - len(ok)
             keys = ok
         if not keys:
             return ()
-        admitted = state.policy.admit(keys)
+        admitted = keys if adopted else state.policy.admit(keys)
         if declined is not None and len(admitted) < len(keys):
             declined.extend(set(keys).difference(admitted))
         keys = admitted

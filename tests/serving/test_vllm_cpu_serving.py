@@ -116,11 +116,14 @@ def test_hits_survive_in_redis_for_a_new_server_process(plain, tiered, redis, se
 
 
 def test_pinned_system_prompt_and_tools_survive_a_flood_that_evicts_unpinned_ones(plain, serve):
-    hinted = serve("hinted", {"host_capacity_bytes": G2_BYTES, "blocks_per_chunk": 1})
+    # LRU, so the pin alone keeps the prefix (the agent policy may keep a session's prefix against a flood of
+    # one-shot prompts on its own, which would hide whether the hint did anything)
+    hinted = serve("hinted", {"host_capacity_bytes": "3MiB", "blocks_per_chunk": 1, "policy": "lru"})
     pinned = AgentSession(seed=10, system_seed=10, turns=2)
     unpinned = AgentSession(seed=11, system_seed=11, turns=2)
     prefix = len(tokenize(hinted, pinned.request()["messages"][:1], pinned.request()["tools"]))
-    assert prefix >= 4 * BLOCK
+    unpinned_prefix = len(tokenize(hinted, unpinned.request()["messages"][:1], unpinned.request()["tools"]))
+    assert min(prefix, unpinned_prefix) >= 8 * BLOCK  # tool definitions (every session's) + its system prompt
     hints = {"session_id": pinned.session_id, "prefix_tokens": prefix,
              "pins": [{"target": "system_and_tools", "lease_s": 600}]}
     chat(hinted.url, pinned.request(), hints)
@@ -128,7 +131,7 @@ def test_pinned_system_prompt_and_tools_survive_a_flood_that_evicts_unpinned_one
     for session in (pinned, unpinned):
         session.advance()
 
-    for seed in range(200, 206):  # other sessions, each a new system prompt: far more than G2 holds
+    for seed in range(200, 208):  # other sessions, each a new system prompt: far more than G2's 24 chunks
         chat(hinted.url, AgentSession(seed=seed, system_seed=seed, turns=1).request())
     hinted.reset_prefix_cache()
 
@@ -136,7 +139,8 @@ def test_pinned_system_prompt_and_tools_survive_a_flood_that_evicts_unpinned_one
     assert cached >= (prefix // BLOCK) * BLOCK, "the pinned system prompt and tools were evicted"
     assert tokens == chat(plain.url, pinned.request())[0]
     _, cached = chat(hinted.url, unpinned.request())
-    assert cached == 0, "the flood should have evicted the unpinned session (G2 is far smaller than it)"
+    # the tool definitions every session sends stay hot; the unpinned system prompt after them was evicted
+    assert cached < (unpinned_prefix // BLOCK) * BLOCK, "the flood should have evicted the unpinned system prompt"
 
 
 def tokenize(server, messages: list[dict], tools: list[dict]) -> list[int]:
