@@ -128,6 +128,12 @@ def _locked(method):
     return wrapper
 
 
+# vLLM 0.33 tells the manager when the jobs in flight at a reset are done (on_reset_flushed); 0.32 flushes them in
+# the next step and drops their completions without a word, so the manager counts schedule ends instead (one for the
+# step that flushes, one more for a step scheduled ahead of it, one spare).
+VLLM_REPORTS_RESET_FLUSHED = hasattr(OffloadingManager, "on_reset_flushed")
+RESET_FLUSH_STEPS = 3
+
 # Prometheus series kvtier adds to vLLM's /metrics (through OffloadingSpec.build_metric_definitions)
 LOADED_TOKENS = "vllm:kvtier_loaded_tokens"
 PROMOTED_CHUNKS = "vllm:kvtier_promoted_chunks"
@@ -220,6 +226,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._fenced_readers: Counter[int] = Counter()
         self._fenced_stores: set[int] = set()
         self._epoch = 0
+        self._steps_since_reset: int | None = None  # vLLM 0.32: schedule ends since a reset not yet flushed
         self._landing_waits: dict[int, float] = {}  # deadline of lookups waiting for a demotion's write
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
         self._evicted_now: list[OffloadKey] = []
@@ -559,6 +566,17 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         g2 = self.manager.tiers[self._g2]
         self._fenced_stores |= {k for k in g2.pending if k not in self._promotions}
         self._discard_unused()
+        if not VLLM_REPORTS_RESET_FLUSHED:
+            self._steps_since_reset = 0
+
+    @_locked
+    def on_schedule_end(self, context: Any) -> None:
+        if self._steps_since_reset is None:
+            return
+        self._steps_since_reset += 1
+        if self._steps_since_reset >= RESET_FLUSH_STEPS:
+            self._steps_since_reset = None
+            self.on_reset_flushed()
 
     @_locked
     def on_reset_flushed(self) -> None:

@@ -58,10 +58,16 @@ from vllm.platforms import current_platform  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.attention.backends.utils import resolve_kv_cache_layout  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
-from vllm.v1.core.kv_cache_planning import (  # noqa: E402
-    get_global_kv_cache_groups,
-    get_kv_cache_configs,
-)
+try:  # vLLM 0.33
+    from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups, get_kv_cache_configs  # noqa: E402
+except ImportError:  # vLLM 0.32 (its CPU build): the same planning in kv_cache_utils, groups derived inside
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs as _configs_0_32  # noqa: E402
+
+    def get_global_kv_cache_groups(vllm_config, specs):  # noqa: ARG001 - 0.32 derives the groups itself
+        return None
+
+    def get_kv_cache_configs(vllm_config, specs, memory, groups):  # noqa: ARG001
+        return _configs_0_32(vllm_config, specs, memory)
 from vllm.v1.core.kv_cache_utils import (  # noqa: E402
     generate_scheduler_kv_cache_config,
     get_request_block_hasher,

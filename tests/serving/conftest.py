@@ -57,6 +57,15 @@ def module_serve(model_dir, tmp_path_factory) -> Iterator[ServerFactory]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def plain(model_dir, tmp_path_factory) -> Iterator[VllmServer]:
+    """vLLM alone (the reference every kvtier answer is compared with), shared by the whole session."""
+    serve, started = _server_factory(model_dir, tmp_path_factory.mktemp("vllm-plain"))
+    yield serve("plain")
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture
 def serve(model_dir, tmp_path) -> Iterator[ServerFactory]:
     """Start servers that live for one test."""

@@ -44,11 +44,6 @@ def redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def plain(module_serve):
-    return module_serve("plain")
-
-
-@pytest.fixture(scope="module")
 def tiered(module_serve, redis, tmp_path_factory):
     """G2 of 14 usable chunks, then disk, then Redis, written through so every chunk also reaches Redis."""
     return module_serve("tiered", {
