@@ -11,6 +11,7 @@ import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from openai import OpenAI
@@ -79,15 +80,41 @@ def client(url: str) -> OpenAI:
     return OpenAI(base_url=url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=600)
 
 
-def chat(url: str, body: dict, hints: dict | None = None, max_tokens: int = 8) -> tuple[list[int], int]:
-    """One greedy chat call through the official SDK: (output token ids, cached prompt tokens)."""
+class Answer(NamedTuple):
+    tokens: list[int]   # greedy output token ids
+    cached: int         # prompt tokens the server reported cached
+    prompt: list[int]   # the prompt's token ids, as the server rendered the chat
+
+
+def chat(url: str, body: dict, hints: dict | None = None, max_tokens: int = 8) -> Answer:
+    """One greedy chat call through the official SDK."""
     extra: dict = {"return_token_ids": True}
     if hints is not None:
         extra["kv_transfer_params"] = {"agent_hints": hints}
     resp = client(url).chat.completions.create(model="tiny", max_tokens=max_tokens, temperature=0,
                                                extra_body=extra, **body)
     details = resp.usage.prompt_tokens_details
-    return list(resp.choices[0].token_ids), (details.cached_tokens or 0) if details else 0
+    return Answer(list(resp.choices[0].token_ids), (details.cached_tokens or 0) if details else 0,
+                  list(resp.prompt_token_ids))
+
+
+def vllm_alone_tokens(plain: VllmServer, answer: Answer, max_tokens: int = 8) -> list[int]:
+    """vLLM alone's greedy tokens for ``answer``'s prompt with as many prompt tokens in its own prefix cache
+    as the answer had cached.
+
+    This is the reference a kvtier hit must reproduce bitwise: vLLM's CPU build computes a prompt's logits
+    slightly differently depending on where its prefix cache splits it (logprobs move in the third decimal), so
+    only an equal split is an exact comparison. Loaded KV that differs in any byte changes the logits; equal
+    tokens at an equal split are the check that kvtier's bytes are the ones vLLM computed."""
+    ids, cached = answer.prompt, answer.cached
+    plain.reset_prefix_cache()
+    if cached:  # computing the first cached+1 tokens leaves exactly their full blocks in vLLM's cache
+        plain.post("/v1/completions", {"model": "tiny", "prompt": ids[:cached + 1], "max_tokens": 1})
+    resp = client(plain.url).completions.create(model="tiny", prompt=ids, max_tokens=max_tokens, temperature=0,
+                                                extra_body={"return_token_ids": True})
+    details = resp.usage.prompt_tokens_details
+    assert ((details.cached_tokens or 0) if details else 0) == cached, "vLLM alone did not split where kvtier did"
+    return list(resp.choices[0].token_ids)
 
 
 def metric(server: VllmServer, name: str, **labels: str) -> float:

@@ -1,5 +1,5 @@
 """kvtier inside a real vLLM server (vLLM 0.32's CPU build, OpenAI server, official ``openai`` SDK), compared
-with vLLM alone: same greedy tokens, prefixes dropped from vLLM's own cache coming back from G2, G3 and G4
+with vLLM alone: the same greedy tokens as vLLM alone with the same prefix in its own cache, prefixes dropped from vLLM's own cache coming back from G2, G3 and G4
 (G4 in a new server process), and agent hints deciding what survives a flood.
 
 vLLM's own prefix cache (G1) is dropped with ``/reset_prefix_cache`` (kvtier keeps its tiers), so every hit
@@ -16,7 +16,7 @@ import pytest
 
 from kvtier.testing.agent_session import AgentSession
 from tests.redis_server import RedisServer, redis_available
-from tests.serving.conftest import chat, kvtier_shm, metric
+from tests.serving.conftest import chat, kvtier_shm, metric, vllm_alone_tokens
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
@@ -52,61 +52,47 @@ def tiered(module_serve, redis, tmp_path_factory):
         "remote_url": redis.url, "write_through": True, "admission_min_hits": 1, "lower_tier_deadline_ms": 10000})
 
 
-def run_session(servers, session: AgentSession, reset: bool = True) -> list[list[tuple[list[int], int]]]:
-    """Each call of ``session`` on every server (vLLM's own cache dropped first): [(tokens, cached)] per call."""
-    calls = []
-    while not session.done():
-        body = session.request()
-        row = []
-        for server in servers:
-            if reset:
-                server.reset_prefix_cache()
-            row.append(chat(server.url, body))
-        calls.append(row)
-        session.advance()
-    return calls
-
-
 def test_agent_session_gives_vllm_alones_tokens_with_kvtier_serving_every_earlier_turn(plain, tiered):
     before = loaded(tiered, "G2")
-    calls = run_session([plain, tiered], AgentSession(seed=1, turns=4))
-    for turn, ((plain_tokens, plain_cached), (tiered_tokens, tiered_cached)) in enumerate(calls):
-        assert tiered_tokens == plain_tokens, f"turn {turn}: kvtier changed the greedy tokens"
-        assert plain_cached == 0  # vLLM alone recomputes after its cache was dropped
-        if turn > 0:  # everything but the new tool result comes from kvtier
-            assert tiered_cached >= BLOCK * 4, f"turn {turn}: only {tiered_cached} tokens from kvtier"
+    session = AgentSession(seed=1, turns=4)
+    while not session.done():
+        body = session.request()
+        tiered.reset_prefix_cache()  # vLLM's own cache dropped: every hit is kvtier's
+        answer = chat(tiered.url, body)
+        assert answer.tokens == vllm_alone_tokens(plain, answer), f"call {session.calls}: kvtier changed the tokens"
+        if session.calls > 0:  # everything but the new tool result comes from kvtier
+            assert answer.cached >= BLOCK * 4, f"call {session.calls}: only {answer.cached} tokens from kvtier"
+        session.advance()
     wait_for(lambda: loaded(tiered, "G2") > before, "G2 loads in /metrics")
 
 
 def test_a_prefix_evicted_from_g2_comes_back_from_disk(plain, tiered):
     prompt = AgentSession(seed=2, turns=1).request()
-    reference, _ = chat(plain.url, prompt)
     chat(tiered.url, prompt)
     tiered.reset_prefix_cache()
-    tokens, cached = chat(tiered.url, prompt)
-    assert tokens == reference and cached >= 4 * BLOCK  # from G2
+    answer = chat(tiered.url, prompt)
+    assert answer.cached >= 4 * BLOCK and answer.tokens == vllm_alone_tokens(plain, answer)  # from G2
 
     for seed in range(100, 104):  # other sessions: 20+ chunks through a G2 of 14
         chat(tiered.url, AgentSession(seed=seed, turns=1).request())
     g3_before = loaded(tiered, "G3")
     tiered.reset_prefix_cache()
-    tokens, cached = chat(tiered.url, prompt)
-    assert tokens == reference
-    assert cached >= 4 * BLOCK
+    answer = chat(tiered.url, prompt)
+    assert answer.cached >= 4 * BLOCK
+    assert answer.tokens == vllm_alone_tokens(plain, answer)
     wait_for(lambda: loaded(tiered, "G3") > g3_before, "a load promoted from G3")
 
 
 def test_hits_survive_in_redis_for_a_new_server_process(plain, tiered, redis, serve):
     prompt = AgentSession(seed=3, turns=1).request()
-    reference, _ = chat(plain.url, prompt)
     chat(tiered.url, prompt)  # written through to disk and Redis
     wait_for(lambda: metric(tiered, "vllm:kvtier_resident_chunks", tier="G4") >= 4, "chunks in Redis")
 
     fresh = serve("g4-only", {"host_capacity_bytes": G2_BYTES, "blocks_per_chunk": 1, "remote_url": redis.url,
                               "lower_tier_deadline_ms": 10000})
-    tokens, cached = chat(fresh.url, prompt)
-    assert tokens == reference
-    assert cached >= 4 * BLOCK
+    answer = chat(fresh.url, prompt)
+    assert answer.cached >= 4 * BLOCK
+    assert answer.tokens == vllm_alone_tokens(plain, answer)
     wait_for(lambda: loaded(fresh, "G4") >= 4 * BLOCK, "a load promoted from G4")
 
 
@@ -130,16 +116,16 @@ def test_pinned_system_prompt_and_tools_survive_a_flood_that_evicts_unpinned_one
         chat(hinted.url, AgentSession(seed=seed, system_seed=seed, turns=1).request())
     hinted.reset_prefix_cache()
 
-    tokens, cached = chat(hinted.url, pinned.request(), hints)
-    assert cached >= (prefix // BLOCK) * BLOCK, "the pinned system prompt and tools were evicted"
-    assert tokens == chat(plain.url, pinned.request())[0]
-    _, cached = chat(hinted.url, unpinned.request())
+    answer = chat(hinted.url, pinned.request(), hints)
+    assert answer.cached >= (prefix // BLOCK) * BLOCK, "the pinned system prompt and tools were evicted"
+    assert answer.tokens == vllm_alone_tokens(plain, answer)
     # the tool definitions every session sends stay hot; the unpinned system prompt after them was evicted
-    assert cached < (unpinned_prefix // BLOCK) * BLOCK, "the flood should have evicted the unpinned system prompt"
+    assert chat(hinted.url, unpinned.request()).cached < (unpinned_prefix // BLOCK) * BLOCK, \
+        "the flood should have evicted the unpinned system prompt"
 
 
 def tokenize(server, messages: list[dict], tools: list[dict]) -> list[int]:
-    """The prompt's tokens as the server renders them (vLLM's /tokenize), as an agent client would count."""
+    """A prompt prefix's tokens as the server renders them (vLLM's /tokenize), as an agent client counts."""
     return server.post("/tokenize", {"model": "tiny", "messages": messages, "tools": tools,
                                      "add_generation_prompt": False})["tokens"]
 
