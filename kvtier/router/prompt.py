@@ -48,16 +48,14 @@ class PromptHasher:
             raise ValueError(f"no tokenizer file at {file}")
         self._tokenizer = Tokenizer.from_file(str(file))
         config = file.parent / "tokenizer_config.json"
-        if config.is_file():
-            data = json.loads(config.read_text())
-            template = data.get("chat_template")
+        jinja = file.parent / "chat_template.jinja"  # where transformers >= 4.43 saves the template
+        if config.is_file() or jinja.is_file():
+            data = json.loads(config.read_text()) if config.is_file() else {}
+            template = jinja.read_text() if jinja.is_file() else data.get("chat_template")
             if isinstance(template, list):  # named templates: take the default one
                 template = next((t.get("template") for t in template if t.get("name") == "default"), None)
             if isinstance(template, str):
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                self._template = env.from_string(template)
+                self._template = chat_template_environment().from_string(template)
             for name in ("bos_token", "eos_token"):
                 value = data.get(name)
                 value = value.get("content") if isinstance(value, dict) else value
@@ -95,6 +93,25 @@ class PromptHasher:
             except Exception as exc:  # noqa: BLE001 - templates raise anything (raise_exception, type errors)
                 log.debug("chat template failed (%s); using the canonical rendering", exc)
         return canonical_rendering(messages, tools)
+
+
+def chat_template_environment():
+    """A Jinja environment that renders chat templates as Hugging Face ``apply_chat_template`` does (what vLLM
+    and SGLang use), so the router's tokens equal the worker's: ``tojson`` without Jinja's HTML escaping and
+    key sorting, loop controls, ``raise_exception``."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env
 
 
 def canonical_rendering(messages: list[dict], tools: list | None) -> str:

@@ -84,7 +84,8 @@ class VllmServer:
             cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
         if self.events_port is not None:
             cmd += ["--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
-                                                      "endpoint": f"tcp://127.0.0.1:{self.events_port}",
+                                                      # vLLM binds its PUB socket only for a wildcard host
+                                                      "endpoint": f"tcp://*:{self.events_port}",
                                                       "topic": "kv"})]
         return cmd + self.extra_args
 
