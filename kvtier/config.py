@@ -23,6 +23,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 TRANSFER_IMPLS = ("auto", "torch", "triton", "cuda", "staged", "dma")
+REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "unix://")
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,8 @@ class KvtierConfig:
                      "admission_min_hits", "lower_tier_deadline_ms", "remote_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.remote_url and not self.remote_url.startswith(REMOTE_SCHEMES):
+            raise ConfigError(f"remote_url must start with one of {REMOTE_SCHEMES}, got {self.remote_url!r}")
         if self.transfer_impl not in TRANSFER_IMPLS:
             raise ConfigError(f"transfer_impl must be one of {TRANSFER_IMPLS}, got {self.transfer_impl!r}")
         tls = (self.remote_tls_ca_file, self.remote_tls_cert_file, self.remote_tls_key_file)
@@ -164,5 +167,6 @@ def _coerce(name: str, type_name: Any, raw: Any, source: str) -> Any:
                 raise ValueError(raw)
             return str(raw)
     except (TypeError, ValueError, ConfigError):
-        raise ConfigError(f"{source}: {name} expects {type_name}, got {raw!r}") from None
+        what = "a byte size (an integer, or like \"4GiB\", \"512MB\")" if name.endswith("_bytes") else type_name
+        raise ConfigError(f"{source}: {name} expects {what}, got {raw!r}") from None
     raise ConfigError(f"{source}: {name} has unsupported type {type_name}")

@@ -42,3 +42,10 @@ def test_parse_bytes():
     assert parse_bytes("4KiB") == 4096 and parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes(7) == 7
     with pytest.raises(ConfigError):
         parse_bytes("lots")
+
+
+def test_a_remote_url_of_another_scheme_and_a_bad_byte_size_are_refused_naming_what_is_accepted():
+    with pytest.raises(ConfigError, match=r"remote_url must start with one of .*redis://"):
+        KvtierConfig.from_mapping({"remote_url": "http://127.0.0.1:6379"})
+    with pytest.raises(ConfigError, match=r"host_capacity_bytes expects a byte size .*4GiB.*'4XB'"):
+        KvtierConfig.load(env={"KVTIER_HOST_CAPACITY_BYTES": "4XB"})

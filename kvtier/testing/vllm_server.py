@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -165,12 +164,3 @@ class VllmServer:
         except ProcessLookupError:
             pass
 
-
-if __name__ == "__main__":  # python -m kvtier.testing.vllm_server MODEL_DIR: serve until interrupted
-    server = VllmServer(Path(sys.argv[1]), kvtier_transfer_config(host_capacity_bytes="64MiB"))
-    server.start()
-    print(server.url, flush=True)
-    try:
-        signal.pause()
-    finally:
-        server.stop()

@@ -73,9 +73,14 @@ def test_redis_down_disk_unwritable_and_a_killed_server_never_change_an_answer(p
     assert leftovers == [], f"unexpected files in the disk directory: {leftovers}"
 
 
-def test_a_bad_kvtier_key_stops_the_server_at_start_with_a_line_naming_it(model_dir, tmp_path):
+@pytest.mark.parametrize("bad, line", [
+    ({"polcy": "lru"}, "unsupported key(s) ['polcy']"),
+    ({"disk_capacity_bytes": "4XB", "disk_path": "/tmp/kvtier-never"}, "disk_capacity_bytes"),
+    ({"remote_url": "http://127.0.0.1:6379"}, "remote_url"),
+])
+def test_a_bad_kvtier_setting_stops_the_server_at_start_with_a_line_naming_it(model_dir, tmp_path, bad, line):
     log = tmp_path / "bad.log"
-    server = VllmServer(model_dir, kvtier_transfer_config(host_capacity_bytes="2MiB", polcy="lru"), log_path=log)
+    server = VllmServer(model_dir, kvtier_transfer_config(host_capacity_bytes="2MiB", **bad), log_path=log)
     with pytest.raises(RuntimeError, match="exited"):
         server.start()
-    assert "unsupported key(s) ['polcy']" in log.read_text()
+    assert any(line in row and "KvtierOffloadingSpec" in row for row in log.read_text().splitlines())
