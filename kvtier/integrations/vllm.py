@@ -40,8 +40,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from concurrent import futures
 from collections.abc import Collection, Iterable, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,7 @@ def spare_slots(num_slots: int) -> int:
 HINTS_FIELD = "agent_hints"
 PROBE_WAIT_S = 0.002  # how long a lookup waits in-line for Redis to say whether it holds an unknown chunk
 _PROBING = object()   # _find_below: Redis has not answered yet
+MAX_PROBES = 256      # probes remembered before expired ones are dropped
 
 # vLLM >= 0.33 enters ``manager.lock`` around every manager call; 0.32 (its CPU build) has no such lock and
 # calls the manager bare, while kvtier's tier threads land promotions and demotions concurrently.
@@ -366,8 +367,10 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             return None
         probe = self._probes.get(key)
         if probe is None:
-            probe = (self._prober.submit(self.tiers[G4].contains, [key]),
-                     time.monotonic() + self.config.lower_tier_deadline_ms / 1000)
+            now = time.monotonic()
+            if len(self._probes) >= MAX_PROBES:  # probes no lookup came back for (aborted requests)
+                self._probes = {k: p for k, p in self._probes.items() if p[1] > now}
+            probe = (self._prober.submit(self.tiers[G4].contains, [key]), now + self.config.lower_tier_deadline_ms / 1000)
             self._probes[key] = probe
             futures.wait([probe[0]], timeout=PROBE_WAIT_S)
         future, deadline = probe
