@@ -23,7 +23,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 TRANSFER_IMPLS = ("auto", "torch", "triton", "cuda", "staged", "dma")
-REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "unix://")
+REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "unix://")
 
 
 class ConfigError(ValueError):

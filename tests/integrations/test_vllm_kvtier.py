@@ -178,7 +178,7 @@ def test_chunks_of_several_blocks_round_trip(harness):
     (kvtier_spec(8, policy="nope"), "policy"),
     (kvtier_spec(8, host_capacity_bytes="lots"), "host_capacity_bytes"),
     (kvtier_spec(8, disk_path="/dev/null/g3"), "cannot use disk_path"),
-    (kvtier_spec(8, remote_url="http://127.0.0.1:1"), "Redis URL"),
+    (kvtier_spec(8, remote_url="http://127.0.0.1:1"), "remote_url must start with"),
     (kvtier_spec(8, disk_path="/tmp/g3", disk_capacity_bytes=-5), "disk_capacity_bytes"),
     (kvtier_spec(2, remote_url="redis://127.0.0.1:1"), "more than 2"),
 ])

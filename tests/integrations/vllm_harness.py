@@ -419,7 +419,7 @@ class VllmSchedulerHarness:
         done = OffloadingWorkerMetadata()
         for job_id in (*meta.load_jobs, *meta.store_jobs):
             done.mark_completed(job_id)
-        loaded = {job.req_id for job in meta.load_jobs.values() if not job.sync}
+        loaded = {job.req_id for job in meta.load_jobs.values() if not getattr(job, "sync", False)}  # 0.32: none sync
         return KVConnectorOutput(finished_recving=loaded, kv_connector_worker_meta=done)
 
     def _run_workers(
