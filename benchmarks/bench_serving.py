@@ -245,7 +245,7 @@ def main() -> int:
     p.add_argument("--gap-scale", type=float, default=0.01, help="recorded tool-call gaps (capped at 60 s) x this")
     p.add_argument("--kv-blocks", type=int, help="each worker's vLLM KV cache, in 128-token blocks (default: the "
                    "fewest that hold one longest request)")
-    p.add_argument("--host-capacity", default="256MiB", help="kvtier G2 per worker")
+    p.add_argument("--host-capacity", default="128MiB", help="kvtier G2 per worker (below it, a disk tier)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
