@@ -49,7 +49,7 @@ def tiered(module_serve, redis, tmp_path_factory):
     return module_serve("tiered", {
         "host_capacity_bytes": G2_BYTES, "policy": "lru", "blocks_per_chunk": 1,
         "disk_path": str(tmp_path_factory.mktemp("kvtier-disk")), "disk_capacity_bytes": "64MiB",
-        "remote_url": redis.url, "write_through": True, "admission_min_hits": 1, "lower_tier_deadline_ms": 10000})
+        "remote_url": redis.url, "write_through": True, "admission_min_hits": 1, "lower_tier_deadline_ms": 60000})
 
 
 def test_agent_session_gives_vllm_alones_tokens_with_kvtier_serving_every_earlier_turn(plain, tiered):
@@ -89,7 +89,7 @@ def test_hits_survive_in_redis_for_a_new_server_process(plain, tiered, redis, se
     wait_for(lambda: metric(tiered, "vllm:kvtier_resident_chunks", tier="G4") >= 4, "chunks in Redis")
 
     fresh = serve("g4-only", {"host_capacity_bytes": G2_BYTES, "blocks_per_chunk": 1, "remote_url": redis.url,
-                              "lower_tier_deadline_ms": 10000})
+                              "lower_tier_deadline_ms": 60000})
     answer = chat(fresh.url, prompt)
     assert answer.cached >= 4 * BLOCK
     assert answer.tokens == vllm_alone_tokens(plain, answer)
