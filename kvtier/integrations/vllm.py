@@ -1,4 +1,4 @@
-"""kvtier as a vLLM 0.33 ``OffloadingSpec``, loaded by vLLM's own ``OffloadingConnector``, with G2, G3 and G4.
+"""kvtier as a vLLM ``OffloadingSpec`` (0.33, and 0.32 with its CPU build), loaded by vLLM's own ``OffloadingConnector``, with G2, G3 and G4.
 
 ``--kv-transfer-config '{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":
 {"spec_name":"KvtierOffloadingSpec","spec_module_path":"kvtier.integrations.vllm","host_capacity_bytes":"8GiB",
