@@ -1,4 +1,5 @@
-"""kvtier as a vLLM ``OffloadingSpec`` (0.33, and 0.32 with its CPU build), loaded by vLLM's own ``OffloadingConnector``, with G2, G3 and G4.
+"""kvtier as a vLLM ``OffloadingSpec`` (0.33, and 0.32 with its CPU build), loaded by vLLM's own
+``OffloadingConnector``, with G2, G3 and G4.
 
 ``--kv-transfer-config '{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":
 {"spec_name":"KvtierOffloadingSpec","spec_module_path":"kvtier.integrations.vllm","host_capacity_bytes":"8GiB",
@@ -370,7 +371,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             now = time.monotonic()
             if len(self._probes) >= MAX_PROBES:  # probes no lookup came back for (aborted requests)
                 self._probes = {k: p for k, p in self._probes.items() if p[1] > now}
-            probe = (self._prober.submit(self.tiers[G4].contains, [key]), now + self.config.lower_tier_deadline_ms / 1000)
+            deadline = now + self.config.lower_tier_deadline_ms / 1000
+            probe = (self._prober.submit(self.tiers[G4].contains, [key]), deadline)
             self._probes[key] = probe
             futures.wait([probe[0]], timeout=PROBE_WAIT_S)
         future, deadline = probe
