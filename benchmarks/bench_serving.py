@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kvtier.testing.agent_session import TOOLS, words  # noqa: E402
-from kvtier.testing.vllm_server import VllmServer, free_port, kvtier_transfer_config, vllm_cpu_python  # noqa: E402
+from kvtier.testing.vllm_server import (VllmServer, free_port, kvtier_transfer_config, start_router,  # noqa: E402
+                                        vllm_cpu_python)
 
 TRACE = REPO.parent / "shared" / "traces" / "weka_kvcachetester_v8_c9b3da5_traces.tar.xz"
 BLOCK = 128  # vLLM's CPU backend
@@ -66,7 +67,8 @@ class Shape:
 
 
 def weka_shapes(n: int, max_context: int, max_calls: int, gap_scale: float, seed: int) -> list[Shape]:
-    """The first sessions of the trace with at least 3 top-level calls, scaled to ``max_context`` tokens."""
+    """The first sessions of the trace with at least 3 top-level calls (``max_calls`` if fewer), scaled to
+    ``max_context`` tokens."""
     shapes: list[Shape] = []
     decoder = msgspec.json.Decoder(_Sess)
     with tarfile.open(TRACE, "r:xz") as tar:
@@ -75,7 +77,7 @@ def weka_shapes(n: int, max_context: int, max_calls: int, gap_scale: float, seed
                 continue
             session = decoder.decode(tar.extractfile(member).read())
             reqs = [r for r in session.requests if r.hash_ids][:max_calls]
-            if len(reqs) < 3:
+            if len(reqs) < min(3, max_calls):
                 continue
             contexts = [len(r.hash_ids) * 64 for r in reqs]
             scale = max_context / max(contexts)
@@ -150,26 +152,6 @@ def loaded_tokens(server: VllmServer) -> dict[str, float]:
     return out
 
 
-def start_router(workers: list[VllmServer], model: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--tokenizer", str(model),
-           "--block-size", str(BLOCK), "--log-level", "WARNING"]
-    for w in workers:
-        cmd += ["--worker", w.url, "--events", w.events_endpoint]
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    import urllib.request
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"router did not start; log: {log}")
-
-
 def run_config(name: str, kvtier: bool, routed: bool, args, model: Path, shapes: list[Shape], system: str,
                workdir: Path) -> dict:
     workers = []
@@ -184,7 +166,7 @@ def run_config(name: str, kvtier: bool, routed: bool, args, model: Path, shapes:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda w: w.start(), workers))
         if routed:
-            router, url = start_router(workers, model, workdir / f"{name}-router.log")
+            router, url = start_router(workers, model, workdir / f"{name}-router.log", BLOCK)
         sessions = [ShapedSession(i, s, system) for i, s in enumerate(shapes)]
         shared_tokens = len(workers[0].post("/tokenize", {"model": "tiny", "messages": sessions[0].messages[:1],
                                                           "tools": TOOLS, "add_generation_prompt": False})["tokens"])

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -56,8 +57,6 @@ class VllmServer:
     kv_cache_blocks: int = 72          # vLLM's own KV cache (G1), in blocks of 128 tokens on its CPU build
     max_model_len: int = 8192
     threads: int = 1
-    extra_args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -86,7 +85,7 @@ class VllmServer:
                                                       # vLLM binds its PUB socket only for a wildcard host
                                                       "endpoint": f"tcp://*:{self.events_port}",
                                                       "topic": "kv"})]
-        return cmd + self.extra_args
+        return cmd
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "KVTIER_", "TRITON_"))}
@@ -95,7 +94,6 @@ class VllmServer:
                     "OMP_NUM_THREADS": str(self.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                     "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO",
                     "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
-        env.update(self.env)
         return env
 
     def start(self, timeout_s: float = 600.0) -> VllmServer:
@@ -164,3 +162,26 @@ class VllmServer:
         except ProcessLookupError:
             pass
 
+
+def start_router(workers: list[VllmServer], tokenizer: Path, log_path: Path, block_size: int = 128,
+                 timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """``kvtier router`` in front of ``workers``, fed by their KV events; returns (process, URL) once
+    ``/health`` answers. The caller terminates the process."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--tokenizer", str(tokenizer),
+           "--block-size", str(block_size), "--log-level", "WARNING"]
+    for w in workers:
+        cmd += ["--worker", w.url, "--events", w.events_endpoint or "-"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5).close()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"router did not start: {Path(log_path).read_text()[-2000:]}") from None
+            time.sleep(0.2)

@@ -7,8 +7,6 @@ the same router.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import anthropic
 import pytest
 
 from kvtier.testing.agent_session import AgentSession
-from kvtier.testing.vllm_server import REPO, free_port
+from kvtier.testing.vllm_server import free_port, start_router
 from tests.serving.conftest import chat
 
 BLOCK = 128
@@ -31,25 +29,8 @@ def workers(module_serve):
 
 @pytest.fixture(scope="module")
 def router(workers, model_dir, tmp_path_factory) -> Iterator[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--tokenizer", str(model_dir),
-           "--block-size", str(BLOCK)]
-    for w in workers:
-        cmd += ["--worker", w.url, "--events", w.events_endpoint]
-    log = tmp_path_factory.mktemp("router") / "router.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_router(workers, model_dir, tmp_path_factory.mktemp("router") / "router.log", BLOCK)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"router did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.2)
         yield url
     finally:
         proc.terminate()
