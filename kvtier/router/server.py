@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import yarl
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -31,6 +32,29 @@ from kvtier.router.translate import (AnthropicStreamWriter, BadRequest, Response
 log = logging.getLogger(__name__)
 
 _CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+HEALTH_FAILURES_TO_DIE = 2
+
+
+def check_worker_url(url: str) -> str:
+    """A worker's base URL without a trailing slash; BadRequest unless it is http(s)://host[:port][/path]."""
+    try:
+        parsed = yarl.URL(url)
+    except (TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise BadRequest(f"a worker URL looks like http://host:port, got {url!r}")
+    return url.rstrip("/")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A connection failure in words, for logs a person reads (not the exception's repr)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the worker closed the connection"
+    return str(exc) or type(exc).__name__
 
 
 @dataclass
@@ -96,6 +120,7 @@ class KvRouter:
     def __init__(self, worker_urls: list[str], config: RouterConfig | None = None, tokenizer: str | None = None,
                  events: dict[str, EventSource] | None = None) -> None:
         need(len(worker_urls) > 0, "at least one worker is required")
+        self._pending_urls = [check_worker_url(u) for u in worker_urls]
         self.config = config or RouterConfig()
         self.hasher = PromptHasher(self.config.block_size, tokenizer)
         self.indexer = KvIndexer(self.config.block_size, approx_ttl_s=self.config.approx_ttl_s)
@@ -109,7 +134,6 @@ class KvRouter:
         self._http: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._health_task: asyncio.Task | None = None
-        self._pending_urls = [u.rstrip("/") for u in worker_urls]
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -145,8 +169,7 @@ class KvRouter:
 
     def add_worker(self, url: str, events: EventSource | None = None) -> None:
         """Join: with an event source the index follows the worker's KV events, else routing decisions."""
-        url = url.rstrip("/")
-        need(url.startswith(("http://", "https://")), f"worker URL must start with http:// or https://, got {url!r}")
+        url = check_worker_url(url)
         need(url not in self.workers, f"worker {url} is already registered")
         self.indexer.add_worker(url, approximate=events is None)
         worker = Worker(url)
@@ -187,20 +210,35 @@ class KvRouter:
             self.sessions.forget_worker(worker.url)
 
     async def _health_loop(self) -> None:
+        """Every worker's ``/health``, every ``health_interval_s``: a worker that stops answering is marked dead
+        before a request finds out (after ``HEALTH_FAILURES_TO_DIE`` failed checks in a row, so one slow answer
+        from a busy worker does not cost it its sessions); a dead one that answers again is taken back."""
+        failures: dict[str, int] = {}
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            for worker in list(self.workers.values()):
-                if worker.alive:
+            workers = list(self.workers.values())
+            problems = await asyncio.gather(*(self._check_health(w) for w in workers))
+            for worker, problem in zip(workers, problems):
+                if problem is None:
+                    failures.pop(worker.url, None)
+                    if not worker.alive:
+                        log.info("worker %s is back", worker.url)
+                        worker.alive = True
+                        self.metrics.alive.labels(worker.url).set(1)
+                        self.gate.release()
                     continue
-                try:
-                    async with self._http.get(worker.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                        if resp.status == 200:
-                            log.info("worker %s is back", worker.url)
-                            worker.alive = True
-                            self.metrics.alive.labels(worker.url).set(1)
-                            self.gate.release()
-                except _CONNECT_ERRORS:
-                    pass
+                failures[worker.url] = failures.get(worker.url, 0) + 1
+                if worker.alive and failures[worker.url] >= HEALTH_FAILURES_TO_DIE:
+                    self._mark_dead(worker, f"health check: {problem}")
+
+    async def _check_health(self, worker: Worker) -> str | None:
+        """None when the worker answers ``/health`` with 200, else what went wrong."""
+        timeout = aiohttp.ClientTimeout(total=max(2.0, self.config.health_interval_s))
+        try:
+            async with self._http.get(worker.url + "/health", timeout=timeout) as resp:
+                return None if resp.status == 200 else f"status {resp.status}"
+        except _CONNECT_ERRORS as exc:
+            return describe_failure(exc)
 
     # --- routing ----------------------------------------------------------------------------------------
     async def _acquire(self, hashes: list[int], session: str | None, priority: int, exclude: set[str]) -> tuple[Worker, Overlap]:
@@ -340,14 +378,14 @@ class KvRouter:
         try:
             upstream = await self._http.post(worker.url + path, json=body, headers=headers)
         except _CONNECT_ERRORS as exc:
-            raise WorkerUnreachable(repr(exc)) from None
+            raise WorkerUnreachable(describe_failure(exc)) from None
         async with upstream:
             on_first_byte()
             if upstream.status >= 400 or not stream:
                 try:
                     raw = await upstream.read()
                 except _CONNECT_ERRORS as exc:
-                    raise WorkerUnreachable(repr(exc)) from None
+                    raise WorkerUnreachable(describe_failure(exc)) from None
                 return self._finish_plain(kind, upstream.status, raw, body.get("model", ""))
             return await self._relay_stream(kind, request, upstream, body.get("model", ""))
 
@@ -393,8 +431,9 @@ class KvRouter:
         except _CONNECT_ERRORS as exc:
             # bytes already reached the client, so the stream cannot move to another worker: end it with an
             # explicit error event (unless it is the client that went away)
-            log.warning("stream from the worker to the client broke: %r", exc)
-            error = {"type": "error", "error": {"type": "api_error", "message": f"worker stream broke: {exc!r}"}}
+            log.warning("stream from the worker to the client broke: %s", describe_failure(exc))
+            error = {"type": "error", "error": {"type": "api_error",
+                                                "message": f"worker stream broke: {describe_failure(exc)}"}}
             try:
                 await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
                 await response.write_eof()

@@ -14,7 +14,9 @@ logits bit for bit (same computation, the KV only came from elsewhere) and the r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from kvtier.runner.kv_cache import PagedKVPool
 from kvtier.runner.model import LlamaModel, ModelConfig
 from kvtier.runner.offload import EngineHooks
 from kvtier.runner.runner import Generation, Runner
+from kvtier.tiers.remote import unreachable_reason
 
 
 @dataclass(frozen=True)
@@ -74,18 +77,49 @@ def agentic_session(vocab: int, seed: int = 0, system_tokens: int = 768, turns: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="small", help="tiny, small or llama3-8b-l<N> (default: small)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per call")
-    parser.add_argument("--remote", default="", help="redis://host:port for G4 (optional)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=model_arg, default="small", help="tiny, small or llama3-8b-l<N>")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N]")
+    parser.add_argument("--turns", type=positive_int, default=5, help="main-agent calls in the session")
+    parser.add_argument("--new-tokens", type=positive_int, default=8, help="tokens generated per call")
+    parser.add_argument("--remote", help="G4: a redis://host:port URL (overrides remote_url of --config and "
+                        "KVTIER_REMOTE_URL); with G4, G3 is kept small so the session reaches it")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the session's tokens")
     parser.add_argument("--json", help="write the results here")
 
 
+def model_arg(name: str) -> str:
+    try:
+        ModelConfig.preset(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
+
+
+def device_arg(name: str) -> str:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {name!r} (cpu or cuda[:N])") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: no CUDA device here (torch {torch.__version__} sees none); "
+                                         "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{name!r}: the demo runs on cpu or cuda")
+    return name
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
+    overrides = {"remote_url": args.remote} if args.remote is not None else {}
     result = run_demo(ModelConfig.preset(args.model), torch.device(args.device), args.turns, args.new_tokens,
-                      args.remote, args.seed)
+                      args.seed, config_path=args.config, **overrides)
     _print(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -93,29 +127,47 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result["identical"] else 1
 
 
-def run_demo(model_config: ModelConfig, device: torch.device, turns: int = 5, new_tokens: int = 8,
-             remote_url: str = "", seed: int = 0, block_size: int = 16, chunk_blocks: int = 16) -> dict:
-    model = LlamaModel(model_config, device)
-    session = agentic_session(model_config.vocab_size, seed, turns=turns)
-    longest = max(len(t.prompt) for t in session) + new_tokens
-    blocks_per_request = -(-longest // block_size)
+def demo_config(model_config: ModelConfig, disk: str, config_path: str | None = None,
+                **overrides: object) -> KvtierConfig:
+    """The demo's sizes, then the configuration file, ``KVTIER_*`` and ``overrides`` on top. G2 holds about
+    a third of the session so it spills to G3; with a remote tier and the demo's own G3, G3 is as small as G2
+    and written through, so G4 serves what G3 lost."""
+    chunk_tokens = 16 * 16
+    token_bytes = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
+        torch.empty(0, dtype=model_config.torch_dtype).element_size()
+    base = KvtierConfig(block_size=16, chunk_blocks=16, model_name=model_config.model_id, disk_path=disk,
+                        host_capacity_bytes=12 * chunk_tokens * token_bytes,
+                        disk_capacity_bytes=64 * chunk_tokens * token_bytes, admission_min_hits=0)
+    config = KvtierConfig.load(config_path, base=base, **overrides)
+    if config.remote_url and config.disk_capacity_bytes == base.disk_capacity_bytes:
+        # a G3 as small as G2 and every chunk written through to G4: what falls out of G3 comes back from G4
+        config = dataclasses.replace(config, disk_capacity_bytes=config.host_capacity_bytes, write_through=True)
+    return config
 
-    def runner(num_blocks: int, prefix_caching: bool) -> Runner:
-        pool = PagedKVPool(model_config, num_blocks, block_size, device)
-        return Runner(model, pool, chunk_blocks, prefix_caching=prefix_caching)
 
-    recompute = runner(blocks_per_request, prefix_caching=False)
-    unlimited = runner(4 * blocks_per_request * (turns + 1), prefix_caching=True)
-    small = runner(blocks_per_request, prefix_caching=True)  # one request at a time: everything else spills
-    layout = paired_kv_layout(small.pool.per_layer_views())
-    chunk_bytes = layout.block_bytes * chunk_blocks
+def run_demo(model_config: ModelConfig, device: torch.device, turns: int = 5, new_tokens: int = 8, seed: int = 0,
+             config_path: str | None = None, **overrides: object) -> dict:
     with tempfile.TemporaryDirectory(prefix="kvtier-demo-") as disk:
-        config = KvtierConfig(block_size=block_size, chunk_blocks=chunk_blocks, model_name=model_config.model_id,
-                              disk_path=disk,
-                              host_capacity_bytes=12 * chunk_bytes,  # 8 chunks + 4 spare: G3 gets the rest
-                              disk_capacity_bytes=64 * longest * layout.block_bytes, remote_url=remote_url,
-                              admission_min_hits=0)
-        namespace = Namespace(model_config.model_id, model_config.dtype, layout.name)
+        config = demo_config(model_config, disk, config_path, **overrides)  # bad settings fail before any work
+        model = LlamaModel(model_config, device)
+        session = agentic_session(model_config.vocab_size, seed, turns=turns)
+        g4_problem = unreachable_reason(config) if config.remote_url else None
+        if g4_problem:
+            print(f"kvtier demo: warning: G4 {config.remote_url} is unreachable ({g4_problem}); "
+                  "its lookups are misses", file=sys.stderr)
+        block_size, chunk_blocks = config.block_size, config.chunk_blocks
+        longest = max(len(t.prompt) for t in session) + new_tokens
+        blocks_per_request = -(-longest // block_size)
+
+        def runner(num_blocks: int, prefix_caching: bool) -> Runner:
+            pool = PagedKVPool(model_config, num_blocks, block_size, device)
+            return Runner(model, pool, chunk_blocks, prefix_caching=prefix_caching)
+
+        recompute = runner(blocks_per_request, prefix_caching=False)
+        unlimited = runner(4 * blocks_per_request * (turns + 1), prefix_caching=True)
+        small = runner(blocks_per_request, prefix_caching=True)  # one request at a time: everything else spills
+        layout = paired_kv_layout(small.pool.per_layer_views())
+        namespace = Namespace(model_config.model_id, model_config.dtype, layout.name, salt=config.cache_salt)
         with KvtierEngine(config, layout, namespace) as engine:
             rows = []
             for i, turn in enumerate(tqdm(session, desc="demo turns", unit="call")):
@@ -134,6 +186,8 @@ def run_demo(model_config: ModelConfig, device: torch.device, turns: int = 5, ne
         "turns": rows, "ttft_ms_without": ttft_without, "ttft_ms_with": ttft_with,
         "ttft_ms_unlimited_g1": [r["ttft_ms_unlimited_g1"] for r in rows],
         "hit_tokens": totals, "speedup": sum(ttft_without) / max(sum(ttft_with), 1e-9),
+        "tiers": {"G2_bytes": config.host_capacity_bytes, "G3_bytes": config.disk_capacity_bytes,
+                  "G4": config.remote_url or None, "G4_unreachable": g4_problem},
     }
 
 
@@ -151,6 +205,12 @@ def _row(turn: Turn, base: Generation, warm: Generation, tiered: Generation, eng
 
 def _print(result: dict) -> None:
     print(f"\nkvtier demo: {result['model']} on {result['device']}")
+    tiers = result["tiers"]
+    g4 = "none (--remote redis://host:port to add one)" if not tiers["G4"] else tiers["G4"]
+    if tiers["G4_unreachable"]:
+        g4 += f" UNREACHABLE: {tiers['G4_unreachable']}"
+    print(f"tiers: G2 {tiers['G2_bytes'] / 2**20:.1f} MiB pinned host memory, G3 {tiers['G3_bytes'] / 2**20:.1f} MiB "
+          f"in a temporary directory, G4 {g4}")
     header = f"{'call':>10} {'prompt':>7} {'recompute':>10} {'G1 only':>9} {'kvtier':>8}   hit tokens G1/G2/G3/G4   same"
     print(header)
     for r in result["turns"]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from kvtier.errors import UsageError
 from kvtier.manager.policies import POLICIES, NextUseOracle
 from kvtier.sim.replay import capacity_from_frac, replay
 from kvtier.sim.trace import Trace
@@ -17,21 +17,50 @@ FORMATS = ("weka", "mooncake", "synthetic")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", help="trace file (.tar.xz or directory for weka, .jsonl for mooncake)")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--slots", type=int, default=32, help="concurrent session slots (weka)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="weka (agent sessions), mooncake (request traces) or synthetic (generated sessions)")
+    parser.add_argument("--slots", type=positive_int, default=32, help="concurrent session slots (weka)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the session interleaving and the generator")
     parser.add_argument("--max-gap", type=max_gap_arg, default=DEFAULT_MAX_GAP_S,
                         help="cap on the gap between a session's requests, seconds, or 'none' for the recorded "
                              "clock (weka; default 60, kv-cache-tester's --max-delay)")
-    parser.add_argument("--policy", default="agent", choices=sorted(POLICIES))
+    parser.add_argument("--policy", default="agent", choices=sorted(POLICIES),
+                        help="the policy to replay; LRU and Belady always run beside it")
     cap = parser.add_mutually_exclusive_group()
-    cap.add_argument("--capacity-frac", type=float, help="G1 capacity as a fraction of the trace's unique blocks")
-    cap.add_argument("--capacity-blocks", type=int, help="G1 capacity in blocks")
-    parser.add_argument("--tiers", default="", help="lower tiers as multiples of G1, e.g. '4,16' for G2, G3")
-    parser.add_argument("--max-sessions", type=int, default=None, help="replay only this many sessions (weka)")
+    cap.add_argument("--capacity-frac", type=capacity_frac_arg,
+                     help="G1 capacity as a fraction (0, 1] of the trace's unique blocks (default 0.01)")
+    cap.add_argument("--capacity-blocks", type=positive_int, help="G1 capacity in blocks")
+    parser.add_argument("--tiers", type=tiers_arg, default=(),
+                        help="lower tiers as multiples of G1, e.g. '4,16' for G2, G3 (default: none)")
+    parser.add_argument("--max-sessions", type=positive_int, default=None, help="replay only this many sessions (weka)")
     parser.add_argument("--json", dest="json_path", help="write the result as JSON here")
     parser.add_argument("--plot", help="write a PNG of hit rate against capacity per policy here")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
+    return value
+
+
+def tiers_arg(text: str) -> tuple[float, ...]:
+    try:
+        multipliers = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects multiples of G1 separated by commas, like '4,16'; got {text!r}") from None
+    if any(not m > 0 for m in multipliers) or len(multipliers) > 3:
+        raise argparse.ArgumentTypeError(f"expects up to 3 positive multiples (G2, G3, G4), got {text!r}")
+    return multipliers
+
+
+def capacity_frac_arg(text: str) -> float:
+    """``--capacity-frac``: above 1 every policy would hold the whole trace and report the same rate."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expects a fraction in (0, 1] of the trace's unique blocks, got {text!r}")
+    return value
 
 
 def max_gap_arg(text: str) -> float | None:
@@ -60,21 +89,18 @@ def load_trace(fmt: str, path: str | None, slots: int, seed: int, max_sessions: 
     return load_mooncake(path)
 
 
-
 def run(args: argparse.Namespace) -> int:
     try:
         trace = load_trace(args.format, args.trace, args.slots, args.seed, args.max_sessions, args.max_gap)
-        multipliers = [float(x) for x in args.tiers.split(",") if x.strip()]
         if args.capacity_blocks is not None:
             capacity = args.capacity_blocks
         else:
             capacity = capacity_from_frac(trace, args.capacity_frac if args.capacity_frac is not None else 0.01)
-    except ValueError as exc:
-        print(f"kvtier sim: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # a missing or malformed trace
+        raise UsageError(str(exc)) from None
     progress = not args.no_progress
     oracle = NextUseOracle(trace.keys, trace.offsets)
-    chosen = replay(trace, args.policy, capacity, tier_multipliers=multipliers if args.policy != "belady" else (),
+    chosen = replay(trace, args.policy, capacity, tier_multipliers=args.tiers if args.policy != "belady" else (),
                     oracle=oracle, progress=progress)
     lru = chosen if args.policy == "lru" else replay(trace, "lru", capacity, progress=progress)
     belady = chosen if args.policy == "belady" else replay(trace, "belady", capacity, oracle=oracle,

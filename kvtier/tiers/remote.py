@@ -108,6 +108,23 @@ def connect(url: str, password: str = "", username: str = "", timeout_s: float =
     return redis.Redis.from_url(url, **kwargs)
 
 
+def unreachable_reason(cfg: KvtierConfig) -> str | None:
+    """Why the configured server cannot be used now (one PING, within ``remote_timeout_s``), or None. For
+    start-up messages only: the tier itself degrades to misses and reconnects on its own."""
+    try:
+        client = connect(cfg.remote_url, cfg.remote_password, cfg.remote_username, cfg.remote_timeout_s,
+                         cfg.remote_tls_ca_file, cfg.remote_tls_cert_file, cfg.remote_tls_key_file)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        client.ping()
+    except _FAILURES as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        client.close()
+    return None
+
+
 class RemoteTier(Tier):
     """Chunks of one namespace in Redis; see the module docstring.
 

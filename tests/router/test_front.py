@@ -304,7 +304,10 @@ def test_cli_serves_and_rejects_bad_arguments(cluster: Cluster) -> None:
 
     from kvtier.cli import main
 
-    assert main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--events", "a", "--events", "b"]) == 2
+    with pytest.raises(SystemExit) as exited:  # argparse's one-line error
+        main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--events", "a", "--events", "b"])
+    assert exited.value.code == 2
+    assert main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--events", "-", "--events", "-"]) == 2
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -1,0 +1,90 @@
+"""A command's options from a configuration file and the environment, below its flags.
+
+Precedence for ``kvtier <command>``: the option's default < the YAML file's ``<command>:`` section <
+``KVTIER_<COMMAND>_<OPTION>`` variables < flags on the command line. Option names are the flags' names
+(``max-inflight`` or ``max_inflight``); a repeatable flag takes a YAML list or a space-separated variable.
+The values become the parser's defaults, so argparse still converts and checks them, and a flag given on the
+command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from kvtier.config import ENV_PREFIX, parse_bool, read_yaml_mapping
+from kvtier.errors import UsageError
+
+
+def parse_with_config(parser: argparse.ArgumentParser, command: str, argv: list[str], config_path: str | None,
+                      env: Mapping[str, str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` over defaults from ``config_path``'s section for ``command`` and the
+    environment. A repeatable flag given on the command line replaces the configured list, not extends it."""
+    options = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    configured = _configured(options, command, config_path, env)
+    lists = {dest: value for dest, value in configured.items() if isinstance(options[dest], argparse._AppendAction)}
+    for dest in configured:
+        options[dest].required = False
+    parser.set_defaults(**{dest: value for dest, value in configured.items() if dest not in lists})
+    args = parser.parse_args(argv)
+    for dest, value in lists.items():
+        if not getattr(args, dest):  # the flag was not given
+            setattr(args, dest, value)
+    return args
+
+
+def _configured(options: Mapping[str, argparse.Action], command: str, config_path: str | None,
+                env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, tuple[Any, str]] = {}
+    if config_path is not None:
+        section = read_yaml_mapping(config_path).get(command, {})
+        if not isinstance(section, dict):
+            raise UsageError(f"{config_path}: '{command}' must be a mapping of option names to values")
+        for name, raw in section.items():
+            source = f"{config_path}: {command}.{name}"
+            values[_dest(str(name), options, source)] = (raw, source)
+    prefix = f"{ENV_PREFIX}{command.upper()}_"
+    for variable, raw in env.items():
+        if variable.startswith(prefix):
+            values[_dest(variable[len(prefix):].lower(), options, variable)] = (raw, variable)
+    return {dest: _value(options[dest], raw, source) for dest, (raw, source) in values.items()}
+
+
+def _dest(name: str, options: Mapping[str, argparse.Action], source: str) -> str:
+    dest = name.replace("-", "_")
+    if dest not in options:
+        known = ", ".join(sorted(a.option_strings[-1].lstrip("-") for a in options.values()))
+        raise UsageError(f"{source}: no such option (options: {known})")
+    return dest
+
+
+def _value(action: argparse.Action, raw: Any, source: str) -> Any:
+    """A configured value in the form the flag would produce, checked like the flag."""
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        try:
+            return parse_bool(raw)
+        except UsageError:
+            raise UsageError(f"{source}: expects true or false, got {raw!r}") from None
+    if isinstance(action, argparse._AppendAction):
+        items = raw.split() if isinstance(raw, str) else raw
+        if not isinstance(items, list):
+            raise UsageError(f"{source}: expects a list (YAML) or space-separated values, got {raw!r}")
+        return [_one(action, item, source) for item in items]
+    return _one(action, raw, source)
+
+
+def _one(action: argparse.Action, raw: Any, source: str) -> Any:
+    if isinstance(raw, (dict, list)) or raw is None:
+        raise UsageError(f"{source}: expects a single value, got {raw!r}")
+    convert = action.type or str
+    try:
+        value = convert(str(raw)) if callable(convert) else raw
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: expects {getattr(convert, '__name__', 'another value')}, got {raw!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f"{source}: expects one of {', '.join(map(str, action.choices))}, got {raw!r}")
+    return value
+
