@@ -73,9 +73,8 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    env = dict(os.environ) if env is None else env
     if not argv or argv[0].startswith("-"):
         parser = top_parser()
         if not argv:
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
         return 2
     try:
         parser = command_parser(name)
-        args = parse_with_config(parser, name, argv[1:], _config_path(name, argv[1:]), env)
+        args = parse_with_config(parser, name, argv[1:], _config_path(name, argv[1:]), os.environ)
         return int(importlib.import_module(SUBCOMMANDS[name][0]).run(args) or 0)
     except UsageError as exc:
         print(f"kvtier {name}: {exc}", file=sys.stderr)

@@ -4,17 +4,33 @@ Precedence for ``kvtier <command>``: the option's default < the YAML file's ``<c
 ``KVTIER_<COMMAND>_<OPTION>`` variables < flags on the command line. Option names are the flags' names
 (``max-inflight`` or ``max_inflight``); a repeatable flag takes a YAML list or a space-separated variable.
 The values become the parser's defaults, so argparse still converts and checks them, and a flag given on the
-command line wins.
+command line wins. Also the argument types the commands share.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from kvtier.config import ENV_PREFIX, parse_bool, read_yaml_mapping
 from kvtier.errors import UsageError
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
+    return value
+
+
+def output_path(text: str) -> str:
+    """A file to write results to: its directory must exist now, not after a long run."""
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"no directory {directory!r} to write {text!r} into")
+    return text
 
 
 def parse_with_config(parser: argparse.ArgumentParser, command: str, argv: list[str], config_path: str | None,

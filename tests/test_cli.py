@@ -70,6 +70,8 @@ def bad_yaml(tmp_path: Path) -> Path:
     (["sim", "--format", "synthetic", "--capacity-frac", "2"], ["--capacity-frac", "(0, 1]"]),
     (["sim", "--format", "weka", "--trace", "/no/such/trace"], ["/no/such/trace"]),
     (["sim", "--format", "synthetic", "--tiers", "4,x"], ["--tiers"]),
+    (["sim", "--format", "synthetic", "--json", "/no/such/dir/out.json"], ["--json", "/no/such/dir"]),
+    (["demo", "--json", "/no/such/dir/out.json"], ["--json", "/no/such/dir"]),
     (["frobnicate"], ["unknown command 'frobnicate'", "demo"]),
     (["--frobnicate"], ["--frobnicate"]),
 ])

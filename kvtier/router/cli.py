@@ -9,6 +9,7 @@ import socket
 
 from aiohttp import web
 
+from kvtier.command_options import positive_int
 from kvtier.errors import UsageError
 from kvtier.router.choice import CostWeights
 from kvtier.router.server import EventSource, KvRouter, RouterConfig, check_worker_url
@@ -49,13 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging threshold")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
-    return value
-
-
 def port_arg(text: str) -> int:
     value = int(text)
     if not 0 < value < 65536:
@@ -75,7 +69,8 @@ def events_arg(text: str) -> str:
         try:
             EventSource.parse(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{exc}: expects tcp://host:port[,tcp://host:replay_port] or '-'") from None
+            expected = "tcp://host:port[,tcp://host:replay_port] or '-'"
+            raise argparse.ArgumentTypeError(f"{exc}: expects {expected}") from None
     return text
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kvtier.command_options import output_path, positive_int
 from kvtier.config import KvtierConfig
 from kvtier.engine import EngineRequest, KvtierEngine
 from kvtier.hashing import Namespace
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote", help="G4: a redis://host:port URL (overrides remote_url of --config and "
                         "KVTIER_REMOTE_URL); with G4, G3 is kept small so the session reaches it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the session's tokens")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", type=output_path, help="write the results here")
 
 
 def model_arg(name: str) -> str:
@@ -107,13 +108,6 @@ def device_arg(name: str) -> str:
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{name!r}: the demo runs on cpu or cuda")
     return name
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from kvtier.command_options import output_path, positive_int
 from kvtier.errors import UsageError
 from kvtier.manager.policies import POLICIES, NextUseOracle
 from kvtier.sim.replay import capacity_from_frac, replay
@@ -33,23 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiers", type=tiers_arg, default=(),
                         help="lower tiers as multiples of G1, e.g. '4,16' for G2, G3 (default: none)")
     parser.add_argument("--max-sessions", type=positive_int, default=None, help="replay only this many sessions (weka)")
-    parser.add_argument("--json", dest="json_path", help="write the result as JSON here")
-    parser.add_argument("--plot", help="write a PNG of hit rate against capacity per policy here")
+    parser.add_argument("--json", dest="json_path", type=output_path, help="write the result as JSON here")
+    parser.add_argument("--plot", type=output_path, help="write a PNG of hit rate against capacity per policy here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
-    return value
 
 
 def tiers_arg(text: str) -> tuple[float, ...]:
     try:
         multipliers = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expects multiples of G1 separated by commas, like '4,16'; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expects multiples of G1 like '4,16', got {text!r}") from None
     if any(not m > 0 for m in multipliers) or len(multipliers) > 3:
         raise argparse.ArgumentTypeError(f"expects up to 3 positive multiples (G2, G3, G4), got {text!r}")
     return multipliers
