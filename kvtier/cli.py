@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("kvtier.runner.demo", "an agentic coding session with and without kvtier (the main job)"),
     "sim": ("kvtier.sim.cli", "replay a trace through the block manager and compare eviction policies"),
     "router": ("kvtier.router.cli", "KV-aware router with an OpenAI/Anthropic-compatible front"),
+    "bench": ("kvtier.bench.cli", "benchmarks: kvtier against its ceilings, baselines and peers"),
 }
 
 CONFIG_HELP = ("YAML file: engine keys (kvtier.config.KvtierConfig) at the top level and this command's options "

