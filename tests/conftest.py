@@ -1,4 +1,4 @@
-"""Shared fixtures: real Redis servers on free loopback ports (see tests/redis_server.py)."""
+"""Shared fixtures: real Redis servers on free loopback ports (see kvtier/testing/redis_server.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-from tests.redis_server import RedisServer, redis_available
+from kvtier.testing.redis_server import RedisServer, redis_available
 
 # CI replays the same examples every run (a failure there is reproducible); locally hypothesis explores.
 settings.register_profile("ci", derandomize=True, print_blob=True)

@@ -8,6 +8,8 @@ import importlib
 
 # name -> (module, question it answers)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "tiers": ("kvtier.bench.tiers", "G3 against fio, G4 against redis-benchmark, G2 and G3 against LMCache's "
+              "LocalCPUBackend and LocalDiskBackend"),
     "router": ("kvtier.bench.router", "router index ops/s and find_matches latency against NVIDIA Dynamo's "
                "RadixTree; routing quality against round-robin"),
 }

@@ -13,7 +13,7 @@ import pytest
 
 from kvtier.testing.agent_session import AgentSession
 from kvtier.testing.vllm_server import VllmServer, kvtier_transfer_config
-from tests.redis_server import RedisServer, redis_available
+from kvtier.testing.redis_server import RedisServer, redis_available
 from tests.serving.conftest import chat, kvtier_shm, metric, vllm_alone_tokens
 from tests.serving.test_vllm_cpu_serving import BLOCK, G2_BYTES, wait_for
 

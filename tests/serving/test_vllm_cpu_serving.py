@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvtier.testing.agent_session import AgentSession
-from tests.redis_server import RedisServer, redis_available
+from kvtier.testing.redis_server import RedisServer, redis_available
 from tests.serving.conftest import chat, kvtier_shm, metric, vllm_alone_tokens
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")

@@ -16,7 +16,7 @@ from kvtier.tiers.base import TierClosedError
 from kvtier.tiers.breaker import CircuitBreaker
 from kvtier.tiers.remote import INLINE_FLAG, MANIFEST_BYTES, RemoteTier, connect
 from tests.conftest import requires_redis
-from tests.redis_server import RedisClusterServers, RedisServer
+from kvtier.testing.redis_server import RedisClusterServers, RedisServer
 from tests.tiers.helpers import NS, SIZES, open_fds, payloads
 
 pytestmark = requires_redis

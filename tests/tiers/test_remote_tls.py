@@ -12,7 +12,7 @@ import pytest
 from kvtier.config import ConfigError, KvtierConfig
 from kvtier.tiers import resp_direct
 from kvtier.tiers.remote import RemoteTier, connect
-from tests.redis_server import RedisServer, TlsFiles, tls_available
+from kvtier.testing.redis_server import RedisServer, TlsFiles, tls_available
 from tests.tiers.helpers import NS, SIZES, payloads
 
 pytestmark = pytest.mark.skipif(not tls_available(), reason="needs openssl and a redis-server built with TLS")

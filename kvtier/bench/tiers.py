@@ -6,9 +6,13 @@ Writes are measured twice on both sides: into fresh fallocated space (the cache'
 write then also converts unwritten extents) and over space written before (steady state: evicted extents
 reused, fio overwriting its files), the headline.
 Remote (G4): RemoteTier put/get GB/s against redis-benchmark SET/GET with the same value size, connections,
-pipeline depth and key space (-r), on the same redis-server started by this script. Host (G2): slot allocs+frees per second.
+pipeline depth and key space (-r), on the same redis-server started by this script. Host (G2): slot allocs+frees
+per second.
+Peers: kvtier's G2 (HostTier) against LMCache's LocalCPUBackend and its G3 (DiskTier) against LMCache's
+LocalDiskBackend with O_DIRECT, same chunk sizes and bytes, every byte compared after the gets (LMCache 0.5.6 in
+its own environment: ``scripts/setup_peers.sh lmcache``; see ``kvtier/bench/peers/lmcache_tiers.py``).
 
-    python benchmarks/bench_tiers.py [--quick] [--sizes KIB,...] [--disk-only] [--json PATH] [--plot PATH] [--dir DIR]
+    kvtier bench tiers [--quick] [--sizes KIB,...] [--disk-only] [--json PATH] [--plot PATH] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -17,11 +21,9 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +31,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kvtier.config import KvtierConfig  # noqa: E402
-from kvtier.hashing import Namespace  # noqa: E402
-from kvtier.tiers.disk import DiskTier  # noqa: E402
-from kvtier.tiers.host import HostPool  # noqa: E402
-from kvtier.tiers.remote import RemoteTier, connect  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from kvtier.bench.common import machine_line, print_table, write_json
+from kvtier.bench.peers import missing_reason, run_peer
+from kvtier.config import KvtierConfig
+from kvtier.errors import UsageError
+from kvtier.hashing import Namespace
+from kvtier.testing.redis_server import RedisServer
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.host import HostPool, HostTier
+from kvtier.tiers.remote import RemoteTier, connect
 
 NS = Namespace("bench", "bf16", "LBHNC")
 KiB, MiB = 1 << 10, 1 << 20
@@ -177,6 +180,55 @@ def host_pool_rate(ops: int) -> dict[str, float]:
     return {"alloc_free_per_s": single, "alloc_free_slots_per_s_batch16": batched}
 
 
+def tier_host(size: int, count: int) -> tuple[float, float, float, bool]:
+    """kvtier's G2 measured as LMCache's CPU backend is: a fresh pool's first fill, a warm put (the chunks
+    deleted, then put again), a get into memory touched before the clock; (GB/s x3, every byte equal)."""
+    source = torch.randint(0, 256, (count, size), dtype=torch.uint8).numpy()
+    dest = torch.zeros(count, size, dtype=torch.uint8).numpy()
+    keys = list(range(1, count + 1))
+    with HostTier(NS, HostPool(count * size, size), own_pool=True) as tier:
+        seconds = []
+        for _ in range(2):
+            tier.delete(keys)
+            start = time.perf_counter()
+            ok = tier.put(keys, list(source))
+            seconds.append(time.perf_counter() - start)
+            assert all(ok), f"host puts refused: {tier.stats()}"
+        start = time.perf_counter()
+        got = tier.get(keys, list(dest))
+        read = time.perf_counter() - start
+    same = got == [size] * count and bool((dest == source).all())
+    return gbps(size * count, seconds[0]), gbps(size * count, seconds[1]), gbps(size * count, read), same
+
+
+def peer_rows(results: dict, sizes: list[int], total_bytes: int, reps: int, directory: Path) -> list[dict]:
+    """kvtier's G2/G3 rows beside LMCache's, per chunk size (LMCache's only when its environment exists)."""
+    rows = []
+    for size in tqdm(sizes, desc="G2 against LMCache", leave=False):
+        first, put, get, same = max((tier_host(size, max(8, total_bytes // size)) for _ in range(reps)),
+                                    key=lambda r: r[1])
+        rows.append({"tier": "G2", "impl": "kvtier", "chunk_bytes": size, "put_first_gbps": first, "put_gbps": put,
+                     "get_gbps": get, "verified": same})
+    for d in results["disk"]["by_size"]:
+        rows.append({"tier": "G3", "impl": "kvtier", "chunk_bytes": d["size"], "put_first_gbps": d["write_fresh"],
+                     "put_gbps": d["write"], "get_gbps": d["read"], "verified": True})  # tier_disk asserts its reads
+    reason = missing_reason("lmcache")
+    if reason:
+        print(f"LMCache not measured: {reason}")
+        return rows
+    workload = directory / "lmcache-workload.json"
+    workload.write_text(json.dumps({"sizes": sizes, "total_bytes": total_bytes, "reps": reps,
+                                    "disk_dir": str(directory)}))
+    peer = run_peer("lmcache", "lmcache_tiers", workload)
+    mine = {(r["tier"], r["chunk_bytes"]): r for r in rows}
+    for row in peer["rows"]:
+        ours = mine[(row["tier"], row["chunk_bytes"])]
+        for what in ("put_first", "put", "get"):
+            ours[f"{what}_x_lmcache"] = ours[f"{what}_gbps"] / row[f"{what}_gbps"]
+        rows.append(row)
+    return rows
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -196,21 +248,22 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sizes and bytes (< 1 minute)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", help="write a PNG of GB/s against chunk size here")
     ap.add_argument("--dir", default=None, help="directory on the disk to test (default: a temp dir in the cwd)")
-    ap.add_argument("--disk-threads", type=int, default=KvtierConfig().disk_io_threads)
+    ap.add_argument("--disk-threads", type=int, default=KvtierConfig().disk_io_threads, help="the disk tier's I/O threads")
     ap.add_argument("--fsync", action="store_true", help="benchmark the disk tier with disk_fsync on")
-    ap.add_argument("--disk-only", action="store_true", help="skip the redis and host parts")
+    ap.add_argument("--disk-only", action="store_true", help="skip the redis, host and peer parts")
     ap.add_argument("--sizes", help="chunk sizes in KiB, comma-separated (default 256,512,1024,4096,16384,32768;"
                                     " --quick: 256,2048,32768)")
     ap.add_argument("--no-gc-freeze", action="store_true",
-                    help="leave torch's import-time objects in the collected heap (see main)")
+                    help="leave torch's import-time objects in the collected heap (see run)")
     ap.add_argument("--reps", type=int, default=None, help="runs per measurement, best kept (default 2 quick, 3 full)")
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     if not args.no_gc_freeze:
         # A full collection walks the ~1M objects torch creates at import: 160-190 ms measured here, landing
         # in whichever tier measurement allocated last (fio and redis-benchmark never pay it). A serving
@@ -223,13 +276,12 @@ def main() -> int:
     if args.sizes:
         sizes = [int(k) * KiB for k in args.sizes.split(",")]
         if not sizes or min(sizes) <= 0:
-            ap.error("--sizes must be positive KiB values")
+            raise UsageError("--sizes must be positive KiB values")
     disk_bytes = 64 * MiB if args.quick else 512 * MiB
     redis_bytes = 48 * MiB if args.quick else 384 * MiB
     conns = 4
     reps = args.reps or (2 if args.quick else 3)
-    machine = f"{platform.node()} {os.cpu_count()} CPUs, " + (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+    machine = machine_line()
     directory = Path(args.dir or tempfile.mkdtemp(prefix=".bench-tiers-", dir=os.getcwd()))
     directory.mkdir(parents=True, exist_ok=True)
     fsync = args.fsync
@@ -264,6 +316,7 @@ def main() -> int:
                     steps.update()
             results["host"] = host_pool_rate(20_000 if args.quick else 200_000)
             steps.update()
+            results["peers"] = peer_rows(results, sizes, disk_bytes, reps, directory)
     finally:
         steps.close()
         if args.dir is None:
@@ -306,12 +359,18 @@ def report(results: dict, machine: str, reps: int, args: argparse.Namespace, con
           f"{results['disk']['write_fresh_ratio']:.2f}) read {results['disk']['read_ratio']:.2f} (target 0.85)"
           + (f"; redis put {results['redis']['put_ratio']:.2f} get {results['redis']['get_ratio']:.2f} (target 0.70)"
              if redis_rows else ""))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if results.get("peers"):
+        print_table(results["peers"], ["tier", "impl", "chunk_bytes", "put_first_gbps", "put_gbps", "get_gbps",
+                                       "put_first_x_lmcache", "put_x_lmcache", "get_x_lmcache", "verified"],
+                    "Peers (GB/s; x_lmcache: kvtier over LMCache at the same size; target 1.5x at every size). "
+                    "G3: LMCache's LocalDiskBackend with use_odirect")
+    write_json(args.json, results)
     if args.plot and redis_rows:
         plot(results, args.plot)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
