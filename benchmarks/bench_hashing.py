@@ -16,7 +16,7 @@ import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import print_table, write_json  # noqa: E402
+from kvtier.bench.common import print_table, write_json  # noqa: E402
 from kvtier.hashing import DEFAULT_SEED, block_hashes  # noqa: E402
 
 

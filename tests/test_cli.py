@@ -4,6 +4,7 @@ says what it is doing and notices a dead worker by itself. Real ``kvtier`` proce
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -17,7 +18,8 @@ import pytest
 import requests
 import torch
 
-from kvtier.cli import SUBCOMMANDS, command_parser, main
+from kvtier.bench.cli import BENCHMARKS
+from kvtier.cli import SUBCOMMANDS, OneLineParser, command_parser, main
 from kvtier.command_options import parse_with_config
 from kvtier.runner.demo import demo_config
 from kvtier.runner.model import ModelConfig
@@ -126,9 +128,19 @@ def test_every_option_has_help_and_shows_its_default(name):
     parser = command_parser(name)
     for action in parser._actions:
         assert action.help, f"kvtier {name} {action.option_strings} has no help"
-    help_text = parser.format_help()
-    defaults = {"demo": "(default: small)", "sim": "(default: agent)", "router": "(default: 127.0.0.1)"}
-    assert defaults[name] in " ".join(help_text.split())
+    help_text = " ".join(parser.format_help().split())
+    defaults = {"demo": "(default: small)", "sim": "(default: agent)", "router": "(default: 127.0.0.1)",
+                "bench": "kvtier bench NAME --help"}
+    assert defaults[name] in help_text
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_every_benchmark_option_has_help_and_the_common_options(name):
+    parser = OneLineParser(prog=f"kvtier bench {name}")
+    importlib.import_module(BENCHMARKS[name][0]).add_arguments(parser)
+    for action in parser._actions:
+        assert action.help, f"kvtier bench {name} {action.option_strings} has no help"
+    assert {"--quick", "--json", "--plot"} <= set(parser._option_string_actions)
 
 
 # --- --config < KVTIER_* < flags ------------------------------------------------------------------------------------

@@ -8,10 +8,16 @@ import importlib
 
 # name -> (module, question it answers)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "transfer": ("kvtier.bench.transfer", "GPU cache <-> pinned host GB/s per implementation and page size, against "
+                 "one contiguous copy"),
     "tiers": ("kvtier.bench.tiers", "G3 against fio, G4 against redis-benchmark, G2 and G3 against LMCache's "
               "LocalCPUBackend and LocalDiskBackend"),
     "router": ("kvtier.bench.router", "router index ops/s and find_matches latency against NVIDIA Dynamo's "
                "RadixTree; routing quality against round-robin"),
+    "policies": ("kvtier.bench.policies", "hit rate per eviction policy and capacity against LRU and Belady"),
+    "restore": ("kvtier.bench.restore", "restoring a context from G2/G3/G4 against recomputing its prefill"),
+    "serving": ("kvtier.bench.serving", "agent sessions through real vLLM servers: vLLM alone against vLLM + kvtier "
+                "behind kvtier's router"),
 }
 
 

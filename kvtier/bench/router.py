@@ -101,7 +101,9 @@ class SimWorker:
     prefill_blocks: int = 0
 
     def serve(self, keys: list[int], log: list | None, slot: int) -> tuple[int, int]:
-        """Prefix hits (device, host), then cache the prompt; evictions demote device -> host -> gone."""
+        """Prefix hits (device, host), then cache the prompt; evictions demote device -> host -> gone, leaves
+        before their parents (a block's prefix is always more recent than the block), so no event ever names a
+        block whose parent its worker dropped."""
         device_hits = host_hits = 0
         for key in keys:
             if key in self.device:
@@ -113,7 +115,7 @@ class SimWorker:
         self.requests += 1
         self.prefill_blocks += len(keys) - device_hits - host_hits
         promoted = [k for k in keys if k not in self.device]
-        for key in keys:
+        for key in reversed(keys):  # tail first, as vLLM frees a request's blocks: LRU then evicts leaves first
             self.device[key] = None
             self.device.move_to_end(key)
             self.host.pop(key, None)

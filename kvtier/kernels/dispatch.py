@@ -2,7 +2,7 @@
 
 ``offload`` gathers blocks from a KV cache into an arena (host memory for G2); ``load`` scatters them back.
 ``impl="auto"`` picks per device, direction and segment size from a findings table that
-``benchmarks/bench_transfer.py --write-dispatch`` produces on a GPU; until one exists the zero-copy Triton
+``kvtier bench transfer --write-dispatch`` produces on a GPU; until one exists the zero-copy Triton
 kernel is used on GPUs (no launch per page, one launch per batch); on CPU the rule in ``choose``. GPU transfers
 are asynchronous on torch's current stream: record an event (or synchronise) before reading the arena.
 """

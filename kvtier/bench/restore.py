@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Restoring a context from kvtier against recomputing its prefill, on the reference model, same run.
 
 For each context length: time to first token when the whole prompt is recomputed, and when every reusable
@@ -7,46 +6,49 @@ from G4 (a Redis server, in an engine without G3; G2 emptied first), with G1 emp
 the model is Llama-3-8B-shaped (random bf16 weights; ``--layers`` cuts depth, which scales both sides
 alike); on CPU the reference runner's ``small`` preset.
 
-    python benchmarks/bench_restore.py [--lengths 8192 32768 131072] [--layers N] [--redis-url URL] [--json PATH]
+    kvtier bench restore [--quick] [--lengths 8192 32768 131072] [--layers N] [--redis-url URL] [--json PATH]
+        [--plot PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import device_name, print_table, write_json  # noqa: E402
-from kvtier.config import KvtierConfig  # noqa: E402
-from kvtier.engine import EngineRequest, KvtierEngine  # noqa: E402
-from kvtier.hashing import Namespace  # noqa: E402
-from kvtier.layout import paired_kv_layout  # noqa: E402
-from kvtier.runner.kv_cache import PagedKVPool  # noqa: E402
-from kvtier.runner.model import LlamaModel, ModelConfig  # noqa: E402
-from kvtier.runner.offload import EngineHooks  # noqa: E402
-from kvtier.runner.runner import Runner  # noqa: E402
+from kvtier.bench.common import device_name, machine_line, print_table, write_json
+from kvtier.config import KvtierConfig
+from kvtier.engine import EngineRequest, KvtierEngine
+from kvtier.hashing import Namespace
+from kvtier.layout import paired_kv_layout
+from kvtier.runner.kv_cache import PagedKVPool
+from kvtier.runner.model import LlamaModel, ModelConfig
+from kvtier.runner.offload import EngineHooks
+from kvtier.runner.runner import Runner
 
 BLOCK = 16
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--lengths", type=int, nargs="+")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the shortest contexts only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="context lengths in tokens (default 8192 32768 131072 on GPU, 1024 4096 on CPU)")
     parser.add_argument("--layers", type=int, default=32, help="GPU model depth (Llama-3-8B has 32)")
     parser.add_argument("--chunk-blocks", type=int, help="blocks per chunk (default 64 on GPU, 16 on CPU)")
     parser.add_argument("--redis-url", default="", help="also restore from G4 on this Redis (its keys are deleted)")
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--plot", help="write a PNG of restore and recompute time per context here")
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     lengths = args.lengths or ([8192, 32768, 131072] if on_gpu else [1024, 4096])
+    if args.quick and not args.lengths:
+        lengths = lengths[:1]
     config = ModelConfig.llama3_8b_layers(args.layers) if on_gpu else ModelConfig.small()
     chunk_blocks = args.chunk_blocks or (64 if on_gpu else 16)
     chunk_tokens = BLOCK * chunk_blocks
@@ -90,12 +92,36 @@ def main(argv: list[str] | None = None) -> int:
                 engine.clear(lower)
                 engine.clear("G2")
     name = device_name(device)
+    print(machine_line())
     print_table(rows, ["context", "source", "restored_tokens", "recompute_ms", "restore_ms", "speedup", "identical"],
                 f"restore vs recompute, {config.model_id} ({config.num_layers} layers) on {name}")
-    write_json(args.json, {"device": name, "model": config.model_id, "layers": config.num_layers,
-                           "chunk_tokens": chunk_tokens, "rows": rows})
+    write_json(args.json, {"machine": machine_line(), "device": name, "model": config.model_id,
+                           "layers": config.num_layers, "chunk_tokens": chunk_tokens, "rows": rows})
+    if args.plot:
+        plot(rows, args.plot, f"restore vs recompute, {config.model_id} on {name}")
     return 0 if all(r["identical"] for r in rows) else 1
 
 
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{r['context'] // 1024}K from {r['source']}" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["recompute_ms"] for r in rows], width=0.4, label="recompute")
+    ax.bar([i + 0.2 for i in x], [r["restore_ms"] for r in rows], width=0.4, label="restore (kvtier)")
+    ax.set_xticks(list(x), labels, rotation=20)
+    ax.set_ylabel("time to first token, ms")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -11,26 +11,18 @@ Traces: callanjfox/kv-cache-tester@c9b3da5 (Apache-2.0); kvcache-ai/Mooncake FAS
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from kvtier.manager import Manager, TierSpec  # noqa: E402
-from kvtier.manager.policies import NextUseOracle  # noqa: E402
-from kvtier.sim.cli import max_gap_arg  # noqa: E402
-from kvtier.sim.mooncake import load_mooncake  # noqa: E402
-from kvtier.sim.replay import capacity_from_frac, replay  # noqa: E402
-from kvtier.sim.weka import DEFAULT_MAX_GAP_S, load_weka  # noqa: E402
-
-_ROOT = Path(__file__).resolve().parents[1]
-SHARED = next((p for p in (_ROOT.parent / "shared" / "traces", _ROOT.parent.parent / "shared" / "traces")
-               if p.exists()), _ROOT.parent / "shared" / "traces")
+from kvtier.bench.common import machine_line, shared_file, write_json
+from kvtier.manager import Manager, TierSpec
+from kvtier.manager.policies import NextUseOracle
+from kvtier.sim.cli import max_gap_arg
+from kvtier.sim.mooncake import load_mooncake
+from kvtier.sim.replay import capacity_from_frac, replay
+from kvtier.sim.weka import DEFAULT_MAX_GAP_S, load_weka
 
 
 def measure_ops(policy: str, requests: int = 2000, blocks: int = 2000, sessions: int = 32) -> dict[str, float]:
@@ -75,26 +67,33 @@ def sweep(trace, name: str, policies: list[str], fracs: list[float], progress: b
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--weka", default=str(SHARED / "weka_kvcachetester_v8_c9b3da5_traces.tar.xz"))
-    ap.add_argument("--mooncake", nargs="*", default=[str(SHARED / "mooncake_conversation_trace.jsonl"),
-                                                      str(SHARED / "mooncake_synthetic_trace.jsonl")])
-    ap.add_argument("--slots", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="60 Weka sessions, capacities 1%% and 5%%")
+    ap.add_argument("--weka", default=str(shared_file("traces/weka_kvcachetester_v8_c9b3da5_traces.tar.xz")),
+                    help="the Weka kv-cache-tester trace (.tar.xz)")
+    ap.add_argument("--mooncake", nargs="*", default=[str(shared_file("traces/mooncake_conversation_trace.jsonl")),
+                                                      str(shared_file("traces/mooncake_synthetic_trace.jsonl"))],
+                    help="Mooncake traces (.jsonl)")
+    ap.add_argument("--slots", type=int, default=32, help="concurrent Weka session slots")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the Weka session placement")
     ap.add_argument("--max-gap", type=max_gap_arg, default=DEFAULT_MAX_GAP_S,
                     help="cap on the gap between a Weka session's requests, seconds, or 'none' (recorded clock)")
-    ap.add_argument("--max-sessions", type=int, default=None, help="subsample Weka sessions (quick runs)")
-    ap.add_argument("--fracs", default="0.005,0.01,0.02,0.05")
-    ap.add_argument("--policies", default="agent,lru,lineage,s3fifo,arc,belady")
-    ap.add_argument("--skip-weka", action="store_true")
-    ap.add_argument("--json", default="bench_policies.json")
-    ap.add_argument("--plot", default="bench_policies.png")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--max-sessions", type=int, default=None, help="subsample Weka sessions")
+    ap.add_argument("--fracs", default="0.005,0.01,0.02,0.05", help="G1 capacities, fractions of unique blocks")
+    ap.add_argument("--policies", default="agent,lru,lineage,s3fifo,arc,belady", help="policies to sweep")
+    ap.add_argument("--skip-weka", action="store_true", help="only the Mooncake traces")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--plot", help="write a PNG of hit rate against capacity per trace here")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.max_sessions = args.max_sessions or 60
+        args.fracs = "0.01,0.05"
     fracs = [float(x) for x in args.fracs.split(",")]
     policies = list(dict.fromkeys(["lru", "belady"] + args.policies.split(",")))
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, one core")
+    print(f"{machine_line()}; one core used")
     ops = [measure_ops(p) for p in ("lru", "agent", "lineage")]
     print(f"{'policy':<8} {'access blocks/s':>16} {'lookup blocks/s':>16}")
     for o in ops:
@@ -113,9 +112,8 @@ def main() -> int:
         traces.append((Path(path).stem, load_mooncake(path)))
     for name, trace in traces:
         rows += sweep(trace, name, policies, fracs, not args.no_progress)
-    Path(args.json).write_text(json.dumps({"ops": ops, "rows": rows, "slots": args.slots, "seed": args.seed,
-                                           "max_gap": args.max_gap},
-                                          indent=2))
+    write_json(args.json, {"machine": machine_line(), "ops": ops, "rows": rows, "slots": args.slots,
+                           "seed": args.seed, "max_gap": args.max_gap})
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -138,4 +136,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

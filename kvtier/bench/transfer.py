@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """How fast do KV blocks move between the cache and pinned host memory, per implementation?
 
 For each geometry, page size and direction this times every implementation on the same scattered batch
@@ -7,26 +6,23 @@ measures the ceiling in the same run: one contiguous pinned copy of the same byt
 kvtier-triton, kvtier-cuda, staged, cudaMemcpyBatchAsync, a per-page cudaMemcpyAsync loop and torch
 index_select+copy, plus an SM-budget sweep. On CPU the same harness runs the CPU paths against memcpy.
 
-    python benchmarks/bench_transfer.py [--quick] [--json PATH] [--plot PATH] [--write-dispatch PATH]
+    kvtier bench transfer [--quick] [--json PATH] [--plot PATH] [--write-dispatch PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import device_name, print_table, time_it, write_json  # noqa: E402
-from kvtier.kernels import cuda_copy, dma, reference, staged, triton_copy  # noqa: E402
-from kvtier.kernels.batch import TransferBatch  # noqa: E402
-from kvtier.layout import PageLayout, vllm_layout, vllm_mla_layout  # noqa: E402
+from kvtier.bench.common import device_name, machine_line, print_table, time_it, write_json
+from kvtier.kernels import cuda_copy, dma, reference, staged, triton_copy
+from kvtier.kernels.batch import TransferBatch
+from kvtier.layout import PageLayout, vllm_layout, vllm_mla_layout
 
 GIB = 2**30
 POISON = 0xA5
@@ -202,15 +198,16 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     print(f"wrote {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer page sizes, smaller transfers")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--plot", help="write a PNG of GB/s against page size here")
     parser.add_argument("--write-dispatch", help="write the dispatch table (fastest impl per page size) here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     parser.add_argument("--total-mib", type=int, help="bytes per transfer (default 1024 on GPU, 256 on CPU)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -223,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     geos = geometries(args.quick, on_gpu)
     name = device_name(device)
     link = pcie_info(device)
+    print(machine_line())
     print(f"device: {name}" + (f"; PCIe gen{link['gen']} x{link['width']} (theoretical {link['theoretical_gbps']:.1f} GB/s "
                                 f"per direction)" if link else ""))
     per_case = sum(len(budgets) if dispatch_name(i) in ("triton", "cuda") else 1 for i in impls) * 2
@@ -236,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in rows if not r["verified"]]
     if failed:
         print(f"\n{len(failed)} rows FAILED verification")
-    write_json(args.json, {"device": name, "pcie": link, "total_bytes": total, "rows": rows})
+    write_json(args.json, {"machine": machine_line(), "device": name, "pcie": link, "total_bytes": total, "rows": rows})
     if args.plot:
         plot(rows, args.plot, f"kvtier transfers on {name}")
     if args.write_dispatch:
@@ -247,4 +245,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

