@@ -37,7 +37,7 @@ import xxhash
 from tqdm import tqdm
 
 from kvtier.bench.common import machine_line, print_table, shared_file, write_json
-from kvtier.bench.peers import missing_reason, run_peer
+from kvtier.bench.peers import ensure, run_peer
 from kvtier.events import BlockStored, KVEventBatch, decode_batch, encode_batch
 from kvtier.hashing import chain_hashes, local_block_hashes
 from kvtier.router.block_index import NativeBlockIndex, PyBlockIndex
@@ -333,7 +333,7 @@ def compare_with_dynamo(stream: list[tuple], impls: list, latency: dict, calls: 
         rows.append({"impl": f"kvtier-{name}", "events_per_s": _events(stream) / wall, "block_ops_per_s": block_ops / wall,
                      "block_ops_per_cpu_s": block_ops / cpu, "find_p50_us": p50, "find_p99_us": p99,
                      "same_answers": answers == reference})
-    reason = missing_reason("dynamo")
+    reason = ensure("dynamo")
     if reason:
         print(f"Dynamo's RadixTree not measured: {reason}")
         return rows

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from kvtier.bench.common import machine_line, print_table, write_json
-from kvtier.bench.peers import missing_reason, run_peer
+from kvtier.bench.peers import ensure, run_peer
 from kvtier.config import KvtierConfig
 from kvtier.errors import UsageError
 from kvtier.hashing import Namespace
@@ -212,7 +212,7 @@ def peer_rows(results: dict, sizes: list[int], total_bytes: int, reps: int, dire
     for d in results["disk"]["by_size"]:
         rows.append({"tier": "G3", "impl": "kvtier", "chunk_bytes": d["size"], "put_first_gbps": d["write_fresh"],
                      "put_gbps": d["write"], "get_gbps": d["read"], "verified": True})  # tier_disk asserts its reads
-    reason = missing_reason("lmcache")
+    reason = ensure("lmcache")
     if reason:
         print(f"LMCache not measured: {reason}")
         return rows

@@ -1,9 +1,10 @@
 """Peers (NVIDIA Dynamo's router index, LMCache's storage backends) run beside kvtier in the same benchmark.
 
-Each peer lives in a virtual environment of its own, made by ``scripts/setup_peers.sh`` (its packages pin
-versions kvtier's environment must not share). A benchmark hands a peer its workload as a file, runs the
-peer's script (a module of this package, stdlib plus the peer's own package) with that environment's
-Python, and reads one JSON object back from stdout.
+Each peer lives in a virtual environment of its own (its packages pin versions kvtier's environment must not
+share), made on first use by ``ensure`` or ahead of time by ``python -m kvtier.bench.peers install``
+(``scripts/setup_peers.sh``). A benchmark hands a peer its workload as a file, runs the peer's script (a module
+of this package: stdlib plus the peer's own package) with that environment's Python, and reads one JSON
+object back from stdout.
 """
 
 from __future__ import annotations
@@ -12,27 +13,54 @@ import json
 import os
 import subprocess
 import sys
+import venv
 from pathlib import Path
 from typing import Any
 
-PEERS = {
-    "dynamo": "ai-dynamo-runtime==1.6.1 (NVIDIA Dynamo's KV router index, dynamo._core.RadixTree)",
-    "lmcache": "lmcache==0.5.6 (LocalCPUBackend, LocalDiskBackend) on torch's CPU build",
+# peer -> pip installs, in order (LMCache: torch's CPU build first, so its torch requirement never pulls CUDA)
+PEERS: dict[str, list[list[str]]] = {
+    "dynamo": [["ai-dynamo-runtime==1.6.1"]],
+    "lmcache": [["torch==2.13.0"], ["lmcache==0.5.6"]],
 }
 REPO = Path(__file__).resolve().parents[3]
 
 
+def environment(name: str) -> Path:
+    """Where peer ``name``'s environment lives: ``$KVTIER_PEERS_DIR`` or the repository root."""
+    return Path(os.environ.get("KVTIER_PEERS_DIR", REPO)) / f".venv-peer-{name}"
+
+
 def peer_python(name: str) -> Path | None:
-    """The peer environment's interpreter, or None when ``scripts/setup_peers.sh`` has not made it.
-    ``KVTIER_PEERS_DIR`` moves the environments (default: the repository root)."""
-    base = Path(os.environ.get("KVTIER_PEERS_DIR", REPO))
-    python = base / f".venv-peer-{name}" / "bin" / "python"
-    return python if python.is_file() else None
+    """The peer environment's interpreter, or None while it is not (completely) installed."""
+    env = environment(name)
+    return env / "bin" / "python" if (env / ".complete").is_file() else None
 
 
 def missing_reason(name: str) -> str | None:
     if peer_python(name) is None:
-        return f"peer {name} not installed ({PEERS[name]}): bash scripts/setup_peers.sh {name}"
+        wanted = ", then ".join(" ".join(group) for group in PEERS[name])
+        return f"peer {name} is not installed ({wanted}): python -m kvtier.bench.peers install {name}"
+    return None
+
+
+def install(name: str) -> Path:
+    """Make peer ``name``'s environment (a fresh one if a previous install did not complete)."""
+    env = environment(name)
+    if peer_python(name) is None:
+        print(f"installing peer {name} into {env} (minutes, once)", file=sys.stderr)
+        venv.EnvBuilder(clear=True, with_pip=True).create(env)
+        for group in PEERS[name]:
+            subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", *group], check=True)
+        (env / ".complete").touch()
+    return env / "bin" / "python"
+
+
+def ensure(name: str) -> str | None:
+    """Install peer ``name`` if needed; None when it is ready, else why it is not (the benchmark goes on)."""
+    try:
+        install(name)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"peer {name} could not be installed: {exc}"
     return None
 
 
@@ -51,6 +79,17 @@ def run_peer(name: str, script: str, workload: Path, timeout_s: float = 3600) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__":  # python -m kvtier.bench.peers: which peers are installed
-    for peer in PEERS:
-        print(f"{peer}: {peer_python(peer) or missing_reason(peer)}", file=sys.stdout)
+def main(argv: list[str]) -> int:
+    """``python -m kvtier.bench.peers [install] [NAME ...]``: install peers, or say which are installed."""
+    names = [a for a in argv if a != "install"] or list(PEERS)
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        print(f"unknown peer(s) {unknown}; peers: {', '.join(PEERS)}", file=sys.stderr)
+        return 2
+    failed = 0
+    for name in names:
+        reason = ensure(name) if "install" in argv else missing_reason(name)
+        print(f"{name}: {reason or peer_python(name)}")
+        failed += reason is not None
+    return 1 if failed else 0
+
