@@ -461,6 +461,7 @@ class KvRouter:
             raise WorkerError("the stream ended before the answer finished")
 
     async def _models(self, request: web.Request) -> web.Response:
+        self._client(request)
         for worker in self.workers.values():
             if worker.alive:
                 try:
