@@ -112,6 +112,7 @@ class _Metrics:
         self.indexed = Gauge("kvtier_router_indexed_blocks", "distinct blocks in the index", registry=r)
         self.approx = Gauge("kvtier_router_approx_blocks", "blocks assumed cached from routing decisions", registry=r)
         self.sessions = Gauge("kvtier_router_sessions", "sessions remembered for stickiness", registry=r)
+        self.cached = {m: self.cached_blocks.labels(m) for m in ("device", "host", "disk")}  # bound once: hot path
         self.route_seconds = Histogram("kvtier_router_route_seconds", "time to choose a worker", registry=r,
                                        buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1))
 
@@ -262,9 +263,9 @@ class KvRouter:
             self.sessions.put(route.session, url)
         self.indexer.record_routing(url, route.hashes)
         self.metrics.prompt_blocks.inc(len(route.hashes))
-        self.metrics.cached_blocks.labels("device").inc(overlap.device)
-        self.metrics.cached_blocks.labels("host").inc(overlap.host - overlap.device)
-        self.metrics.cached_blocks.labels("disk").inc(overlap.any - overlap.host)
+        self.metrics.cached["device"].inc(overlap.device)
+        self.metrics.cached["host"].inc(overlap.host - overlap.device)
+        self.metrics.cached["disk"].inc(overlap.any - overlap.host)
         self.metrics.routed.labels(url).inc()
 
     def _begin(self, route: _Route) -> None:
@@ -272,7 +273,6 @@ class KvRouter:
         load.inflight += 1
         load.prefill_blocks += len(route.hashes) - route.overlap.any
         load.active_blocks += len(route.hashes)
-        self.metrics.inflight.labels(route.worker.url).set(load.inflight)
 
     def _prefilled(self, route: _Route) -> None:
         route.worker.load.prefill_blocks -= len(route.hashes) - route.overlap.any
@@ -281,7 +281,6 @@ class KvRouter:
         load = route.worker.load
         load.inflight -= 1
         load.active_blocks -= len(route.hashes)
-        self.metrics.inflight.labels(route.worker.url).set(load.inflight)
         self.gate.release()
 
     # --- endpoints --------------------------------------------------------------------------------------
@@ -326,7 +325,8 @@ class KvRouter:
 
     async def _handle(self, kind: str, request: web.Request) -> web.StreamResponse:
         tenant = self._client(request)
-        body = parse_json_object(await request.read())
+        raw = await request.read()
+        body = parse_json_object(raw)
         hints = agent_hints(body)
         salt = self._salt(body, tenant)
         if kind == "messages":
@@ -343,15 +343,20 @@ class KvRouter:
                 chat["stream_options"] = {"include_usage": True, "continuous_usage_stats": kind == "messages"}
             if "nvext" in body:
                 chat["nvext"] = body["nvext"]
+        unchanged = chat is body and salt == body.get("cache_salt")
         if salt is not None:
             chat["cache_salt"] = salt
+        # a chat or completions body the router did not change goes out as the client's bytes
+        payload = raw if unchanged else json.dumps(chat).encode()
         tokens = self._tokens(kind, chat)
         hashes = self.hasher.hashes(tokens, salt)
         session = hints.get("session_id")
         session_key = f"{salt or ''}\0{session}" if session else None  # a tenant's sessions are its own
         priority = hints.get("priority", 0)
         path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
-        headers = {"x-kvtier-agent-hints": hints_header(hints)} if hints else {}
+        headers = {"Content-Type": "application/json"}
+        if hints:
+            headers["x-kvtier-agent-hints"] = hints_header(hints)
         reply = (AnthropicReply(chat["model"], len(tokens) if self.hasher.exact else None) if kind == "messages"
                  else ResponsesReply(chat["model"], responses_echo(body)) if kind == "responses" else ChatReply())
         tried: set[str] = set()
@@ -359,7 +364,7 @@ class KvRouter:
             route = await self._acquire(hashes, session_key, priority, tried)
             self._begin(route)
             try:
-                return await self._proxy(request, route, path, chat, headers, reply)
+                return await self._proxy(request, route, path, payload, stream, headers, reply)
             except WorkerUnreachable as exc:
                 tried.add(route.worker.url)
                 self._mark_dead(route.worker, str(exc))
@@ -393,10 +398,10 @@ class KvRouter:
         need(tools is None or isinstance(tools, list), "body.tools must be an array")
         return self.hasher.chat_tokens(messages, tools)
 
-    async def _proxy(self, request: web.Request, route: _Route, path: str, body: dict, headers: dict,
-                     reply: Reply) -> web.StreamResponse:
+    async def _proxy(self, request: web.Request, route: _Route, path: str, payload: bytes, stream: bool,
+                     headers: dict, reply: Reply) -> web.StreamResponse:
         try:
-            upstream = await self._http.post(route.worker.url + path, json=body, headers=headers)
+            upstream = await self._http.post(route.worker.url + path, data=payload, headers=headers)
         except _CONNECT_ERRORS as exc:
             raise WorkerUnreachable(repr(exc)) from None
         async with upstream:
@@ -404,7 +409,7 @@ class KvRouter:
             if upstream.status < 300:
                 self._remember(route)
             anthropic = isinstance(reply, AnthropicReply)
-            if upstream.status >= 400 or not body.get("stream"):
+            if upstream.status >= 400 or not stream:
                 try:
                     raw = await upstream.read()
                 except _CONNECT_ERRORS as exc:
@@ -473,6 +478,8 @@ class KvRouter:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.metrics.indexed.set(len(self.indexer))
+        for worker in self.workers.values():
+            self.metrics.inflight.labels(worker.url).set(worker.load.inflight)
         self.metrics.approx.set(self.indexer.approx_blocks)
         self.metrics.sessions.set(len(self.sessions))
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -555,9 +562,12 @@ def _finish_plain(status: int, raw: bytes, reply: Reply, anthropic: bool) -> web
     try:
         if not isinstance(data, dict):
             raise WorkerError("the worker answered with something that is not a JSON object")
-        return web.json_response(reply.plain(data), status=status)
+        answer = reply.plain(data)
     except WorkerError as exc:
         return _error(502, str(exc), anthropic)
+    if answer is data:  # passed through unchanged: the worker's own bytes
+        return web.Response(body=raw, status=status, content_type="application/json")
+    return web.json_response(answer, status=status)
 
 
 def _worker_error_message(data: Any, raw: bytes) -> str:
