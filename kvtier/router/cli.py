@@ -68,5 +68,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvtier router: {exc}")
         return 2
-    web.run_app(router.app(), host=args.host, port=args.port, print=None)
+    # backlog: a burst of new client connections (hundreds of agents at once) must not overflow aiohttp's
+    # default of 128, where dropped SYNs cost clients a 1 s retransmit
+    web.run_app(router.app(), host=args.host, port=args.port, print=None, backlog=1024)
     return 0
