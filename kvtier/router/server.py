@@ -547,7 +547,7 @@ def _sse_chunk(line: bytes) -> dict | None:
         raise WorkerError(f"the worker sent an event that is not JSON: {payload[:200]!r}") from None
     if not isinstance(value, dict):
         raise WorkerError("the worker sent an event that is not a JSON object")
-    if "error" in value:
+    if "error" in value or value.get("object") == "error":  # vLLM's two shapes of a mid-stream error
         raise WorkerError(f"worker error: {_worker_error_message(value, payload)}")
     return value
 

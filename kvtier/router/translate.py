@@ -387,6 +387,7 @@ def responses_to_chat(body: dict) -> dict:
     if tools:
         chat["tools"] = [_responses_tool(t, f"body.tools[{i}]") for i, t in enumerate(tools)]
     choice = body.get("tool_choice")
+    need(choice is None or isinstance(choice, (str, dict)), "body.tool_choice must be a string or an object")
     if isinstance(choice, str):
         need(choice in ("auto", "required", "none"), f"body.tool_choice {choice!r} is not supported")
         chat["tool_choice"] = choice

@@ -188,6 +188,7 @@ class FakeWorker:
             return web.Response(text="not a stream")
         first = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "par"}}]}
         tail = {"error_event": b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n',
+                "error_object": b'data: {"object": "error", "message": "engine died", "code": 500}\n\n',
                 "garbage": b"<html>oops</html>\n\n", "truncated": b""}[self.fault]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from .conftest import TOOL_ARGS, Cluster, free_port, make_tokenizer, router_process, start_cluster, stop_cluster
-from .test_front import TOOLS_ANTHROPIC, all_received, claude, http, oai
+from .test_front import TOOLS_ANTHROPIC, all_received, claude, oai
 
 USER = [{"role": "user", "content": "hello there"}]
 TOOLS_RESPONSES = [{"type": "function", "name": "read_file", "parameters": {"type": "object", "properties": {}}}]
@@ -32,14 +32,14 @@ def broken(cluster: Cluster, fault: str) -> Cluster:
 
 
 # --- worker failures -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fault", ["error_event", "garbage", "truncated", "text_stream"])
+@pytest.mark.parametrize("fault", ["error_event", "error_object", "garbage", "truncated", "text_stream"])
 def test_anthropic_stream_failures_are_error_events(cluster: Cluster, fault: str) -> None:
     with pytest.raises(anthropic.APIStatusError) as err:
         with claude(broken(cluster, fault)).messages.stream(model="m", max_tokens=8, messages=USER) as stream:
             list(stream)
     body = err.value.body
     assert body["type"] == "error" and body["error"]["type"] == "api_error"
-    assert {"error_event": "engine died", "garbage": "not an event", "truncated": "before the answer finished",
+    assert {"error_event": "engine died", "error_object": "engine died", "garbage": "not an event", "truncated": "before the answer finished",
             "text_stream": "not an event stream"}[fault] in body["error"]["message"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,8 @@ import pytest
 from kvtier.router.auth import Auth
 from kvtier.router.server import RouterConfig
 
-from .conftest import TOOL_ARGS, Cluster, make_tokenizer, router_process, start_cluster, stop_cluster
-from .test_front import TOOLS_ANTHROPIC, TOOLS_OPENAI, all_received, claude, http, oai
+from .conftest import Cluster, router_process, start_cluster, stop_cluster
+from .test_front import all_received, claude, http, oai
 
 KEYS = {"key-a": None, "key-b": "tenant-b"}
 USER = [{"role": "user", "content": "hello there"}]
