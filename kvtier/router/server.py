@@ -158,7 +158,8 @@ class KvRouter:
         # as many connections per worker as requests it may have in flight (aiohttp's default, 100 in all,
         # would queue requests inside the router), plus a few for /v1/models and health probes
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.max_inflight_per_worker + _CONTROL_CONNECTIONS)
-        self._http = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        # no cookie jar: a cookie one client's answer set must not ride along on other clients' requests
+        self._http = aiohttp.ClientSession(timeout=timeout, connector=connector, cookie_jar=aiohttp.DummyCookieJar())
         for url in self._pending_urls:
             self.add_worker(url, self._events.get(url))
         self._health_task = asyncio.create_task(self._health_loop())

@@ -155,7 +155,8 @@ class FakeWorker:
             message = {"role": "assistant", "content": text, "reasoning_content": reasoning,
                        "tool_calls": [call] if call else []}
             return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body.get("model", "m"),
-                                      "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage})
+                                      "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage},
+                                     headers={"Set-Cookie": f"sid={self.name}-session; Path=/"})  # must not travel on
         deltas: list[dict] = [{"role": "assistant", "content": ""}]
         deltas += [{"reasoning_content": part} for part in _halves(reasoning)]
         if call:

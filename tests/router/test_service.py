@@ -94,6 +94,14 @@ def test_cli_reads_keys_from_file_and_environment(tmp_path: Path, cluster: Clust
         assert admin.status_code == 200
 
 
+def test_worker_cookies_do_not_travel_between_clients(cluster: Cluster) -> None:
+    worker = cluster.workers[0]
+    with router_process(worker.url.replace("127.0.0.1", "localhost")) as url:  # a host name: cookies are kept
+        for _ in range(2):
+            assert http(url + "/v1/chat/completions", json_body=CHAT).status_code == 200
+    assert len(worker.received) == 2 and not any("Cookie" in h for h in worker.headers)
+
+
 # --- 2. tenant salt -------------------------------------------------------------------------------------------
 def test_cache_salt_on_every_protocol_seeds_keys_and_reaches_the_worker(cluster: Cluster) -> None:
     long = [{"role": "user", "content": "a shared context " * 20}]
