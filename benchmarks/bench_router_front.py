@@ -5,7 +5,8 @@ fixed time (50 ms, like a short decode, and 0 ms, the router's own ceiling), the
 its own process) in front of it, and a client (this process, aiohttp) holding ``--concurrency`` requests in
 flight, streaming or not. The baseline is the same client calling the worker directly. Reported: requests/s,
 p50 and p99 latency, router/direct throughput ratio, the p50 the router adds, and CPU time per request of
-the worker (direct) and of the router process (which does not depend on what else runs on the machine).
+the worker (direct) and of the router process (which does not depend on what else runs on the machine);
+each the median of ``--repeat`` runs with direct and router alternating.
 
 ``python benchmarks/bench_router_front.py [--quick] [--json PATH] [--plot PATH]``
 """
@@ -145,33 +146,46 @@ async def load(url: str, concurrency: int, requests: int, warmup: int, stream: b
             "p99_ms": float(np.percentile(lat, 99)), "failures": failures}
 
 
+def measure(name: str, url: str, proc: subprocess.Popen, concurrency: int, stream: bool, args: argparse.Namespace,
+            bar: tqdm) -> dict:
+    """One target once: the client's figures and the CPU per request of the process in front (worker or router)."""
+    cpu = cpu_seconds(proc)
+    result = asyncio.run(load(url, concurrency, args.requests, args.warmup, stream, bar))
+    result["cpu_us"] = (cpu_seconds(proc) - cpu) / (args.requests + args.warmup) * 1e6
+    return {f"{name}_{k}": v for k, v in result.items()}
+
+
+def median_row(samples: list[dict]) -> dict:
+    """Per-figure medians over repeats (a shared machine's load drifts; direct and router alternate)."""
+    row = {k: float(np.median([s[k] for s in samples])) for k in samples[0]}
+    row["rps_ratio"] = float(np.median([s["router_rps"] / s["direct_rps"] for s in samples]))
+    row["added_p50_ms"] = float(np.median([s["router_p50_ms"] - s["direct_p50_ms"] for s in samples]))
+    return row
+
+
 def run(args: argparse.Namespace) -> dict:
     delays = [0.05, 0.0]
-    concurrencies = [64, 256]
-    cases = [(d, c, s) for d in delays for c in concurrencies for s in (False, True)]
+    cases = [(c, s) for c in (64, 256) for s in (False, True)]
     rows = []
-    with tqdm(total=len(cases) * 2 * (args.requests + args.warmup), desc="requests", unit="req") as bar:
+    total = len(delays) * len(cases) * args.repeat * 2 * (args.requests + args.warmup)
+    with tqdm(total=total, desc="requests", unit="req") as bar:
         for delay in delays:
             worker, worker_url = start_worker(delay)
             router, router_url = start_router(worker_url)
             try:
-                for d, concurrency, stream in (c for c in cases if c[0] == delay):
-                    row = {"worker_ms": delay * 1e3, "concurrency": concurrency, "stream": stream}
-                    for name, url, proc in (("direct", worker_url, worker), ("router", router_url, router)):
-                        cpu = cpu_seconds(proc)
-                        result = asyncio.run(load(url, concurrency, args.requests, args.warmup, stream, bar))
-                        row.update({f"{name}_{k}": v for k, v in result.items()})
-                        # CPU per request of the process in front: the worker alone, or the router
-                        row[f"{name}_cpu_us"] = (cpu_seconds(proc) - cpu) / (args.requests + args.warmup) * 1e6
-                    row["rps_ratio"] = row["router_rps"] / row["direct_rps"]
-                    row["added_p50_ms"] = row["router_p50_ms"] - row["direct_p50_ms"]
-                    rows.append(row)
+                for concurrency, stream in cases:
+                    samples = [{**measure("direct", worker_url, worker, concurrency, stream, args, bar),
+                                **measure("router", router_url, router, concurrency, stream, args, bar)}
+                               for _ in range(args.repeat)]
+                    rows.append({"worker_ms": delay * 1e3, "concurrency": concurrency, "stream": stream,
+                                 **median_row(samples)})
             finally:
                 for proc in (router, worker):
                     proc.terminate()
                     proc.wait(timeout=10)
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "python": platform.python_version(), "requests_per_case": args.requests, "rows": rows}
+            "python": platform.python_version(), "requests_per_case": args.requests, "repeats": args.repeat,
+            "rows": rows}
 
 
 def plot(result: dict, path: str) -> None:
@@ -203,7 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000, help="requests per case and target")
     parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--quick", action="store_true", help="500 requests per case")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported")
+    parser.add_argument("--quick", action="store_true", help="500 requests per case, one run")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     parser.add_argument("--serve-worker", nargs=2, metavar=("PORT", "DELAY_S"), help=argparse.SUPPRESS)
@@ -212,11 +227,11 @@ def main() -> None:
         serve_worker(int(args.serve_worker[0]), float(args.serve_worker[1]))
         return
     if args.quick:
-        args.requests, args.warmup = 500, 100
+        args.requests, args.warmup, args.repeat = 500, 100, 1
     result = run(args)
     columns = ["worker_ms", "concurrency", "stream", "direct_rps", "router_rps", "rps_ratio", "direct_p50_ms",
                "router_p50_ms", "added_p50_ms", "direct_p99_ms", "router_p99_ms", "direct_cpu_us", "router_cpu_us",
-               "router_failures"]
+               "direct_failures", "router_failures"]
     print_table(result["rows"], columns, f"router front vs direct ({result['machine']})")
     write_json(args.json, result)
     if args.plot:
