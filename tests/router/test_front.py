@@ -16,7 +16,7 @@ from kvtier.router.auth import Auth
 from kvtier.router.choice import CostWeights
 from kvtier.router.server import RouterConfig
 
-from .conftest import TOOL_ARGS, Cluster, make_tokenizer, start_cluster, stop_cluster
+from .conftest import TOOL_ARGS, Cluster, make_tokenizer, router_process, start_cluster, stop_cluster
 
 TOOLS_OPENAI = [{"type": "function", "function": {"name": "read_file", "description": "read a file",
                                                   "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]
@@ -303,34 +303,15 @@ def test_events_route_to_the_worker_whose_engine_cached_the_prompt(tmp_path) -> 
 
 
 def test_cli_serves_and_rejects_bad_arguments(cluster: Cluster) -> None:
-    import socket
-    import subprocess
-    import sys
-
     from kvtier.cli import main
 
     assert main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--events", "a", "--events", "b"]) == 2
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     worker = cluster.workers[0].url
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--worker", worker,
-                             "--events", "-", "--log-level", "WARNING"])
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                health = http(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+    with router_process(worker, ["--events", "-"]) as url:
+        health = http(url + "/health")
         assert health.status_code == 200 and health.json()["workers"][0]["url"] == worker
-        reply = http(f"http://127.0.0.1:{port}/v1/chat/completions",
-                     json_body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        reply = http(url + "/v1/chat/completions", json_body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"].endswith("says: hi")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_workers_join_and_leave_at_runtime() -> None:
