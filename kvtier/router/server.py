@@ -3,7 +3,10 @@ that already holds the request's prefix (vLLM or SGLang OpenAI-compatible server
 
 Errors the client caused are 4xx with a message; a worker that cannot be reached is marked dead, its KV
 forgotten, and the request goes to the next best worker; the router itself answers 5xx only with a reason
-(no live worker: 503; a worker's own error status is passed through with its body).
+(no live worker: 503; a worker's answer that is not a completion: 502; a worker's own error status is passed
+through with its message), always as JSON in the client's protocol, and a stream that fails after its first
+byte ends with that protocol's error event. Who may call is :mod:`kvtier.router.auth`; what a request may
+make the router parse, store or forward is :mod:`kvtier.router.limits`.
 """
 
 from __future__ import annotations
@@ -330,30 +333,18 @@ class KvRouter:
         body = parse_json_object(raw)
         hints = agent_hints(body)
         salt = self._salt(body, tenant)
-        if kind == "messages":
-            chat = anthropic_to_chat(body)
-        elif kind == "responses":
-            chat = responses_to_chat(body)
-        else:
-            chat = body
         stream = body.get("stream", False)
         need(isinstance(stream, bool), "body.stream must be a boolean")
-        if kind in ("messages", "responses"):
-            chat["stream"] = stream
-            if stream:
-                chat["stream_options"] = {"include_usage": True, "continuous_usage_stats": kind == "messages"}
-            if "nvext" in body:
-                chat["nvext"] = body["nvext"]
+        chat = _worker_body(kind, body, stream)
         unchanged = chat is body and salt == body.get("cache_salt")
         if salt is not None:
             chat["cache_salt"] = salt
-        # a chat or completions body the router did not change goes out as the client's bytes
-        payload = raw if unchanged else json.dumps(chat).encode()
         tokens = self._tokens(kind, chat)
         hashes = self.hasher.hashes(tokens, salt)
+        # a chat or completions body the router did not change goes out as the client's bytes
+        payload = raw if unchanged else json.dumps(chat).encode()
         session = hints.get("session_id")
         session_key = f"{salt or ''}\0{session}" if session else None  # a tenant's sessions are its own
-        priority = hints.get("priority", 0)
         path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
         headers = {"Content-Type": "application/json"}
         if hints:
@@ -362,7 +353,7 @@ class KvRouter:
                  else ResponsesReply(chat["model"], responses_echo(body)) if kind == "responses" else ChatReply())
         tried: set[str] = set()
         while True:
-            route = await self._acquire(hashes, session_key, priority, tried)
+            route = await self._acquire(hashes, session_key, hints.get("priority", 0), tried)
             self._begin(route)
             try:
                 return await self._proxy(request, route, path, payload, stream, headers, reply)
@@ -521,6 +512,20 @@ class NoWorker(Exception):
 
 class WorkerUnreachable(Exception):
     """The worker could not be reached before any byte of its answer was relayed."""
+
+
+def _worker_body(kind: str, body: dict, stream: bool) -> dict:
+    """What the worker gets: chat and completions bodies as sent, Anthropic and Responses ones translated to
+    chat (streams ask for usage: on every chunk for Anthropic's message_start, at the end for Responses)."""
+    if kind not in ("messages", "responses"):
+        return body
+    chat = anthropic_to_chat(body) if kind == "messages" else responses_to_chat(body)
+    chat["stream"] = stream
+    if stream:
+        chat["stream_options"] = {"include_usage": True, "continuous_usage_stats": kind == "messages"}
+    if "nvext" in body:
+        chat["nvext"] = body["nvext"]
+    return chat
 
 
 async def _write(response: web.StreamResponse, pieces: list[bytes]) -> None:

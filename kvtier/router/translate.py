@@ -12,7 +12,6 @@ without router state, across router restarts and replicas. Responses clients sen
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import secrets
 import time
@@ -89,7 +88,7 @@ def decode_tool_id(call_id: str) -> tuple[str, str | None]:
         if inflater.unconsumed_tail or not inflater.eof:
             return call_id[:_TOOL_ID_HEAD], None
         return call_id[:_TOOL_ID_HEAD], raw.decode()
-    except (binascii.Error, ValueError, zlib.error):
+    except (ValueError, zlib.error):  # bad base64 (binascii.Error), bad UTF-8, bad zlib
         return call_id[:_TOOL_ID_HEAD], None
 
 
