@@ -84,12 +84,13 @@ def test_cli_reads_keys_from_file_and_environment(tmp_path: Path, cluster: Clust
     key_file = tmp_path / "keys"
     key_file.write_text("# tenants\nfile-key tenant-f\nplain-key\n")
     env = {**os.environ, "KVTIER_ROUTER_API_KEYS": "env-key:tenant-e,env-plain", "KVTIER_ROUTER_ADMIN_KEY": "env-root"}
-    with router_process(cluster.workers[0].url, ["--api-key-file", str(key_file)], env) as url:
+    args = ["--api-key-file", str(key_file), "--api-key", "flag-key:tenant-x"]
+    with router_process(cluster.workers[0].url, args, env) as url:
         ask = lambda key: http(url + "/v1/chat/completions", json_body=CHAT, headers={"x-api-key": key}).status_code
-        assert [ask(k) for k in ("file-key", "plain-key", "env-key", "env-plain", "nope")] == [200, 200, 200, 200, 401]
-        assert cluster.workers[0].received[0]["cache_salt"] == "tenant-f"
-        assert cluster.workers[0].received[2]["cache_salt"] == "tenant-e"
-        assert "cache_salt" not in cluster.workers[0].received[1]
+        keys = ("file-key", "plain-key", "env-key", "env-plain", "flag-key", "nope")
+        assert [ask(k) for k in keys] == [200, 200, 200, 200, 200, 401]
+        salts = [body.get("cache_salt") for body in cluster.workers[0].received]
+        assert salts == ["tenant-f", None, "tenant-e", None, "tenant-x"]
         admin = http(url + "/admin/workers", json_body={"url": "http://127.0.0.1:9"}, headers={"Authorization": "Bearer env-root"})
         assert admin.status_code == 200
 
@@ -100,6 +101,15 @@ def test_worker_cookies_do_not_travel_between_clients(cluster: Cluster) -> None:
         for _ in range(2):
             assert http(url + "/v1/chat/completions", json_body=CHAT).status_code == 200
     assert len(worker.received) == 2 and not any("Cookie" in h for h in worker.headers)
+
+
+def test_cli_refuses_malformed_key_files(tmp_path: Path) -> None:
+    from kvtier.cli import main
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("one two three\n")
+    assert main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--api-key-file", str(key_file)]) == 2
+    assert main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--api-key-file", str(tmp_path / "none")]) == 2
 
 
 # --- 2. tenant salt -------------------------------------------------------------------------------------------
