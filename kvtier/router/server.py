@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -417,11 +417,8 @@ class KvRouter:
         await response.prepare(request)
         try:
             await _write(response, reply.start())
-            if isinstance(reply, ChatReply):
-                async for data in upstream.content.iter_any():
-                    await response.write(data)
-            else:
-                await self._translate_stream(upstream, reply, response)
+            relay = self._pass_stream if isinstance(reply, ChatReply) else self._translate_stream
+            await relay(upstream, reply, response)
             await _write(response, reply.finish())
         except (WorkerError, *_CONNECT_ERRORS) as exc:
             # bytes already reached the client, so the stream cannot move to another worker: end it with the
@@ -437,8 +434,8 @@ class KvRouter:
             pass
         return response
 
-    async def _translate_stream(self, upstream: aiohttp.ClientResponse, reply: AnthropicReply | ResponsesReply,
-                                response: web.StreamResponse) -> None:
+    async def _lines(self, upstream: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+        """The complete lines of each read from a worker's stream (without their newlines)."""
         pending: list[bytes] = []
         size = 0
         async for data in upstream.content.iter_any():
@@ -446,14 +443,32 @@ class KvRouter:
             if lines:
                 lines[0] = b"".join(pending) + lines[0]
                 pending, size = [], 0
-                for line in lines:
-                    chunk = _sse_chunk(line)
-                    if chunk is not None:
-                        await _write(response, reply.chunk(chunk))
+                yield lines
             pending.append(rest)
             size += len(rest)
             if size > self.config.max_body_bytes:
                 raise WorkerError(f"the worker sent a stream line longer than {self.config.max_body_bytes} bytes")
+
+    async def _pass_stream(self, upstream: aiohttp.ClientResponse, reply: ChatReply,
+                           response: web.StreamResponse) -> None:
+        """Chat and completions streams go out as the worker's bytes, checked line by line: a line that is not
+        an event, or an end without ``data: [DONE]``, is a failure (vLLM's error events are OpenAI's shape
+        already and pass as they are)."""
+        done = False
+        async for lines in self._lines(upstream):
+            for line in lines:
+                done = done or _sse_data(line) == b"[DONE]"
+            await response.write(b"\n".join(lines) + b"\n")
+        if not done:
+            raise WorkerError("the stream ended before data: [DONE]")
+
+    async def _translate_stream(self, upstream: aiohttp.ClientResponse, reply: AnthropicReply | ResponsesReply,
+                                response: web.StreamResponse) -> None:
+        async for lines in self._lines(upstream):
+            for line in lines:
+                chunk = _sse_chunk(line)
+                if chunk is not None:
+                    await _write(response, reply.chunk(chunk))
         if reply.state.finish_reason is None:
             raise WorkerError("the stream ended before the answer finished")
 
@@ -536,16 +551,22 @@ async def _write(response: web.StreamResponse, pieces: list[bytes]) -> None:
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
 
 
+def _sse_data(line: bytes) -> bytes | None:
+    """The payload of a ``data:`` line of a worker's event stream; None for the other SSE lines. A line that
+    is not SSE at all is a :class:`WorkerError`."""
+    line = line.strip()
+    if line.startswith(b"data:"):
+        return line[5:].strip()
+    if line and not line.startswith(_SSE_FIELDS):
+        raise WorkerError(f"the worker sent a line that is not an event: {line[:200]!r}")
+    return None
+
+
 def _sse_chunk(line: bytes) -> dict | None:
     """The chat chunk on one line of a worker's event stream; None for other SSE lines and ``[DONE]``. A
     worker's error event, or a line that is not SSE or not a JSON object, is a :class:`WorkerError`."""
-    line = line.strip()
-    if not line.startswith(b"data:"):
-        if line and not line.startswith(_SSE_FIELDS):
-            raise WorkerError(f"the worker sent a line that is not an event: {line[:200]!r}")
-        return None
-    payload = line[5:].strip()
-    if payload == b"[DONE]":
+    payload = _sse_data(line)
+    if payload is None or payload == b"[DONE]":
         return None
     try:
         value = json.loads(payload)

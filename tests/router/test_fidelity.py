@@ -51,9 +51,14 @@ def test_responses_stream_failures_are_response_failed(cluster: Cluster, fault: 
     assert failed.status == "failed" and failed.error.code == "server_error" and failed.error.message
 
 
-def test_chat_stream_failure_is_an_openai_error_and_a_bad_body_is_a_502(cluster: Cluster) -> None:
-    with pytest.raises(openai.APIError, match="not an event stream"):
-        list(oai(broken(cluster, "text_stream")).chat.completions.create(model="m", messages=USER, stream=True))
+@pytest.mark.parametrize("fault, needle", [("text_stream", "not an event stream"), ("garbage", "not an event"),
+                                           ("truncated", r"before data: \[DONE\]"), ("error_event", "engine died")])
+def test_chat_stream_failures_are_openai_errors(cluster: Cluster, fault: str, needle: str) -> None:
+    with pytest.raises(openai.APIError, match=needle):
+        list(oai(broken(cluster, fault)).chat.completions.create(model="m", messages=USER, stream=True))
+
+
+def test_a_bad_body_is_a_502(cluster: Cluster) -> None:
     broken(cluster, "bad_body")
     for call in (lambda: oai(cluster).chat.completions.create(model="m", messages=USER),
                  lambda: oai(cluster).responses.create(model="m", input="hi")):

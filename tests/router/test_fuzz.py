@@ -139,3 +139,28 @@ def test_keys_and_salts(keyed_cluster: Cluster, path: str, header: str, value: s
     if salt is not None:
         body["cache_salt"] = salt
     _check(keyed_cluster, path, json.dumps(body).encode(), {header: value})
+
+
+faults = st.sampled_from(["error_event", "error_object", "garbage", "truncated", "text_stream", "bad_body", "status:404",
+                          "status:429", "status:503"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/chat/completions", "/v1/responses", "/v1/messages"]), fault=faults, stream=st.booleans())
+def test_broken_workers(shared_cluster: Cluster, path: str, fault: str, stream: bool) -> None:
+    """A broken worker gives the worker's status or a 502, as JSON, or a stream ending in an error; never a
+    crash of the router (a 500 it did not pass on)."""
+    for worker in shared_cluster.workers:
+        worker.fault = fault
+    try:
+        body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "input": "x", "stream": stream}
+        reply = http(shared_cluster.url + path, content=json.dumps(body).encode())
+    finally:
+        for worker in shared_cluster.workers:
+            worker.fault = None
+    expected = int(fault.split(":")[1]) if fault.startswith("status:") else 502
+    if reply.status_code == 200:
+        events = [line for line in reply.text.splitlines() if line.startswith("data:") and line != "data: [DONE]"]
+        assert stream and '"error"' in events[-1], reply.text
+    else:
+        assert reply.status_code == expected and reply.json()["error"]["message"], (reply.status_code, reply.text)
