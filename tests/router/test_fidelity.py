@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from .conftest import TOOL_ARGS, Cluster, free_port, make_tokenizer, router_process, start_cluster, stop_cluster
-from .test_front import TOOLS_ANTHROPIC, all_received, claude, oai
+from .test_front import TOOLS_ANTHROPIC, claude, oai
 
 USER = [{"role": "user", "content": "hello there"}]
 TOOLS_RESPONSES = [{"type": "function", "name": "read_file", "parameters": {"type": "object", "properties": {}}}]
@@ -108,16 +108,16 @@ def test_tool_arguments_replay_exactly_across_a_router_restart(cluster: Cluster)
     assert replayed == [TOOL_ARGS, TOOL_ARGS[:9], TOOL_ARGS]  # the model's strings, odd spacing and cut included
 
 
-def test_edited_or_foreign_tool_ids_replay_the_input_as_json(cluster: Cluster) -> None:
-    first = claude(cluster).messages.create(model="m", max_tokens=64, tools=TOOLS_ANTHROPIC,
+def test_edited_or_foreign_tool_ids_replay_the_input_as_json(single: Cluster) -> None:
+    first = claude(single).messages.create(model="m", max_tokens=64, tools=TOOLS_ANTHROPIC,
                                             messages=[{"role": "user", "content": "open it"}])
     call = first.content[-1]
     for tool_id, value in [(call.id, {"path": "other.py"}), ("toolu_01abc", {"path": "main.py"}), (call.id[:-3], call.input)]:
-        claude(cluster).messages.create(model="m", max_tokens=8, messages=[
+        claude(single).messages.create(model="m", max_tokens=8, messages=[
             {"role": "user", "content": "open it"},
             {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "read_file", "input": value}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": "ok"}]}])
-    sent = [b["messages"][1]["tool_calls"][0]["function"]["arguments"] for b in all_received(cluster)[1:]]
+    sent = [b["messages"][1]["tool_calls"][0]["function"]["arguments"] for b in single.workers[0].received[1:]]
     assert sent == ['{"path": "other.py"}', '{"path": "main.py"}', '{"path": "main.py"}']
 
 
