@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
               "LocalCPUBackend and LocalDiskBackend"),
     "router": ("kvtier.bench.router", "router index ops/s and find_matches latency against NVIDIA Dynamo's "
                "RadixTree; routing quality against round-robin"),
+    "front": ("kvtier.bench.front", "the router's HTTP front against calling the workers directly: requests/s, "
+              "p50/p99, CPU per request"),
     "policies": ("kvtier.bench.policies", "hit rate per eviction policy and capacity against LRU and Belady"),
     "restore": ("kvtier.bench.restore", "restoring a context from G2/G3/G4 against recomputing its prefill"),
     "serving": ("kvtier.bench.serving", "agent sessions through real vLLM servers: vLLM alone against vLLM + kvtier "

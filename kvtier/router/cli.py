@@ -11,6 +11,7 @@ from aiohttp import web
 
 from kvtier.command_options import positive_int
 from kvtier.errors import UsageError
+from kvtier.router.auth import Auth, load_keys
 from kvtier.router.choice import CostWeights
 from kvtier.router.server import EventSource, KvRouter, RouterConfig, check_worker_url
 from kvtier.router.translate import BadRequest
@@ -46,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--approx-ttl", type=float, default=120.0, help="seconds a routed prefix is assumed cached")
     parser.add_argument("--health-interval", type=float, default=2.0,
                         help="seconds between health checks of every worker (two failed in a row: dead)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY[:SALT]",
+                        help="a client API key (Authorization: Bearer KEY or x-api-key: KEY), repeat for several; "
+                             "':SALT' binds it to a tenant's cache salt. Without any key the API is open")
+    parser.add_argument("--api-key-file", metavar="PATH",
+                        help="client API keys, one 'KEY [TENANT_SALT]' a line, # comments")
+    parser.add_argument("--admin-key", help="key for POST/DELETE /admin/workers; without one the admin API is off")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=32 * 2**20, help="largest request body")
+    parser.add_argument("--max-sessions", type=positive_int, default=100_000,
+                        help="sessions remembered for stickiness")
+    parser.add_argument("--max-approx-blocks", type=positive_int, default=1_000_000,
+                        help="blocks per worker assumed cached from routing decisions (approximate mode)")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging threshold")
 
@@ -79,11 +91,18 @@ def build_router(args: argparse.Namespace) -> KvRouter:
         raise UsageError(f"{len(args.events)} --events for {len(args.worker)} --worker: give one per worker, in order")
     events = {url: EventSource.parse(ep) for url, ep in zip(args.worker, args.events) if ep != "-"}
     try:
+        auth = Auth(load_keys(args.api_key, args.api_key_file), args.admin_key)
+    except OSError as exc:
+        raise UsageError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a malformed key entry
+        raise UsageError(str(exc)) from None
+    try:
         weights = CostWeights(args.device_credit, args.host_credit, args.disk_credit, args.decode_weight,
                               args.temperature)
         config = RouterConfig(block_size=args.block_size, weights=weights, max_inflight_per_worker=args.max_inflight,
                               max_waiting=args.max_waiting, approx_ttl_s=args.approx_ttl,
-                              health_interval_s=args.health_interval)
+                              health_interval_s=args.health_interval, max_body_bytes=args.max_body_bytes,
+                              max_sessions=args.max_sessions, max_approx_blocks=args.max_approx_blocks, auth=auth)
         return KvRouter(args.worker, config, tokenizer=args.tokenizer, events=events)
     except (ValueError, OSError) as exc:  # a weight out of range, a tokenizer that cannot be read
         raise UsageError(str(exc)) from None
@@ -91,7 +110,9 @@ def build_router(args: argparse.Namespace) -> KvRouter:
 
 def listen(host: str, port: int) -> socket.socket:
     try:
-        return socket.create_server((host, port), reuse_port=False)
+        # backlog: a burst of new client connections (hundreds of agents at once) must not overflow the default
+        # of 128, where dropped SYNs cost clients a 1 s retransmit
+        return socket.create_server((host, port), backlog=1024)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise UsageError(f"cannot listen on {host}:{port}: {reason}") from None

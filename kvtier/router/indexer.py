@@ -4,7 +4,8 @@ Engines name blocks with their own hashes (vLLM: sha256 bytes or 64-bit ints; kv
 The router keys blocks by kvtier's chain over the token ids (:mod:`kvtier.hashing`), so a BlockStored
 event is re-hashed from its ``token_ids``, continuing the chain from its parent, and each worker keeps a
 map engine hash -> router hash to resolve later parents and removals. Workers that publish no events run
-in *approximate* mode: the blocks of every request routed to them are assumed cached for ``approx_ttl_s``.
+in *approximate* mode: the blocks of every request routed to them are assumed cached for ``approx_ttl_s``,
+at most ``max_approx_blocks`` per worker (the oldest go first), so clients cannot grow the router's memory.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ class IndexerStats:
 class KvIndexer:
     """Block hash -> workers per medium; ``find_matches`` gives each worker's cached prefix of a request."""
 
-    def __init__(self, block_size: int, *, approx_ttl_s: float = 120.0, index_factory: Callable[[], object] = BlockIndex,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, block_size: int, *, approx_ttl_s: float = 120.0, max_approx_blocks: int = 1_000_000,
+                 index_factory: Callable[[], object] = BlockIndex, clock: Callable[[], float] = time.monotonic) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        if approx_ttl_s <= 0:
-            raise ValueError(f"approx_ttl_s must be positive, got {approx_ttl_s}")
+        if approx_ttl_s <= 0 or max_approx_blocks <= 0:
+            raise ValueError(f"approx_ttl_s and max_approx_blocks must be positive, got {approx_ttl_s}, {max_approx_blocks}")
         self.block_size = block_size
         self.approx_ttl_s = approx_ttl_s
+        self.max_approx_blocks = max_approx_blocks
         self._index = index_factory()
         self._clock = clock
         self._workers: dict[str, _Worker] = {}
@@ -142,6 +144,14 @@ class KvIndexer:
             routed[key] = expiry
             routed.move_to_end(key)
         self._index.store(state.slot, 0, hashes)
+        excess = len(routed) - self.max_approx_blocks
+        if excess > 0:
+            self._index.remove(state.slot, 0, [routed.popitem(last=False)[0] for _ in range(excess)])
+
+    @property
+    def approx_blocks(self) -> int:
+        """Blocks held in approximate mode, all workers together."""
+        return sum(len(state.routed) for state in self._workers.values())
 
     def _expire(self) -> None:
         now = self._clock()

@@ -3,7 +3,10 @@ that already holds the request's prefix (vLLM or SGLang OpenAI-compatible server
 
 Errors the client caused are 4xx with a message; a worker that cannot be reached is marked dead, its KV
 forgotten, and the request goes to the next best worker; the router itself answers 5xx only with a reason
-(no live worker: 503; a worker's own error status is passed through with its body).
+(no live worker: 503; a worker's answer that is not a completion: 502; a worker's own error status is passed
+through with its message), always as JSON in the client's protocol, and a stream that fails after its first
+byte ends with that protocol's error event. Who may call is :mod:`kvtier.router.auth`; what a request may
+make the router parse, store or forward is :mod:`kvtier.router.limits`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,14 +26,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kvtier.events import EventSubscriber, KVEventBatch
+from kvtier.router.auth import Auth, Tenant
 from kvtier.router.choice import Chooser, CostWeights, PriorityGate, QueueFull, SessionTable, WorkerLoad
 from kvtier.router.indexer import KvIndexer, Overlap
+from kvtier.router.limits import agent_hints, hints_header, parse_json_object
 from kvtier.router.prompt import PromptHasher
-from kvtier.router.translate import (AnthropicStreamWriter, BadRequest, ResponsesStreamWriter, ToolArgsMemo,
-                                     anthropic_to_chat, chat_to_anthropic, chat_to_responses, need, responses_to_chat)
+from kvtier.router.translate import (AnthropicReply, BadRequest, ChatReply, ResponsesReply, WorkerError,
+                                     anthropic_error_type, anthropic_to_chat, need, responses_echo, responses_to_chat)
+
+Reply = AnthropicReply | ResponsesReply | ChatReply
 
 log = logging.getLogger(__name__)
 
+_CONTROL_CONNECTIONS = 4
 _CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
 HEALTH_FAILURES_TO_DIE = 2
 
@@ -68,10 +76,17 @@ class RouterConfig:
     health_interval_s: float = 2.0
     connect_timeout_s: float = 5.0
     seed: int = 0
+    max_body_bytes: int = 32 * 2**20      # vLLM's uvicorn front has no cap; aiohttp's default 1 MiB is too small
+    max_sessions: int = 100_000
+    max_approx_blocks: int = 1_000_000    # per approximate-mode worker
+    max_salt_chars: int = 256
+    auth: Auth = field(default_factory=Auth)
 
     def __post_init__(self) -> None:
         if self.max_inflight_per_worker <= 0:
             raise ValueError("max_inflight_per_worker must be positive")
+        if min(self.max_body_bytes, self.max_sessions, self.max_approx_blocks, self.max_salt_chars) <= 0:
+            raise ValueError("max_body_bytes, max_sessions, max_approx_blocks and max_salt_chars must be positive")
         if self.health_interval_s <= 0 or self.connect_timeout_s <= 0:
             raise ValueError("health_interval_s and connect_timeout_s must be positive")
 
@@ -98,6 +113,16 @@ class Worker:
     subscriber: EventSubscriber | None = None
 
 
+@dataclass
+class _Route:
+    """One attempt at serving a request: the worker chosen, and what to learn if the worker accepts it."""
+
+    worker: Worker
+    hashes: list[int]
+    overlap: Overlap
+    session: str | None
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -112,6 +137,9 @@ class _Metrics:
         self.alive = Gauge("kvtier_router_worker_alive", "1 when the worker is reachable", ["worker"], registry=r)
         self.waiting = Gauge("kvtier_router_waiting", "requests queued because every worker is saturated", registry=r)
         self.indexed = Gauge("kvtier_router_indexed_blocks", "distinct blocks in the index", registry=r)
+        self.approx = Gauge("kvtier_router_approx_blocks", "blocks assumed cached from routing decisions", registry=r)
+        self.sessions = Gauge("kvtier_router_sessions", "sessions remembered for stickiness", registry=r)
+        self.cached = {m: self.cached_blocks.labels(m) for m in ("device", "host", "disk")}  # bound once: hot path
         self.route_seconds = Histogram("kvtier_router_route_seconds", "time to choose a worker", registry=r,
                                        buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1))
 
@@ -123,11 +151,11 @@ class KvRouter:
         self._pending_urls = [check_worker_url(u) for u in worker_urls]
         self.config = config or RouterConfig()
         self.hasher = PromptHasher(self.config.block_size, tokenizer)
-        self.indexer = KvIndexer(self.config.block_size, approx_ttl_s=self.config.approx_ttl_s)
+        self.indexer = KvIndexer(self.config.block_size, approx_ttl_s=self.config.approx_ttl_s,
+                                 max_approx_blocks=self.config.max_approx_blocks)
         self.chooser = Chooser(self.config.weights, self.config.seed)
-        self.sessions = SessionTable(ttl_s=self.config.session_ttl_s)
+        self.sessions = SessionTable(self.config.max_sessions, ttl_s=self.config.session_ttl_s)
         self.gate = PriorityGate(self.config.max_waiting)
-        self.memo = ToolArgsMemo()
         self.metrics = _Metrics()
         self.workers: dict[str, Worker] = {}
         self._events = dict(events or {})
@@ -137,7 +165,7 @@ class KvRouter:
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=256 * 2**20, middlewares=[self._errors])
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._errors])
         app.router.add_post("/v1/chat/completions", self._endpoint("chat"))
         app.router.add_post("/v1/completions", self._endpoint("completions"))
         app.router.add_post("/v1/responses", self._endpoint("responses"))
@@ -154,7 +182,11 @@ class KvRouter:
     async def _startup(self, app: web.Application) -> None:
         self._loop = asyncio.get_running_loop()
         timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s, sock_read=3600)
-        self._http = aiohttp.ClientSession(timeout=timeout)
+        # as many connections per worker as requests it may have in flight (aiohttp's default, 100 in all,
+        # would queue requests inside the router), plus a few for /v1/models and health probes
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.max_inflight_per_worker + _CONTROL_CONNECTIONS)
+        # no cookie jar: a cookie one client's answer set must not ride along on other clients' requests
+        self._http = aiohttp.ClientSession(timeout=timeout, connector=connector, cookie_jar=aiohttp.DummyCookieJar())
         for url in self._pending_urls:
             self.add_worker(url, self._events.get(url))
         self._health_task = asyncio.create_task(self._health_loop())
@@ -241,7 +273,7 @@ class KvRouter:
             return describe_failure(exc)
 
     # --- routing ----------------------------------------------------------------------------------------
-    async def _acquire(self, hashes: list[int], session: str | None, priority: int, exclude: set[str]) -> tuple[Worker, Overlap]:
+    async def _acquire(self, hashes: list[int], session: str | None, priority: int, exclude: set[str]) -> _Route:
         while True:
             live = [w for w in self.workers.values() if w.alive and w.url not in exclude]
             if not live:
@@ -262,31 +294,35 @@ class KvRouter:
         else:
             loads = {u: self.workers[u].load for u in free}
             choice = self.chooser.choose(len(hashes), overlaps, loads, free, tie_key=hashes[0] if hashes else 0)
-        if session:
-            self.sessions.put(session, choice)
-        self.indexer.record_routing(choice, hashes)
         self.metrics.route_seconds.observe(time.perf_counter() - started)
-        overlap = overlaps.get(choice, Overlap(0, 0, 0))
-        self.metrics.prompt_blocks.inc(len(hashes))
-        self.metrics.cached_blocks.labels("device").inc(overlap.device)
-        self.metrics.cached_blocks.labels("host").inc(overlap.host - overlap.device)
-        self.metrics.cached_blocks.labels("disk").inc(overlap.any - overlap.host)
-        self.metrics.routed.labels(choice).inc()
-        return self.workers[choice], overlap
+        return _Route(self.workers[choice], hashes, overlaps.get(choice, Overlap(0, 0, 0)), session)
 
-    def _begin(self, worker: Worker, n_blocks: int, overlap: Overlap) -> None:
-        worker.load.inflight += 1
-        worker.load.prefill_blocks += n_blocks - overlap.any
-        worker.load.active_blocks += n_blocks
-        self.metrics.inflight.labels(worker.url).set(worker.load.inflight)
+    def _remember(self, route: _Route) -> None:
+        """The worker accepted the request (2xx): only now learn its session and (approximately) its KV, so
+        refused or failed requests leave nothing behind."""
+        url, overlap = route.worker.url, route.overlap
+        if route.session:
+            self.sessions.put(route.session, url)
+        self.indexer.record_routing(url, route.hashes)
+        self.metrics.prompt_blocks.inc(len(route.hashes))
+        self.metrics.cached["device"].inc(overlap.device)
+        self.metrics.cached["host"].inc(overlap.host - overlap.device)
+        self.metrics.cached["disk"].inc(overlap.any - overlap.host)
+        self.metrics.routed.labels(url).inc()
 
-    def _prefilled(self, worker: Worker, n_blocks: int, overlap: Overlap) -> None:
-        worker.load.prefill_blocks -= n_blocks - overlap.any
+    def _begin(self, route: _Route) -> None:
+        load = route.worker.load
+        load.inflight += 1
+        load.prefill_blocks += len(route.hashes) - route.overlap.any
+        load.active_blocks += len(route.hashes)
 
-    def _end(self, worker: Worker, n_blocks: int) -> None:
-        worker.load.inflight -= 1
-        worker.load.active_blocks -= n_blocks
-        self.metrics.inflight.labels(worker.url).set(worker.load.inflight)
+    def _prefilled(self, route: _Route) -> None:
+        route.worker.load.prefill_blocks -= len(route.hashes) - route.overlap.any
+
+    def _end(self, route: _Route) -> None:
+        load = route.worker.load
+        load.inflight -= 1
+        load.active_blocks -= len(route.hashes)
         self.gate.release()
 
     # --- endpoints --------------------------------------------------------------------------------------
@@ -298,155 +334,185 @@ class KvRouter:
         except BadRequest as exc:
             return _error(400, str(exc), anthropic)
         except QueueFull as exc:
-            return _error(429, str(exc), anthropic, "rate_limit_error")
+            return _error(429, str(exc), anthropic)
         except NoWorker as exc:
             return _error(503, str(exc), anthropic, "overloaded_error" if anthropic else "service_unavailable")
+        except web.HTTPException as exc:  # auth, body too large, unknown path or method: JSON like every error
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason, anthropic)
+
+    def _client(self, request: web.Request) -> Tenant:
+        tenant = self.config.auth.client(request)
+        if tenant is None:
+            raise web.HTTPUnauthorized(reason="a valid API key is required (Authorization: Bearer KEY or x-api-key: KEY)")
+        return tenant
+
+    def _admin(self, request: web.Request) -> None:
+        if not self.config.auth.admin_enabled:
+            raise web.HTTPNotFound(reason="the admin API is off (start the router with --admin-key)")
+        if not self.config.auth.admin(request):
+            raise web.HTTPUnauthorized(reason="the admin key is required (Authorization: Bearer KEY)")
 
     def _endpoint(self, kind: str) -> Callable:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 response = await self._handle(kind, request)
-            except BadRequest:
-                self.metrics.requests.labels(kind, "400").inc()
+            except (BadRequest, web.HTTPException) as exc:
+                self.metrics.requests.labels(kind, str(getattr(exc, "status", 400))).inc()
                 raise
             self.metrics.requests.labels(kind, str(response.status)).inc()
             return response
         return handle
 
     async def _handle(self, kind: str, request: web.Request) -> web.StreamResponse:
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-        need(isinstance(body, dict), "the request body must be a JSON object")
-        hints = _agent_hints(body)
-        if kind == "messages":
-            chat = anthropic_to_chat(body, self.memo)
-        elif kind == "responses":
-            chat = responses_to_chat(body, self.memo)
-        else:
-            chat = body
+        tenant = self._client(request)
+        raw = await request.read()
+        body = parse_json_object(raw)
+        hints = agent_hints(body)
+        salt = self._salt(body, tenant)
         stream = body.get("stream", False)
         need(isinstance(stream, bool), "body.stream must be a boolean")
-        if kind in ("messages", "responses"):
-            chat["stream"] = stream
-            if stream:
-                chat["stream_options"] = {"include_usage": True}
-            if "nvext" in body:
-                chat["nvext"] = body["nvext"]
-        hashes = self._hashes(kind, chat)
+        chat = _worker_body(kind, body, stream)
+        unchanged = chat is body and salt == body.get("cache_salt")
+        if salt is not None:
+            chat["cache_salt"] = salt
+        tokens = self._tokens(kind, chat)
+        hashes = self.hasher.hashes(tokens, salt)
+        # a chat or completions body the router did not change goes out as the client's bytes
+        payload = raw if unchanged else json.dumps(chat).encode()
         session = hints.get("session_id")
-        priority = hints.get("priority", 0)
+        session_key = f"{salt or ''}\0{session}" if session else None  # a tenant's sessions are its own
         path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
-        headers = {"x-kvtier-agent-hints": json.dumps(hints)} if hints else {}
+        headers = {"Content-Type": "application/json"}
+        if hints:
+            headers["x-kvtier-agent-hints"] = hints_header(hints)
+        reply = (AnthropicReply(chat["model"], len(tokens) if self.hasher.exact else None) if kind == "messages"
+                 else ResponsesReply(chat["model"], responses_echo(body)) if kind == "responses" else ChatReply())
         tried: set[str] = set()
         while True:
-            worker, overlap = await self._acquire(hashes, session, priority, tried)
-            self._begin(worker, len(hashes), overlap)
+            route = await self._acquire(hashes, session_key, hints.get("priority", 0), tried)
+            self._begin(route)
             try:
-                return await self._proxy(kind, request, worker, path, chat, headers, stream,
-                                         lambda: self._prefilled(worker, len(hashes), overlap))
+                return await self._proxy(request, route, path, payload, stream, headers, reply)
             except WorkerUnreachable as exc:
-                tried.add(worker.url)
-                self._mark_dead(worker, str(exc))
+                tried.add(route.worker.url)
+                self._mark_dead(route.worker, str(exc))
                 self.metrics.reroutes.inc()
             finally:
-                self._end(worker, len(hashes))
+                self._end(route)
 
-    def _hashes(self, kind: str, chat: dict) -> list[int]:
-        salt = chat.get("cache_salt")
-        need(salt is None or isinstance(salt, str), "body.cache_salt must be a string")
+    def _salt(self, body: dict, tenant: Tenant) -> str | None:
+        """The request's cache salt: its key's tenant salt (a different claimed one is refused), else the
+        client's ``cache_salt`` on any protocol."""
+        claimed = body.get("cache_salt")
+        need(claimed is None or (isinstance(claimed, str) and len(claimed) <= self.config.max_salt_chars),
+             f"body.cache_salt must be a string of at most {self.config.max_salt_chars} characters")
+        if tenant.salt is not None and claimed not in (None, tenant.salt):
+            raise web.HTTPForbidden(reason="body.cache_salt differs from the tenant salt of this API key")
+        return tenant.salt or claimed or None
+
+    def _tokens(self, kind: str, chat: dict) -> Any:
         if kind == "completions":
             prompt = chat.get("prompt")
             need(isinstance(prompt, (str, list)) and len(prompt) > 0, "body.prompt must be a non-empty string or array")
             if isinstance(prompt, list):
                 need(all(isinstance(p, (str, list)) for p in prompt) or all(isinstance(p, int) and not isinstance(p, bool)
                      and 0 <= p < 2**32 for p in prompt), "body.prompt must be text, token ids, or a list of those")
-            tokens = self.hasher.completion_tokens(prompt)
-        else:
-            messages = chat.get("messages")
-            need(isinstance(messages, list) and len(messages) > 0, "body.messages must be a non-empty array")
-            for i, msg in enumerate(messages):
-                need(isinstance(msg, dict) and isinstance(msg.get("role"), str), f"body.messages[{i}] needs a string role")
-            tools = chat.get("tools")
-            need(tools is None or isinstance(tools, list), "body.tools must be an array")
-            tokens = self.hasher.chat_tokens(messages, tools)
-        return self.hasher.hashes(tokens, salt)
+            return self.hasher.completion_tokens(prompt)
+        messages = chat.get("messages")
+        need(isinstance(messages, list) and len(messages) > 0, "body.messages must be a non-empty array")
+        for i, msg in enumerate(messages):
+            need(isinstance(msg, dict) and isinstance(msg.get("role"), str), f"body.messages[{i}] needs a string role")
+        tools = chat.get("tools")
+        need(tools is None or isinstance(tools, list), "body.tools must be an array")
+        return self.hasher.chat_tokens(messages, tools)
 
-    async def _proxy(self, kind: str, request: web.Request, worker: Worker, path: str, body: dict,
-                     headers: dict, stream: bool, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+    async def _proxy(self, request: web.Request, route: _Route, path: str, payload: bytes, stream: bool,
+                     headers: dict, reply: Reply) -> web.StreamResponse:
         try:
-            upstream = await self._http.post(worker.url + path, json=body, headers=headers)
+            upstream = await self._http.post(route.worker.url + path, data=payload, headers=headers)
         except _CONNECT_ERRORS as exc:
             raise WorkerUnreachable(describe_failure(exc)) from None
         async with upstream:
-            on_first_byte()
+            self._prefilled(route)
+            if upstream.status < 300:
+                self._remember(route)
+            anthropic = isinstance(reply, AnthropicReply)
             if upstream.status >= 400 or not stream:
                 try:
                     raw = await upstream.read()
                 except _CONNECT_ERRORS as exc:
                     raise WorkerUnreachable(describe_failure(exc)) from None
-                return self._finish_plain(kind, upstream.status, raw, body.get("model", ""))
-            return await self._relay_stream(kind, request, upstream, body.get("model", ""))
+                return _finish_plain(upstream.status, raw, reply, anthropic)
+            if upstream.content_type != "text/event-stream":
+                return _error(502, f"the worker answered a stream request with {upstream.content_type!r}, "
+                                   "not an event stream", anthropic)
+            return await self._relay_stream(request, upstream, reply)
 
-    def _finish_plain(self, kind: str, status: int, raw: bytes, model: str) -> web.Response:
-        anthropic = kind == "messages"
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            data = None
-        if status >= 400:
-            message = _worker_error_message(data, raw)
-            return _error(status, f"worker error: {message}", anthropic, "api_error" if status >= 500 else "invalid_request_error")
-        if not isinstance(data, dict):
-            return _error(502, "the worker answered with something that is not a JSON object", anthropic, "api_error")
-        if kind == "messages":
-            data = chat_to_anthropic(data, model, self.memo)
-        elif kind == "responses":
-            data = chat_to_responses(data, model, self.memo)
-        return web.json_response(data, status=status)
-
-    async def _relay_stream(self, kind: str, request: web.Request, upstream: aiohttp.ClientResponse,
-                            model: str) -> web.StreamResponse:
+    async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                            reply: Reply) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        writer = (AnthropicStreamWriter(model, self.memo) if kind == "messages"
-                  else ResponsesStreamWriter(model, self.memo) if kind == "responses" else None)
-        if writer is not None:
-            for piece in writer.start():
-                await response.write(piece)
-        buffer = b""
         try:
-            async for data in upstream.content.iter_any():
-                if writer is None:
-                    await response.write(data)
-                    continue
-                buffer += data
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    chunk = _sse_json(line)
-                    if chunk is not None:
-                        for piece in writer.chunk(chunk):
-                            await response.write(piece)
-        except _CONNECT_ERRORS as exc:
-            # bytes already reached the client, so the stream cannot move to another worker: end it with an
-            # explicit error event (unless it is the client that went away)
-            log.warning("stream from the worker to the client broke: %s", describe_failure(exc))
-            error = {"type": "error", "error": {"type": "api_error",
-                                                "message": f"worker stream broke: {describe_failure(exc)}"}}
+            await _write(response, reply.start())
+            relay = self._pass_stream if isinstance(reply, ChatReply) else self._translate_stream
+            await relay(upstream, reply, response)
+            await _write(response, reply.finish())
+        except (WorkerError, *_CONNECT_ERRORS) as exc:
+            # bytes already reached the client, so the stream cannot move to another worker: end it with the
+            # protocol's error event (unless it is the client that went away)
+            log.warning("stream from the worker to the client failed: %s", describe_failure(exc))
             try:
-                await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
-                await response.write_eof()
+                await _write(response, reply.fail(f"the worker's stream failed: {describe_failure(exc)}"))
             except _CONNECT_ERRORS:
-                pass
-            return response
-        if writer is not None:
-            for piece in writer.finish():
-                await response.write(piece)
-        await response.write_eof()
+                return response
+        try:
+            await response.write_eof()
+        except _CONNECT_ERRORS:
+            pass
         return response
 
+    async def _lines(self, upstream: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+        """The complete lines of each read from a worker's stream (without their newlines)."""
+        pending: list[bytes] = []
+        size = 0
+        async for data in upstream.content.iter_any():
+            *lines, rest = data.split(b"\n")
+            if lines:
+                lines[0] = b"".join(pending) + lines[0]
+                pending, size = [], 0
+                yield lines
+            pending.append(rest)
+            size += len(rest)
+            if size > self.config.max_body_bytes:
+                raise WorkerError(f"the worker sent a stream line longer than {self.config.max_body_bytes} bytes")
+
+    async def _pass_stream(self, upstream: aiohttp.ClientResponse, reply: ChatReply,
+                           response: web.StreamResponse) -> None:
+        """Chat and completions streams go out as the worker's bytes, checked line by line: a line that is not
+        an event, or an end without ``data: [DONE]``, is a failure (vLLM's error events are OpenAI's shape
+        already and pass as they are)."""
+        done = False
+        async for lines in self._lines(upstream):
+            for line in lines:
+                done = done or _sse_data(line) == b"[DONE]"
+            await response.write(b"\n".join(lines) + b"\n")
+        if not done:
+            raise WorkerError("the stream ended before data: [DONE]")
+
+    async def _translate_stream(self, upstream: aiohttp.ClientResponse, reply: AnthropicReply | ResponsesReply,
+                                response: web.StreamResponse) -> None:
+        async for lines in self._lines(upstream):
+            for line in lines:
+                chunk = _sse_chunk(line)
+                if chunk is not None:
+                    await _write(response, reply.chunk(chunk))
+        if reply.state.finish_reason is None:
+            raise WorkerError("the stream ended before the answer finished")
+
     async def _models(self, request: web.Request) -> web.Response:
+        self._client(request)
         for worker in self.workers.values():
             if worker.alive:
                 try:
@@ -458,6 +524,10 @@ class KvRouter:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.metrics.indexed.set(len(self.indexer))
+        for worker in self.workers.values():
+            self.metrics.inflight.labels(worker.url).set(worker.load.inflight)
+        self.metrics.approx.set(self.indexer.approx_blocks)
+        self.metrics.sessions.set(len(self.sessions))
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -469,7 +539,8 @@ class KvRouter:
         return web.json_response(body, status=200 if ok else 503)
 
     async def _admin_add(self, request: web.Request) -> web.Response:
-        body = await _json_object(request)
+        self._admin(request)
+        body = parse_json_object(await request.read())
         url = body.get("url")
         need(isinstance(url, str), "body.url must be a string")
         events = body.get("events")
@@ -481,7 +552,8 @@ class KvRouter:
         return web.json_response({"added": url.rstrip("/")})
 
     async def _admin_remove(self, request: web.Request) -> web.Response:
-        body = await _json_object(request)
+        self._admin(request)
+        body = parse_json_object(await request.read())
         url = body.get("url")
         need(isinstance(url, str), "body.url must be a string")
         self.remove_worker(url)
@@ -496,43 +568,72 @@ class WorkerUnreachable(Exception):
     """The worker could not be reached before any byte of its answer was relayed."""
 
 
-async def _json_object(request: web.Request) -> dict:
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    need(isinstance(body, dict), "the request body must be a JSON object")
-    return body
+def _worker_body(kind: str, body: dict, stream: bool) -> dict:
+    """What the worker gets: chat and completions bodies as sent, Anthropic and Responses ones translated to
+    chat (streams ask for usage: on every chunk for Anthropic's message_start, at the end for Responses)."""
+    if kind not in ("messages", "responses"):
+        return body
+    chat = anthropic_to_chat(body) if kind == "messages" else responses_to_chat(body)
+    chat["stream"] = stream
+    if stream:
+        chat["stream_options"] = {"include_usage": True, "continuous_usage_stats": kind == "messages"}
+    if "nvext" in body:
+        chat["nvext"] = body["nvext"]
+    return chat
 
 
-def _agent_hints(body: dict) -> dict:
-    nvext = body.get("nvext")
-    if nvext is None:
-        return {}
-    need(isinstance(nvext, dict), "body.nvext must be an object")
-    hints = nvext.get("agent_hints")
-    if hints is None:
-        return {}
-    need(isinstance(hints, dict), "body.nvext.agent_hints must be an object")
-    session = hints.get("session_id")
-    need(session is None or isinstance(session, str), "agent_hints.session_id must be a string")
-    priority = hints.get("priority", 0)
-    need(isinstance(priority, int) and not isinstance(priority, bool), "agent_hints.priority must be an integer")
-    return hints
+async def _write(response: web.StreamResponse, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        await response.write(piece)
 
 
-def _sse_json(line: bytes) -> dict | None:
+_SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
+
+
+def _sse_data(line: bytes) -> bytes | None:
+    """The payload of a ``data:`` line of a worker's event stream; None for the other SSE lines. A line that
+    is not SSE at all is a :class:`WorkerError`."""
     line = line.strip()
-    if not line.startswith(b"data:"):
-        return None
-    payload = line[5:].strip()
-    if payload == b"[DONE]":
+    if line.startswith(b"data:"):
+        return line[5:].strip()
+    if line and not line.startswith(_SSE_FIELDS):
+        raise WorkerError(f"the worker sent a line that is not an event: {line[:200]!r}")
+    return None
+
+
+def _sse_chunk(line: bytes) -> dict | None:
+    """The chat chunk on one line of a worker's event stream; None for other SSE lines and ``[DONE]``. A
+    worker's error event, or a line that is not SSE or not a JSON object, is a :class:`WorkerError`."""
+    payload = _sse_data(line)
+    if payload is None or payload == b"[DONE]":
         return None
     try:
         value = json.loads(payload)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    except (ValueError, RecursionError):
+        raise WorkerError(f"the worker sent an event that is not JSON: {payload[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise WorkerError("the worker sent an event that is not a JSON object")
+    if "error" in value or value.get("object") == "error":  # vLLM's two shapes of a mid-stream error
+        raise WorkerError(f"worker error: {_worker_error_message(value, payload)}")
+    return value
+
+
+def _finish_plain(status: int, raw: bytes, reply: Reply, anthropic: bool) -> web.Response:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        data = None
+    if status >= 400:
+        return _error(status, f"worker error: {_worker_error_message(data, raw)}", anthropic)
+    try:
+        if not isinstance(data, dict):
+            raise WorkerError("the worker answered with something that is not a JSON object")
+        answer = reply.plain(data)
+    except WorkerError as exc:
+        return _error(502, str(exc), anthropic)
+    if answer is data:  # passed through unchanged: the worker's own bytes
+        return web.Response(body=raw, status=status, content_type="application/json")
+    return web.json_response(answer, status=status)
 
 
 def _worker_error_message(data: Any, raw: bytes) -> str:
@@ -544,7 +645,10 @@ def _worker_error_message(data: Any, raw: bytes) -> str:
     return raw[:500].decode("utf-8", "replace") or "(empty body)"
 
 
-def _error(status: int, message: str, anthropic: bool, kind: str = "invalid_request_error") -> web.Response:
+def _error(status: int, message: str, anthropic: bool, kind: str | None = None) -> web.Response:
+    """One JSON error in the client's protocol: Anthropic ``{"type": "error", "error": {type, message}}``,
+    OpenAI ``{"error": {message, type, code}}``."""
+    kind = kind or anthropic_error_type(status)
     if anthropic:
         body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
     else:

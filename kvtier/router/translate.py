@@ -4,15 +4,19 @@ Why care about order: an agent re-sends its whole history every call. If thinkin
 an assistant turn were regrouped, the rendered prompt would change between calls and the worker's cached
 prefix would be lost. So an assistant turn becomes as many consecutive chat messages as it takes to keep
 its blocks in their original order, and tool-call arguments go back to the worker as the exact string the
-model wrote (remembered by call id), not re-serialised JSON.
+model wrote, not re-serialised JSON. Anthropic clients send tool input back as parsed JSON, so the router
+carries the model's string inside the ``tool_use`` id it hands out (compressed, bounded): replay is exact
+without router state, across router restarts and replicas. Responses clients send the string itself.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 import time
 import uuid
-from collections import OrderedDict
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,28 +62,44 @@ class Block:
     name: str = ""
 
 
-class ToolArgsMemo:
-    """call id -> the argument string the model produced, so a replayed history renders identically."""
+TOOL_ID_PREFIX = "toolu_kv1"       # a tool_use id that carries the model's argument string
+_TOOL_ID_HEAD = len(TOOL_ID_PREFIX) + 16
+MAX_TOOL_ID_PAYLOAD = 4096         # base64url characters; longer arguments get a plain id (replayed re-serialised)
+MAX_TOOL_ARGS_BYTES = 1 << 20      # a decompressed payload is never larger (no zip bombs)
 
-    def __init__(self, capacity: int = 50_000) -> None:
-        self._capacity = capacity
-        self._items: OrderedDict[str, str] = OrderedDict()
 
-    def remember(self, call_id: str, arguments: str) -> None:
-        self._items[call_id] = arguments
-        self._items.move_to_end(call_id)
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+def encode_tool_id(arguments: str) -> str:
+    """A fresh ``tool_use`` id carrying ``arguments`` (zlib + base64url: the id alphabet Anthropic allows)."""
+    head = f"{TOOL_ID_PREFIX}{secrets.token_hex(8)}"
+    payload = base64.urlsafe_b64encode(zlib.compress(arguments.encode(), 9)).rstrip(b"=").decode()
+    return head + payload if len(payload) <= MAX_TOOL_ID_PAYLOAD else head
 
-    def arguments(self, call_id: str, value: Any) -> str:
-        raw = self._items.get(call_id)
-        if raw is not None:
-            try:
-                if json.loads(raw) == value:
-                    return raw
-            except ValueError:
-                pass
-        return json.dumps(value, ensure_ascii=False)
+
+def decode_tool_id(call_id: str) -> tuple[str, str | None]:
+    """(the id the worker sees, the argument string it carries or None). The worker gets the short head so a
+    chat template that renders ids renders the same text for the call and for its result."""
+    if not call_id.startswith(TOOL_ID_PREFIX) or len(call_id) <= _TOOL_ID_HEAD:
+        return call_id, None
+    payload = call_id[_TOOL_ID_HEAD:]
+    try:
+        packed = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(packed, MAX_TOOL_ARGS_BYTES)
+        if inflater.unconsumed_tail or not inflater.eof:
+            return call_id[:_TOOL_ID_HEAD], None
+        return call_id[:_TOOL_ID_HEAD], raw.decode()
+    except (ValueError, zlib.error):  # bad base64 (binascii.Error), bad UTF-8, bad zlib
+        return call_id[:_TOOL_ID_HEAD], None
+
+
+def replay_arguments(call_id: str, value: Any) -> tuple[str, str]:
+    """(worker id, argument string) for a tool call a client sends back with parsed ``value``: the model's own
+    string when the id carries one that parses to what the client sent (a partial string when it was cut
+    off by max_tokens, which the client got as ``{}``), else ``value`` serialised."""
+    worker_id, raw = decode_tool_id(call_id)
+    if raw is not None and _parse_args(raw) == value:
+        return worker_id, raw
+    return worker_id, json.dumps(value, ensure_ascii=False)
 
 
 def assistant_messages(blocks: list[Block]) -> list[dict]:
@@ -113,8 +133,8 @@ def blocks_from_chat_message(message: dict) -> list[Block]:
     content = message.get("content")
     if isinstance(content, str) and content:
         blocks.append(Block("text", content))
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function") or {}
+    for call in _dicts(message.get("tool_calls")):
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
         blocks.append(Block("tool", fn.get("arguments") or "", call.get("id") or _new_id("call"), fn.get("name") or ""))
     return blocks
 
@@ -154,7 +174,7 @@ def _anthropic_text(content: Any, where: str) -> str:
     return "".join(parts)
 
 
-def anthropic_to_chat(body: dict, memo: ToolArgsMemo) -> dict:
+def anthropic_to_chat(body: dict) -> dict:
     need(isinstance(body, dict), "the request body must be a JSON object")
     model = field_of(body, "model", str, "body")
     max_tokens = field_of(body, "max_tokens", int, "body")
@@ -176,7 +196,7 @@ def anthropic_to_chat(body: dict, memo: ToolArgsMemo) -> dict:
             continue
         need(isinstance(content, list), f"{where}.content must be a string or an array of blocks")
         if role == "assistant":
-            messages.extend(assistant_messages(_anthropic_assistant_blocks(content, where, memo)))
+            messages.extend(assistant_messages(_anthropic_assistant_blocks(content, where)))
         else:
             messages.extend(_anthropic_user_messages(content, where))
     chat: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
@@ -194,13 +214,26 @@ def anthropic_to_chat(body: dict, memo: ToolArgsMemo) -> dict:
     choice = field_of(body, "tool_choice", dict, "body", required=False)
     if choice is not None:
         chat["tool_choice"] = _anthropic_tool_choice(choice)
-    thinking = field_of(body, "thinking", dict, "body", required=False)
-    if thinking is not None:
-        chat["chat_template_kwargs"] = {"enable_thinking": thinking.get("type") == "enabled"}
+    chat.update(_anthropic_thinking(body, max_tokens))
     return chat
 
 
-def _anthropic_assistant_blocks(content: list, where: str, memo: ToolArgsMemo) -> list[Block]:
+def _anthropic_thinking(body: dict, max_tokens: int) -> dict:
+    """``thinking`` as vLLM takes it: the chat template's ``enable_thinking`` (off when absent, as Anthropic
+    models do not think unless asked) and, since vLLM cannot cap thinking tokens per request, the budget
+    as the nearest ``reasoning_effort`` (what reasoning models' templates read)."""
+    thinking = field_of(body, "thinking", dict, "body", required=False) or {"type": "disabled"}
+    kind = thinking.get("type")
+    need(kind in ("enabled", "adaptive", "disabled"), f"body.thinking.type must be enabled, adaptive or disabled, got {kind!r}")
+    out: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": kind != "disabled"}}
+    if kind == "enabled":
+        budget = field_of(thinking, "budget_tokens", int, "body.thinking")
+        need(0 < budget < max_tokens, "body.thinking.budget_tokens must be positive and less than max_tokens")
+        out["reasoning_effort"] = "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    return out
+
+
+def _anthropic_assistant_blocks(content: list, where: str) -> list[Block]:
     blocks = []
     for j, block in enumerate(content):
         w = f"{where}.content[{j}]"
@@ -213,9 +246,9 @@ def _anthropic_assistant_blocks(content: list, where: str, memo: ToolArgsMemo) -
         elif kind == "redacted_thinking":
             continue  # opaque to an open model; dropping it is what renders the same every call
         elif kind == "tool_use":
-            call_id = field_of(block, "id", str, w)
-            args = field_of(block, "input", dict, w, required=False) or {}
-            blocks.append(Block("tool", memo.arguments(call_id, args), call_id, field_of(block, "name", str, w)))
+            value = field_of(block, "input", dict, w, required=False) or {}
+            worker_id, arguments = replay_arguments(field_of(block, "id", str, w), value)
+            blocks.append(Block("tool", arguments, worker_id, field_of(block, "name", str, w)))
         else:
             raise BadRequest(f"{w}.type {kind!r} is not supported in an assistant message")
     return blocks
@@ -247,7 +280,10 @@ def _anthropic_user_messages(content: list, where: str) -> list[dict]:
             flush()
             result = block.get("content", "")
             text = result if isinstance(result, str) else _anthropic_text(result, w + ".content")
-            out.append({"role": "tool", "tool_call_id": field_of(block, "tool_use_id", str, w), "content": text})
+            if field_of(block, "is_error", bool, w, required=False):
+                text = "Error: " + text  # a chat tool message has no error flag; the model reads it here
+            worker_id, _ = decode_tool_id(field_of(block, "tool_use_id", str, w))
+            out.append({"role": "tool", "tool_call_id": worker_id, "content": text})
         else:
             raise BadRequest(f"{w}.type {kind!r} is not supported in a user message")
     flush()
@@ -290,15 +326,22 @@ def anthropic_block(block: Block) -> dict:
         return {"type": "thinking", "thinking": block.text, "signature": thinking_signature(block.text)}
     if block.kind == "text":
         return {"type": "text", "text": block.text}
-    return {"type": "tool_use", "id": block.id, "name": block.name, "input": _parse_args(block.text)}
+    return {"type": "tool_use", "id": encode_tool_id(block.text), "name": block.name, "input": _parse_args(block.text)}
 
 
-def chat_to_anthropic(resp: dict, model: str, memo: ToolArgsMemo) -> dict:
-    choice = (resp.get("choices") or [{}])[0]
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    """The Anthropic error type for an HTTP status (Anthropic SDKs branch on it)."""
+    return ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def chat_to_anthropic(resp: dict, model: str) -> dict:
+    choice = _first_choice(resp)
     blocks = blocks_from_chat_message(choice.get("message") or {})
-    for b in blocks:
-        if b.kind == "tool":
-            memo.remember(b.id, b.text)
     return {"id": _new_id("msg"), "type": "message", "role": "assistant", "model": resp.get("model") or model,
             "content": [anthropic_block(b) for b in blocks],
             "stop_reason": ANTHROPIC_STOP.get(choice.get("finish_reason"), "end_turn"), "stop_sequence": None,
@@ -306,7 +349,7 @@ def chat_to_anthropic(resp: dict, model: str, memo: ToolArgsMemo) -> dict:
 
 
 # --- OpenAI Responses ------------------------------------------------------------------------------------
-def responses_to_chat(body: dict, memo: ToolArgsMemo) -> dict:
+def responses_to_chat(body: dict) -> dict:
     need(isinstance(body, dict), "the request body must be a JSON object")
     model = field_of(body, "model", str, "body")
     need(body.get("previous_response_id") is None,
@@ -324,7 +367,7 @@ def responses_to_chat(body: dict, memo: ToolArgsMemo) -> dict:
         for i, item in enumerate(items):
             where = f"body.input[{i}]"
             need(isinstance(item, dict), f"{where} must be an object")
-            block = _responses_assistant_block(item, where, memo)
+            block = _responses_assistant_block(item, where)
             if block is not None:
                 turn.append(block)
                 continue
@@ -343,15 +386,37 @@ def responses_to_chat(body: dict, memo: ToolArgsMemo) -> dict:
     if tools:
         chat["tools"] = [_responses_tool(t, f"body.tools[{i}]") for i, t in enumerate(tools)]
     choice = body.get("tool_choice")
+    need(choice is None or isinstance(choice, (str, dict)), "body.tool_choice must be a string or an object")
     if isinstance(choice, str):
         need(choice in ("auto", "required", "none"), f"body.tool_choice {choice!r} is not supported")
         chat["tool_choice"] = choice
     elif isinstance(choice, dict):
         chat["tool_choice"] = {"type": "function", "function": {"name": field_of(choice, "name", str, "body.tool_choice")}}
+    chat.update(_responses_reasoning(body))
     return chat
 
 
-def _responses_assistant_block(item: dict, where: str, memo: ToolArgsMemo) -> Block | None:
+REASONING_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
+
+
+def _responses_reasoning(body: dict) -> dict:
+    """``reasoning.effort`` as vLLM takes it: ``reasoning_effort`` (low, medium, high), or thinking off."""
+    reasoning = field_of(body, "reasoning", dict, "body", required=False) or {}
+    effort = reasoning.get("effort")
+    if effort is None:
+        return {}
+    if effort == "none":
+        return {"chat_template_kwargs": {"enable_thinking": False}}
+    need(effort in REASONING_EFFORTS, f"body.reasoning.effort must be one of none, {', '.join(REASONING_EFFORTS)}; got {effort!r}")
+    return {"reasoning_effort": REASONING_EFFORTS[effort]}
+
+
+def responses_echo(body: dict) -> dict:
+    """The request fields a Response object repeats back (``tools`` and ``tool_choice`` as sent)."""
+    return {"tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto"}
+
+
+def _responses_assistant_block(item: dict, where: str) -> Block | None:
     kind = item.get("type")
     if kind == "reasoning":
         parts = item.get("content") or item.get("summary") or []
@@ -433,24 +498,35 @@ def _responses_usage(usage: dict | None) -> dict:
 
 
 def response_object(resp_id: str, model: str, output: list[dict], finish_reason: str | None, usage: dict | None,
-                    created: int | None = None, in_progress: bool = False) -> dict:
+                    echo: dict, created: int | None = None, in_progress: bool = False,
+                    error: dict | None = None) -> dict:
     incomplete = finish_reason == "length"
-    status = "in_progress" if in_progress else ("incomplete" if incomplete else "completed")
+    status = ("failed" if error else "in_progress" if in_progress else "incomplete" if incomplete else "completed")
     return {"id": resp_id, "object": "response", "created_at": created or int(time.time()), "model": model,
-            "status": status, "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if incomplete and not in_progress else None,
-            "usage": None if in_progress else _responses_usage(usage)}
+            "status": status, "output": output, "parallel_tool_calls": True, **echo, "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "usage": None if in_progress or error else _responses_usage(usage)}
 
 
-def chat_to_responses(resp: dict, model: str, memo: ToolArgsMemo) -> dict:
-    choice = (resp.get("choices") or [{}])[0]
+def chat_to_responses(resp: dict, model: str, echo: dict) -> dict:
+    choice = _first_choice(resp)
     blocks = blocks_from_chat_message(choice.get("message") or {})
     prefixes = {"thinking": "rs", "text": "msg", "tool": "fc"}
-    for b in blocks:
-        if b.kind == "tool":
-            memo.remember(b.id, b.text)
     output = [responses_item(b, _new_id(prefixes[b.kind])) for b in blocks]
-    return response_object(_new_id("resp"), resp.get("model") or model, output, choice.get("finish_reason"), resp.get("usage"))
+    return response_object(_new_id("resp"), resp.get("model") or model, output, choice.get("finish_reason"),
+                           resp.get("usage"), echo)
+
+
+class WorkerError(Exception):
+    """The worker answered 2xx with something that is not a chat completion (or its stream failed)."""
+
+
+def _first_choice(resp: dict) -> dict:
+    choices = resp.get("choices")
+    if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)
+            and isinstance(choices[0].get("message"), dict)):
+        raise WorkerError("the worker's answer has no choices[0].message")
+    return choices[0]
 
 
 # --- streaming -------------------------------------------------------------------------------------------
@@ -467,22 +543,23 @@ class StreamState:
     def feed(self, chunk: dict) -> list[tuple[str, int, str]]:
         """Events ``("open", i, "")``, ``("delta", i, text)``, ``("close", i, "")`` in order."""
         events: list[tuple[str, int, str]] = []
-        self.model = chunk.get("model") or self.model
-        if chunk.get("usage"):
+        if isinstance(chunk.get("model"), str):
+            self.model = chunk["model"] or self.model
+        if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
+        for choice in _dicts(chunk.get("choices")):
             if choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 self._grow(events, "thinking", reasoning)
             content = delta.get("content")
             if isinstance(content, str) and content:
                 self._grow(events, "text", content)
-            for call in delta.get("tool_calls") or []:
+            for call in _dicts(delta.get("tool_calls")):
                 self._grow_tool(events, call)
-            if choice.get("finish_reason"):
+            if isinstance(choice.get("finish_reason"), str):
                 self.finish_reason = choice["finish_reason"]
         return events
 
@@ -503,16 +580,21 @@ class StreamState:
         events.append(("delta", len(self.blocks) - 1, text))
 
     def _grow_tool(self, events: list, call: dict) -> None:
-        fn = call.get("function") or {}
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
         slot = call.get("index", 0)
         i = self._tool_slots.get(slot)
         if i is None or (call.get("id") and i != len(self.blocks) - 1):
             i = self._open(events, Block("tool", "", call.get("id") or _new_id("call"), fn.get("name") or ""))
             self._tool_slots[slot] = i
-        args = fn.get("arguments") or ""
-        if args:
+        args = fn.get("arguments")
+        if isinstance(args, str) and args:
             self.blocks[i].text += args
             events.append(("delta", i, args))
+
+
+def _dicts(value: Any) -> list[dict]:
+    """The objects of a worker's list field (anything else in it is ignored, not a crash)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def sse(event: str | None, data: dict) -> bytes:
@@ -520,24 +602,32 @@ def sse(event: str | None, data: dict) -> bytes:
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-class AnthropicStreamWriter:
-    """Chat chunks -> Anthropic Messages stream events (message_start ... message_stop)."""
+class AnthropicReply:
+    """A worker's chat completion -> an Anthropic message; its chunks -> Messages stream events
+    (message_start ... message_stop).
 
-    def __init__(self, model: str, memo: ToolArgsMemo) -> None:
+    ``message_start`` waits for the worker's first chunk, whose usage (vLLM ``continuous_usage_stats``)
+    gives the prompt's token count; without it, the router's own count (``prompt_tokens``) when it has a
+    tokenizer. A tool block is sent when it closes: its id carries the finished argument string."""
+
+    def __init__(self, model: str, prompt_tokens: int | None = None) -> None:
         self.state = StreamState(model=model)
-        self._memo = memo
+        self._prompt_tokens = prompt_tokens
         self._id = _new_id("msg")
+        self._started = False
+
+    def plain(self, resp: dict) -> dict:
+        return chat_to_anthropic(resp, self.state.model)
 
     def start(self) -> list[bytes]:
-        message = {"id": self._id, "type": "message", "role": "assistant", "model": self.state.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
-        return [sse("message_start", {"type": "message_start", "message": message})]
+        return []
 
     def chunk(self, chunk: dict) -> list[bytes]:
-        return self._render(self.state.feed(chunk))
+        events = self.state.feed(chunk)
+        return self._message_start() + self._render(events)
 
     def finish(self) -> list[bytes]:
-        out = self._render(self.state.close())
+        out = self._message_start() + self._render(self.state.close())
         usage = _anthropic_usage(self.state.usage)
         out.append(sse("message_delta", {"type": "message_delta",
                                          "delta": {"stop_reason": ANTHROPIC_STOP.get(self.state.finish_reason, "end_turn"),
@@ -545,37 +635,59 @@ class AnthropicStreamWriter:
         out.append(sse("message_stop", {"type": "message_stop"}))
         return out
 
+    def fail(self, message: str) -> list[bytes]:
+        return [sse("error", {"type": "error", "error": {"type": "api_error", "message": message}})]
+
+    def _message_start(self) -> list[bytes]:
+        if self._started:
+            return []
+        self._started = True
+        usage = self.state.usage or ({"prompt_tokens": self._prompt_tokens} if self._prompt_tokens else {})
+        usage = {**_anthropic_usage(usage), "output_tokens": 0}
+        message = {"id": self._id, "type": "message", "role": "assistant", "model": self.state.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": usage}
+        return [sse("message_start", {"type": "message_start", "message": message})]
+
     def _render(self, events: list[tuple[str, int, str]]) -> list[bytes]:
         out = []
         for kind, i, text in events:
             block = self.state.blocks[i]
-            if kind == "open":
+            if block.kind == "tool":
+                if kind == "close":
+                    out += self._tool_block(i, block)
+            elif kind == "open":
                 start = {"thinking": {"type": "thinking", "thinking": "", "signature": ""},
-                         "text": {"type": "text", "text": ""},
-                         "tool": {"type": "tool_use", "id": block.id, "name": block.name, "input": {}}}[block.kind]
+                         "text": {"type": "text", "text": ""}}[block.kind]
                 out.append(sse("content_block_start", {"type": "content_block_start", "index": i, "content_block": start}))
             elif kind == "delta":
-                delta = {"thinking": {"type": "thinking_delta", "thinking": text}, "text": {"type": "text_delta", "text": text},
-                         "tool": {"type": "input_json_delta", "partial_json": text}}[block.kind]
+                delta = {"thinking": {"type": "thinking_delta", "thinking": text},
+                         "text": {"type": "text_delta", "text": text}}[block.kind]
                 out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}))
             else:
                 if block.kind == "thinking":
                     out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {
                         "type": "signature_delta", "signature": thinking_signature(block.text)}}))
-                elif block.kind == "tool":
-                    self._memo.remember(block.id, block.text)
                 out.append(sse("content_block_stop", {"type": "content_block_stop", "index": i}))
         return out
 
+    @staticmethod
+    def _tool_block(i: int, block: Block) -> list[bytes]:
+        start = {"type": "tool_use", "id": encode_tool_id(block.text), "name": block.name, "input": {}}
+        delta = {"type": "input_json_delta", "partial_json": block.text}
+        return [sse("content_block_start", {"type": "content_block_start", "index": i, "content_block": start}),
+                sse("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}),
+                sse("content_block_stop", {"type": "content_block_stop", "index": i})]
 
-class ResponsesStreamWriter:
-    """Chat chunks -> OpenAI Responses stream events (response.created ... response.completed)."""
+
+class ResponsesReply:
+    """A worker's chat completion -> an OpenAI Response; its chunks -> Responses stream events
+    (response.created ... response.completed)."""
 
     _PREFIX = {"thinking": "rs", "text": "msg", "tool": "fc"}
 
-    def __init__(self, model: str, memo: ToolArgsMemo) -> None:
+    def __init__(self, model: str, echo: dict) -> None:
         self.state = StreamState(model=model)
-        self._memo = memo
+        self._echo = echo
         self._id = _new_id("resp")
         self._created = int(time.time())
         self._item_ids: list[str] = []
@@ -586,10 +698,13 @@ class ResponsesStreamWriter:
         self._seq += 1
         return sse(kind, payload)
 
-    def _response(self, in_progress: bool) -> dict:
+    def _response(self, in_progress: bool, error: dict | None = None) -> dict:
         output = [responses_item(b, self._item_ids[i]) for i, b in enumerate(self.state.blocks)]
         return response_object(self._id, self.state.model, output, self.state.finish_reason, self.state.usage,
-                               self._created, in_progress)
+                               self._echo, self._created, in_progress, error)
+
+    def plain(self, resp: dict) -> dict:
+        return chat_to_responses(resp, self.state.model, self._echo)
 
     def start(self) -> list[bytes]:
         return [self._event("response.created", response=self._response(True)),
@@ -603,6 +718,12 @@ class ResponsesStreamWriter:
         done = "response.incomplete" if self.state.finish_reason == "length" else "response.completed"
         out.append(self._event(done, response=self._response(False)))
         return out
+
+    def fail(self, message: str) -> list[bytes]:
+        """An ``error`` event, then ``response.failed`` with the error on the response (as OpenAI streams fail)."""
+        error = {"code": "server_error", "message": message}
+        return [self._event("error", code="server_error", message=message, param=None),
+                self._event("response.failed", response=self._response(False, error))]
 
     def _render(self, events: list[tuple[str, int, str]]) -> list[bytes]:
         out = []
@@ -635,8 +756,26 @@ class ResponsesStreamWriter:
                 out.append(self._event("response.content_part.done", item_id=item_id, output_index=i, content_index=0,
                                        part={"type": "output_text", "text": block.text, "annotations": []}))
             else:
-                self._memo.remember(block.id, block.text)
                 out.append(self._event("response.function_call_arguments.done", item_id=item_id, output_index=i,
                                        arguments=block.text, name=block.name))
             out.append(self._event("response.output_item.done", output_index=i, item=responses_item(block, item_id)))
         return out
+
+
+class ChatReply:
+    """Chat and completions answers pass through unchanged; only a stream's failure needs writing (OpenAI's
+    shape). No ``chunk``: the server relays these streams' bytes as they come."""
+
+    def plain(self, resp: dict) -> dict:
+        if not isinstance(resp.get("choices"), list):
+            raise WorkerError("the worker's answer has no choices")
+        return resp
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def finish(self) -> list[bytes]:
+        return []
+
+    def fail(self, message: str) -> list[bytes]:
+        return [sse(None, {"error": {"message": message, "type": "api_error", "code": 502}})]

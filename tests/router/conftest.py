@@ -4,9 +4,16 @@ one background event loop so the tests can drive them with the official synchron
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +62,12 @@ class FakeWorker:
     hasher: PromptHasher | None = None
     publisher: EventPublisher | None = None
     delay_s: float = 0.0
+    fault: str | None = None          # misbehave like a broken worker: see _faulty
+    continuous_usage: bool = True     # honour stream_options.continuous_usage_stats as vLLM does
+    hold_until: int = 0               # >0: hold every request until this many are in flight at once
+    active: int = 0
+    peak: int = 0
+    _all_in: asyncio.Event = field(default_factory=asyncio.Event)
     received: list[dict] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)
     runner: web.AppRunner | None = None
@@ -94,7 +107,21 @@ class FakeWorker:
         self.headers.append(dict(request.headers))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.hold_until:
+            await self._hold()
         return body
+
+    async def _hold(self) -> None:
+        """Wait until ``hold_until`` requests are in flight together (or 10 s pass): measures concurrency."""
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        if self.active >= self.hold_until:
+            self._all_in.set()
+        try:
+            await asyncio.wait_for(self._all_in.wait(), 10)
+        except asyncio.TimeoutError:
+            pass
+        self.active -= 1
 
     @staticmethod
     def _invalid(body: dict) -> str | None:
@@ -111,24 +138,29 @@ class FakeWorker:
         messages = body.get("messages")
         if problem or not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             return web.json_response({"error": {"message": problem or "bad messages", "code": 400}}, status=400)
+        if self.fault:
+            return await self._faulty(request, bool(body.get("stream")))
         self._publish(messages, body.get("tools"))
         last = messages[-1]
         wants_tool = bool(body.get("tools")) and last.get("role") == "user"
+        cut = wants_tool and "cut" in str(last.get("content"))  # the output runs out of tokens mid-arguments
         reasoning = f"{self.name} considers the request."
         text = None if wants_tool else f"{self.name} says: {str(last.get('content'))[:40]}"
+        arguments = TOOL_ARGS[:9] if cut else TOOL_ARGS
         call = {"id": f"call_{len(self.received)}", "type": "function",
-                "function": {"name": body["tools"][0]["function"]["name"], "arguments": TOOL_ARGS}} if wants_tool else None
-        finish = "tool_calls" if wants_tool else "stop"
+                "function": {"name": body["tools"][0]["function"]["name"], "arguments": arguments}} if wants_tool else None
+        finish = "length" if cut else "tool_calls" if wants_tool else "stop"
         usage = {"prompt_tokens": 40, "completion_tokens": 7, "total_tokens": 47}
         if not body.get("stream"):
             message = {"role": "assistant", "content": text, "reasoning_content": reasoning,
                        "tool_calls": [call] if call else []}
             return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body.get("model", "m"),
-                                      "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage})
+                                      "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage},
+                                     headers={"Set-Cookie": f"sid={self.name}-session; Path=/"})  # must not travel on
         deltas: list[dict] = [{"role": "assistant", "content": ""}]
         deltas += [{"reasoning_content": part} for part in _halves(reasoning)]
         if call:
-            first, second = _halves(TOOL_ARGS)
+            first, second = _halves(arguments)
             deltas.append({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
                                            "function": {"name": call["function"]["name"], "arguments": first}}]})
             deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": second}}]})
@@ -136,10 +168,34 @@ class FakeWorker:
             deltas += [{"content": part} for part in _halves(text)]
         chunks = [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
         chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-        if (body.get("stream_options") or {}).get("include_usage"):
+        options = body.get("stream_options") or {}
+        if options.get("continuous_usage_stats") and self.continuous_usage:
+            chunks = [{**c, "usage": usage} for c in chunks]
+        if options.get("include_usage"):
             chunks.append({"choices": [], "usage": usage})
         return await self._stream(request, [{"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
                                              "model": body.get("model", "m"), **c} for c in chunks])
+
+    async def _faulty(self, request: web.Request, stream: bool) -> web.StreamResponse:
+        """``status:N``: an error status; ``bad_body``: 200 with a body that is no completion; ``text_stream``:
+        200 text/plain to a stream request; ``error_event`` / ``garbage`` / ``truncated``: a stream that carries
+        vLLM's mid-stream error, a line that is not an event, or stops before finishing."""
+        if self.fault.startswith("status:"):
+            status = int(self.fault.split(":")[1])
+            return web.json_response({"error": {"message": f"worker says {status}", "code": status}}, status=status)
+        if self.fault == "bad_body" or (self.fault == "text_stream" and not stream):
+            return web.json_response({"unexpected": True})
+        if self.fault == "text_stream":
+            return web.Response(text="not a stream")
+        first = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "par"}}]}
+        tail = {"error_event": b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n',
+                "error_object": b'data: {"object": "error", "message": "engine died", "code": 500}\n\n',
+                "garbage": b"<html>oops</html>\n\n", "truncated": b""}[self.fault]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(f"data: {json.dumps(first)}\n\n".encode() + tail)
+        await response.write_eof()
+        return response
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
@@ -239,3 +295,32 @@ def cluster() -> Iterator[Cluster]:
     c = start_cluster(2)
     yield c
     stop_cluster(c)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def router_process(worker: str, args: list[str] = (), env: dict | None = None, port: int | None = None) -> Iterator[str]:
+    """``kvtier router`` in its own process (the console entry point), yielding its URL once /health answers."""
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--worker", worker,
+                             "--log-level", "WARNING", *args], env=env or dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120  # only reached when the router is broken
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the router did not start (exit code {proc.poll()})") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -12,10 +12,11 @@ import anthropic
 import openai
 import pytest
 
+from kvtier.router.auth import Auth
 from kvtier.router.choice import CostWeights
 from kvtier.router.server import RouterConfig
 
-from .conftest import TOOL_ARGS, Cluster, make_tokenizer, start_cluster, stop_cluster
+from .conftest import TOOL_ARGS, Cluster, make_tokenizer, router_process, start_cluster, stop_cluster
 
 TOOLS_OPENAI = [{"type": "function", "function": {"name": "read_file", "description": "read a file",
                                                   "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]
@@ -32,10 +33,12 @@ class Reply:
         return json.loads(self.text)
 
 
-def http(url: str, content: bytes | None = None, json_body: dict | None = None, timeout: float = 10) -> Reply:
+def http(url: str, content: bytes | None = None, json_body: dict | None = None, timeout: float = 10,
+         headers: dict | None = None, method: str | None = None) -> Reply:
     """A plain HTTP call (stdlib): GET without a body, POST with one; error statuses are returned, not raised."""
     data = json.dumps(json_body).encode() if json_body is not None else content
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})},
+                                     method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return Reply(resp.status, resp.read())
@@ -130,7 +133,9 @@ def test_messages_tool_use_thinking_and_exact_replay(cluster: Cluster) -> None:
     assistant = sent_second[len(sent_first)]
     assert assistant["reasoning_content"] == first.content[0].thinking
     assert assistant["tool_calls"][0]["function"]["arguments"] == TOOL_ARGS  # the model's own string
-    assert sent_second[-1] == {"role": "tool", "tool_call_id": first.content[1].id, "content": "print(1)"}
+    worker_id = assistant["tool_calls"][0]["id"]  # the id's short head: call and result render alike
+    assert first.content[1].id.startswith(worker_id)
+    assert sent_second[-1] == {"role": "tool", "tool_call_id": worker_id, "content": "print(1)"}
     assert bodies[0]["chat_template_kwargs"] == {"enable_thinking": True}
 
 
@@ -298,50 +303,33 @@ def test_events_route_to_the_worker_whose_engine_cached_the_prompt(tmp_path) -> 
 
 
 def test_cli_serves_and_rejects_bad_arguments(cluster: Cluster) -> None:
-    import socket
-    import subprocess
-    import sys
-
     from kvtier.cli import main
 
     with pytest.raises(SystemExit) as exited:  # argparse's one-line error
         main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--events", "a", "--events", "b"])
     assert exited.value.code == 2
     assert main(["router", "--port", "1", "--worker", "http://127.0.0.1:1", "--events", "-", "--events", "-"]) == 2
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     worker = cluster.workers[0].url
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--worker", worker,
-                             "--events", "-", "--log-level", "WARNING"])
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                health = http(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+    with router_process(worker, ["--events", "-"]) as url:
+        health = http(url + "/health")
         assert health.status_code == 200 and health.json()["workers"][0]["url"] == worker
-        reply = http(f"http://127.0.0.1:{port}/v1/chat/completions",
-                     json_body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        reply = http(url + "/v1/chat/completions", json_body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"].endswith("says: hi")
+
+
+def test_workers_join_and_leave_at_runtime() -> None:
+    c = start_cluster(2, config=RouterConfig(block_size=4, health_interval_s=0.2, auth=Auth(admin_key="root")))
+    try:
+        first, second = c.workers
+        admin = {"Authorization": "Bearer root"}
+        assert http(c.url + "/admin/workers", json_body={"url": "ftp://x"}, headers=admin).status_code == 400
+        assert http(c.url + "/admin/workers", json_body={"url": first.url}, headers=admin).status_code == 400  # there
+        assert http(c.url + "/admin/workers", json_body={"url": first.url}, headers=admin, method="DELETE").status_code == 200
+        client = oai(c)
+        for i in range(3):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"after leave {i}"}])
+        assert len(first.received) == 0 and len(second.received) == 3
+        assert http(c.url + "/admin/workers", json_body={"url": first.url}, headers=admin).json() == {"added": first.url}
+        assert [w["url"] for w in http(c.url + "/health").json()["workers"]] == [second.url, first.url]
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def test_workers_join_and_leave_at_runtime(cluster: Cluster) -> None:
-    first, second = cluster.workers
-    assert http(cluster.url + "/admin/workers", json_body={"url": "ftp://x"}).status_code == 400
-    assert http(cluster.url + "/admin/workers", json_body={"url": first.url}).status_code == 400  # already there
-    request = urllib.request.Request(cluster.url + "/admin/workers", data=json.dumps({"url": first.url}).encode(),
-                                     method="DELETE")
-    with urllib.request.urlopen(request) as resp:
-        assert resp.status == 200
-    client = oai(cluster)
-    for i in range(3):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"after leave {i}"}])
-    assert len(first.received) == 0 and len(second.received) == 3
-    assert http(cluster.url + "/admin/workers", json_body={"url": first.url}).json() == {"added": first.url}
-    assert [w["url"] for w in http(cluster.url + "/health").json()["workers"]] == [second.url, first.url]
+        stop_cluster(c)
