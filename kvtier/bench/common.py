@@ -32,6 +32,16 @@ def machine_line() -> str:
             f"{os.getloadavg()[0]:.1f}{gpu}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (benchmarks run on machines without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

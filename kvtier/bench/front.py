@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kvtier.bench.common import machine_line, print_table, write_json
+from kvtier.bench.common import machine_line, print_table, pyplot, write_json
 from kvtier.testing.vllm_server import free_port
 
 PROMPT = [{"role": "system", "content": "You are a coding agent. " * 40}, {"role": "user", "content": "next step?"}]
@@ -179,10 +179,7 @@ def sweep(args: argparse.Namespace) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     labels = [f"{r['worker_ms']:.0f}ms c{r['concurrency']}{' s' if r['stream'] else ''}" for r in rows]

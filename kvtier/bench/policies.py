@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtier.bench.common import machine_line, shared_file, write_json
+from kvtier.bench.common import machine_line, pyplot, shared_file, write_json
 from kvtier.manager import Manager, TierSpec
 from kvtier.manager.policies import NextUseOracle
 from kvtier.sim.cli import max_gap_arg
@@ -115,9 +115,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.json, {"machine": machine_line(), "ops": ops, "rows": rows, "slots": args.slots,
                            "seed": args.seed, "max_gap": args.max_gap})
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         fig, axes = plt.subplots(1, len(traces), figsize=(6 * len(traces), 4.5), squeeze=False)
         for ax, (name, _) in zip(axes[0], traces):
             for p in policies:
@@ -134,8 +132,3 @@ def run(args: argparse.Namespace) -> int:
         fig.savefig(args.plot, dpi=110)
     return 0
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

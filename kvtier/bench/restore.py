@@ -18,7 +18,7 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-from kvtier.bench.common import device_name, machine_line, print_table, write_json
+from kvtier.bench.common import device_name, machine_line, print_table, pyplot, write_json
 from kvtier.config import KvtierConfig
 from kvtier.engine import EngineRequest, KvtierEngine
 from kvtier.hashing import Namespace
@@ -103,10 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"{r['context'] // 1024}K from {r['source']}" for r in rows]
@@ -120,8 +117,3 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

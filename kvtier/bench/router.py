@@ -36,7 +36,7 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-from kvtier.bench.common import machine_line, print_table, shared_file, write_json
+from kvtier.bench.common import machine_line, print_table, pyplot, shared_file, write_json
 from kvtier.bench.peers import ensure, run_peer
 from kvtier.events import BlockStored, KVEventBatch, decode_batch, encode_batch
 from kvtier.hashing import chain_hashes, local_block_hashes
@@ -442,10 +442,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(quality: list[dict], peers: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     names = [q["policy"] for q in quality]
@@ -466,11 +463,3 @@ def _plot(quality: list[dict], peers: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -35,7 +35,7 @@ from pathlib import Path
 import msgspec
 from tqdm import tqdm
 
-from kvtier.bench.common import REPO, machine_line, shared_file, write_json
+from kvtier.bench.common import REPO, machine_line, pyplot, shared_file, write_json
 from kvtier.errors import UsageError
 from kvtier.testing.agent_session import TOOLS, words
 from kvtier.testing.vllm_server import VllmServer, free_port, kvtier_transfer_config, start_router, vllm_cpu_python
@@ -268,10 +268,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [c["name"] for c in out["configs"]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -284,8 +281,3 @@ def plot(out: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

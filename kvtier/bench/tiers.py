@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvtier.bench.common import machine_line, print_table, write_json
+from kvtier.bench.common import machine_line, print_table, pyplot, write_json
 from kvtier.bench.peers import ensure, run_peer
 from kvtier.config import KvtierConfig
 from kvtier.errors import UsageError
@@ -230,9 +230,7 @@ def peer_rows(results: dict, sizes: list[int], total_bytes: int, reps: int, dire
 
 
 def plot(results: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, name, pairs in ((axes[0], "disk", (("write", "ceiling_write"), ("read", "ceiling_read"))),
                             (axes[1], "redis", (("put", "ceiling_set"), ("get", "ceiling_get")))):
@@ -369,8 +367,3 @@ def report(results: dict, machine: str, reps: int, args: argparse.Namespace, con
         plot(results, args.plot)
     return 0
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

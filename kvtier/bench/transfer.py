@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvtier.bench.common import device_name, machine_line, print_table, time_it, write_json
+from kvtier.bench.common import device_name, machine_line, print_table, pyplot, time_it, write_json
 from kvtier.kernels import cuda_copy, dma, reference, staged, triton_copy
 from kvtier.kernels.batch import TransferBatch
 from kvtier.layout import PageLayout, vllm_layout, vllm_mla_layout
@@ -173,9 +173,7 @@ def best_dispatch(rows: list[dict]) -> dict[str, list[list]]:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, direction in zip(axes, ("offload", "load")):
@@ -243,8 +241,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.write_dispatch}: {table}")
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))
