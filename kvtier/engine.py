@@ -40,7 +40,7 @@ from kvtier.metrics import EngineMetrics
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.host import HostPool, HostTier
-from kvtier.tiers.remote import RemoteTier
+from kvtier.tiers import open_remote_tier
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class KvtierEngine(TierCascade):
         if config.disk_path:
             lower[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
         if config.remote_url:
-            lower[G4] = RemoteTier.from_config(config, namespace)
+            lower[G4] = open_remote_tier(config, namespace)
         self._build_cascade(config, HostTier(namespace, pool, own_pool=True), lower, pool.slot_bytes,
                             spare_host_slots)
         # GPU transfers run on a side stream ordered against the compute stream by events; CPU ones inline

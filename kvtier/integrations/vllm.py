@@ -80,10 +80,10 @@ from kvtier.integrations.common import engine_key, kvtier_config, name_part, ope
 from kvtier.layout import VLLM_ORDERS, PageLayout, build_layout
 from kvtier.manager import ManagerError
 from kvtier.metrics import EngineMetrics
+from kvtier.tiers import open_remote_tier
 from kvtier.tiers.base import Tier
 from kvtier.tiers.host import HostPool, HostTier, round_up
 from kvtier.tiers.ranks import RankedTier
-from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.shared_region import SharedRegion
 
 log = logging.getLogger(__name__)
@@ -804,7 +804,7 @@ def lower_tiers(cfg: KvtierConfig, namespace: Namespace, world_size: int, parts:
     """G3 and G4 as configured, each a ``RankedTier`` over one tier per rank (its own namespace)."""
     per_rank = dataclasses.replace(cfg, disk_capacity_bytes=cfg.disk_capacity_bytes // world_size)
     makers = {G3: lambda ns: open_disk_tier(per_rank, ns, chunk_bytes, "KvtierOffloadingSpec"),
-              G4: lambda ns: RemoteTier.from_config(cfg, ns)}
+              G4: lambda ns: open_remote_tier(cfg, ns)}
     wanted = [g for g, on in ((G3, cfg.disk_path), (G4, cfg.remote_url)) if on]
     built: dict[int, list[Tier]] = {}
     try:
