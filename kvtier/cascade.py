@@ -201,6 +201,9 @@ class TierCascade:
         self._complete_store(key, ok=ok)
 
     def _close_cascade(self) -> None:
+        """Stop every user of G2's slots before G2: the mover, then the lower tiers from the bottom up (closing
+        one waits for its queued I/O, which reads, checksums or fills slots: late promotions, writes), then
+        the host tier, whose pool memory goes last."""
         self._mover.shutdown(wait=True)
-        for tier in self.tiers.values():
-            tier.close()
+        for g in sorted(self.tiers, reverse=True):
+            self.tiers[g].close()

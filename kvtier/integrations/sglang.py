@@ -360,7 +360,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         except TimeoutError:
             log.warning("kvtier: write-through still running at close; closing the tiers anyway")
         finally:
-            for tier in (self.host, *self.lower):
+            for tier in (*self.lower, self.host):  # lower tiers drain their writes from host slots first
                 tier.close()
             self.host, self.lower = None, []
 

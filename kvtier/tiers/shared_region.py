@@ -116,9 +116,7 @@ class SharedRegion:
         if self._mmap is None:
             return
         self.buffer = torch.empty(0, dtype=torch.uint8)
-        with contextlib.suppress(BufferError):  # views still alive: unmapped when the last one dies
-            self._mmap.close()
-        self._mmap = None
+        self._mmap = None  # unmapped when the last tensor over it dies (mmap.close() would unmap under live views)
 
 
 def _start_time(pid: int) -> int | None:
