@@ -12,6 +12,8 @@ holds it). All manager state is guarded by ``_lock``; I/O runs outside it on the
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +74,7 @@ class TierCascade:
             tier.on_evicted = lambda keys, g=g: self._tier_dropped(g, keys)
         # (key, G-number) of demotions the manager already lists below whose bytes are not written yet
         self._landing: Counter[tuple[int, int]] = Counter()
+        self._landed = threading.Condition(self._lock)  # notified when a demotion's write ended (its slot is free)
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
 
     # --- manager listener: demotions and evictions ---------------------------------------------------------------
@@ -135,6 +138,7 @@ class TierCascade:
     def _after_put(self, keys: list[int], results: list[bool], g_dst: int) -> None:
         with self._lock:
             uncount(self._landing, ((k, g_dst) for k in keys))
+            self._landed.notify_all()
         failed = [k for k, ok in zip(keys, results) if not ok]
         self.metrics.bytes_moved.labels(f"demote_{TIER_NAMES[g_dst]}").inc((len(keys) - len(failed)) * self.chunk_bytes)
         if failed:
@@ -184,6 +188,20 @@ class TierCascade:
         for g, i in self._index.items():
             if g > G1:
                 self.metrics.resident_bytes.labels(TIER_NAMES[g]).set(self.manager.tiers[i].used)
+
+    # --- stores -------------------------------------------------------------------------------------------------
+    def _reserve_store(self, key: int) -> torch.Tensor | None:
+        """Under the lock: the G2 slot for a store the manager planned. While the free slots are all held by
+        demotions not written yet, wait for the mover to write them (the lock released meanwhile), up to
+        ``lower_tier_deadline_ms``: a refused store is never offered again once its request has ended. None
+        when no slot came (or the key is already stored or being written)."""
+        deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
+        while (slot := self.host.reserve(key, self.chunk_bytes)) is None and self._landing and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._landed.wait(left)
+        return slot
 
     # --- promotion -------------------------------------------------------------------------------------------------
     def _reserve_promotion(self, key: int) -> torch.Tensor | None:

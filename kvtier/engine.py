@@ -213,7 +213,7 @@ class KvtierEngine(TierCascade):
             if key not in plan.store:
                 self._forget_meta([key])  # kept only while some tier holds the chunk
                 return False
-            slot = self.host.reserve(key, self.chunk_bytes)
+            slot = self._reserve_store(key)
         if slot is None:
             self._complete_store(key, ok=False)
             return False

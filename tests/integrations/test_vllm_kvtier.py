@@ -736,3 +736,43 @@ def test_random_sessions_with_preemption_aborts_and_resets_load_only_their_own_b
     assert m.tiers[G3].stats().evictions == 0  # the manager made room (and demoted) before the disk had to
     if with_redis:
         assert m.metrics.demotions.labels("G2" if write_through else "G3", "G4")._value.get() > 0
+
+
+def test_stores_wait_for_slots_held_by_demotions_so_every_request_is_offloaded(harness, tmp_path):
+    """G2 holds one prompt; each next prompt evicts it, and its demotions hold every free slot until the disk
+    wrote them. The disk writes only once a store is waiting for a slot (or the step ended): a store refused
+    in the step its one-token request ends is never offered again."""
+    h = harness(tiered(**disk(tmp_path)))
+    m, disk_ready = h.manager, threading.Event()
+    put_async, schedule_end = m.tiers[G3].put_async, m.on_schedule_end
+
+    def slow_put(keys, buffers):
+        out = Future()
+        threading.Thread(target=lambda: (disk_ready.wait(), out.set_result(put_async(keys, buffers).result()))).start()
+        return out
+
+    class WaitingOpensTheDisk:
+        def __init__(self, landed):
+            self.landed = landed
+
+        def wait(self, timeout=None):
+            disk_ready.set()
+            return self.landed.wait(timeout)
+
+        def notify_all(self):
+            self.landed.notify_all()
+
+    def step_ended(context):
+        disk_ready.set()
+        schedule_end(context)
+
+    m.tiers[G3].put_async, m.on_schedule_end = slow_put, step_ended
+    m._landed = WaitingOpensTheDisk(getattr(m, "_landed", None))
+    prompts = {f"r{i}": [10_000 * (i + 1) + t for t in PREFIX] + [1] for i in range(4)}
+    for req_id, prompt in prompts.items():
+        disk_ready.clear()
+        h.add_request(req_id, prompt)
+        h.run()
+    m.drain()
+    held = m.held("G2") | m.held("G3")
+    assert {r: set(prefix_keys(h, r)) <= held for r in prompts} == {r: True for r in prompts}
