@@ -189,28 +189,27 @@ class TierCascade:
             if g > G1:
                 self.metrics.resident_bytes.labels(TIER_NAMES[g]).set(self.manager.tiers[i].used)
 
-    # --- stores -------------------------------------------------------------------------------------------------
-    def _reserve_store(self, key: int) -> torch.Tensor | None:
-        """Under the lock: the G2 slot for a store the manager planned. While the free slots are all held by
-        demotions not written yet, wait for the mover to write them (the lock released meanwhile), up to
-        ``lower_tier_deadline_ms``: a refused store is never offered again once its request has ended. None
-        when no slot came (or the key is already stored or being written)."""
+    # --- promotion -------------------------------------------------------------------------------------------------
+    def _reserve_promotion(self, key: int) -> torch.Tensor | None:
+        """Under the lock: a G2 reservation and slot for a chunk held below, or None when G2 has no room.
+        The caller reads the chunk into the slot, then calls ``_settle_promotion``."""
+        promoted = key in self.manager.prepare_store([key], self._index[G2]).store
+        slot = self._reserve_slot(key) if promoted else None
+        if slot is None and promoted:
+            self._complete_store(key, ok=False)
+        return slot
+
+    def _reserve_slot(self, key: int) -> torch.Tensor | None:
+        """Under the lock: the G2 slot for a store or promotion the manager planned. The chunks it evicted keep
+        their slots until the mover wrote them below; while those hold every free slot, wait for the mover (the
+        lock released meanwhile), up to ``lower_tier_deadline_ms``: vLLM never offers a refused store again once
+        its request has ended. None when no slot came (or the key is already stored or being written)."""
         deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
         while (slot := self.host.reserve(key, self.chunk_bytes)) is None and self._landing and not self._closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._landed.wait(left)
-        return slot
-
-    # --- promotion -------------------------------------------------------------------------------------------------
-    def _reserve_promotion(self, key: int) -> torch.Tensor | None:
-        """Under the lock: a G2 reservation and slot for a chunk held below, or None when G2 has no room.
-        The caller reads the chunk into the slot, then calls ``_settle_promotion``."""
-        promoted = key in self.manager.prepare_store([key], self._index[G2]).store
-        slot = self.host.reserve(key, self.chunk_bytes) if promoted else None
-        if slot is None and promoted:
-            self._complete_store(key, ok=False)
         return slot
 
     def _settle_promotion(self, key: int, ok: bool) -> None:

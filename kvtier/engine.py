@@ -213,7 +213,7 @@ class KvtierEngine(TierCascade):
             if key not in plan.store:
                 self._forget_meta([key])  # kept only while some tier holds the chunk
                 return False
-            slot = self._reserve_store(key)
+            slot = self._reserve_slot(key)
         if slot is None:
             self._complete_store(key, ok=False)
             return False

@@ -18,10 +18,10 @@ background mover, one entry per rank (namespace ``tp_rank = rank``); a chunk hel
 into a G2 slot in the background while ``lookup`` answers ``HIT_PENDING`` (vLLM asks again next step), all
 ranks or none. A failed, damaged or late (``lower_tier_deadline_ms``) promotion answers ``MISS`` and vLLM
 recomputes: no worker job ever fails, which vLLM would assert on. An evicted chunk keeps its G2 slot until
-the mover wrote it below; while every spare slot is busy that way, stores wait for the mover (up to
-``lower_tier_deadline_ms``: vLLM never offers a finished request's chunks again), then a step (all of a
-request's chunks or none: vLLM does not offer again what a partial answer leaves out), and promotions answer
-``RETRY``.
+the mover wrote it below; while every spare slot is busy that way, stores and promotions wait for the mover
+(up to ``lower_tier_deadline_ms``: vLLM never offers a finished request's chunks again), then a store waits a
+step (all of a request's chunks or none: vLLM does not offer again what a partial answer leaves out), and a
+lookup finding no free slot answers ``RETRY``.
 A chunk answered ``HIT`` is held until the request's load (or store, or end) is planned, so a later promotion
 in the same lookup pass cannot evict it. ``reset_cache`` forgets every tier; the chunks of jobs in flight stay
 fenced (``MISS``) until vLLM reports them flushed, and reads in flight from before the reset are never served.
@@ -105,8 +105,8 @@ SPARE_SLOTS = 2  # at least this many G2 slots stay outside the manager's capaci
 def spare_slots(num_slots: int) -> int:
     """G2 slots the manager never fills: a chunk evicted for demotion keeps its slot until the mover wrote it
     below, and G3 -> G4 moves pass through one. A sixteenth of G2 (at least ``SPARE_SLOTS``) absorbs a
-    step's demotions; beyond that, stores wait for the mover (``_reserve_store``) and promotions answer
-    ``RETRY``."""
+    step's demotions; beyond that, stores and promotions wait for the mover (``_reserve_slot``), and a lookup
+    finding no free slot answers ``RETRY``."""
     return max(SPARE_SLOTS, num_slots // 16)
 
 
@@ -486,7 +486,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                 return PrepareStoreOutput([], KvtierChunksSpec([]), evicted)
             self._stats.increase_counter(REFUSED_STORES, len(wanted), ("full",))
             return None  # no room now (everything pinned or in use): vLLM retries next step
-        views = [self._reserve_store(key) for key in plan.store]
+        views = [self._reserve_slot(key) for key in plan.store]
         if any(view is None for view in views):
             # the slots of chunks just evicted stayed busy past the wait for the mover to demote them: all or
             # nothing (vLLM does not offer again what a partial answer leaves out), vLLM retries next step
