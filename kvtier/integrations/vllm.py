@@ -22,8 +22,8 @@ the mover wrote it below; while every spare slot is busy that way, stores and pr
 (up to ``lower_tier_deadline_ms``: vLLM never offers a finished request's chunks again), then a store waits a
 step (all of a request's chunks or none: vLLM does not offer again what a partial answer leaves out), and a
 lookup finding no free slot answers ``RETRY``.
-A chunk answered ``HIT`` is held until the request's load (or store, or end) is planned, so a later promotion
-in the same lookup pass cannot evict it. ``reset_cache`` forgets every tier; the chunks of jobs in flight stay
+A chunk answered ``HIT``, or ``HIT_PENDING`` while it is promoted, is held until the request's load (or store,
+or end) is planned, so a later promotion for the same request cannot evict it (to promote it again). ``reset_cache`` forgets every tier; the chunks of jobs in flight stay
 fenced (``MISS``) until vLLM reports them flushed, and reads in flight from before the reset are never served.
 Worker processes: ``KvtierOffloadingWorker`` moves chunks between vLLM's canonical KV tensors and its rank's
 part of G2 with kvtier's transfer kernels.
@@ -238,6 +238,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._probes: dict[int, tuple[futures.Future, float]] = {}  # Redis asked whether it holds a chunk
         self._prober = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-probe")
         self._promoted_from: dict[int, int] = {}  # chunks in G2 because a lookup promoted them: source tier
+        self._short_of_slots: set[str] = set()  # requests answered RETRY in this schedule (no free G2 slot)
         parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
         pool = HostPool(num_slots * part_bytes, part_bytes, pin=False, buffer=parts[0])
         lower = lower_tiers(cfg, namespace, len(parts), parts, chunk_bytes)
@@ -346,16 +347,26 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             if not promotion.late and time.monotonic() > promotion.deadline:
                 promotion.late = True  # vLLM recomputes; the read still lands in G2 for later requests
                 self.metrics.recomputed.labels(TIER_NAMES[promotion.tier]).inc()
-            return LookupResult.MISS if promotion.late else LookupResult.HIT_PENDING
+            if promotion.late:
+                return LookupResult.MISS
+            self._protect(req_context.req_id, k)
+            return LookupResult.HIT_PENDING
         if k in self.manager.tiers[self._g2].pending:
             return LookupResult.HIT_PENDING  # a store in flight
-        if where is not None and self.host.pool.free_slots == 0:
-            return LookupResult.RETRY  # every spare slot is a demotion in flight: a slot frees up shortly
+        if where is not None and (req_context.req_id in self._short_of_slots or self.host.pool.free_slots == 0):
+            # every spare slot is a demotion in flight: a slot frees up shortly. The request's later chunks wait
+            # with this one even if the mover frees a slot meanwhile: promotions stay in prefix order, so no
+            # chunk past the prefix G2 can hold takes a slot and is then evicted for the chunks before it
+            self._short_of_slots.add(req_context.req_id)
+            return LookupResult.RETRY
         deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
         if where is None or not self._promote(key, k, self._gnum[where], deadline):
             self.metrics.lookups.labels("none", "miss").inc()
             return LookupResult.MISS
         self.metrics.lookups.labels(TIER_NAMES[self._gnum[where]], "hit").inc()
+        # held for this request from now: landed before vLLM asks again, it must not make room for a chunk
+        # this same request promotes next (a pass that reaches it late would promote it again: thrashing)
+        self._protect(req_context.req_id, k)
         return LookupResult.HIT_PENDING
 
     def _find_below(self, key: int) -> int | object | None:
@@ -578,6 +589,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     @_locked
     def on_schedule_end(self, context: Any) -> None:
+        self._short_of_slots.clear()
         if self._steps_since_reset is None:
             return
         self._steps_since_reset += 1
