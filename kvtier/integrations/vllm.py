@@ -402,7 +402,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     def _protect(self, req_id: str, key: int) -> None:
         protected = self._protected.setdefault(req_id, set())
-        if key not in protected:
+        if key not in protected and self.manager.locate(key) is not None:  # a promotion's source may be lost
             self.manager.acquire([key])
             protected.add(key)
 

@@ -775,10 +775,13 @@ def test_stores_wait_for_slots_held_by_demotions_so_every_request_is_offloaded(h
     m.tiers[G3].put_async, m.on_schedule_end = slow_put, step_ended
     m._landed = WaitingOpensTheDisk(getattr(m, "_landed", None))
     prompts = {f"r{i}": [10_000 * (i + 1) + t for t in PREFIX] + [1] for i in range(4)}
-    for req_id, prompt in prompts.items():
-        disk_ready.clear()
-        h.add_request(req_id, prompt)
-        h.run()
+    try:
+        for req_id, prompt in prompts.items():
+            disk_ready.clear()
+            h.add_request(req_id, prompt)
+            h.run()
+    finally:
+        disk_ready.set()  # demotions queued after the last step's end write now
     m.drain()
     held = m.held("G2") | m.held("G3")
     assert {r: set(prefix_keys(h, r)) <= held for r in prompts} == {r: True for r in prompts}
