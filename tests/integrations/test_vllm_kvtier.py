@@ -10,6 +10,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -824,3 +825,31 @@ def test_a_request_short_of_slots_retries_its_later_chunks_too(harness, tmp_path
     assert answers == ["RETRY", "RETRY"] and not m.has_pending_work()
     h.add_request("z", list(range(1, 16 * BLOCK + 1)) + [4])
     assert hits(h.run()).get("z") == 8 * BLOCK  # the next passes promote chunks 0..7, in order
+
+
+def test_a_store_still_short_of_slots_after_the_wait_is_refused_and_counted_busy(harness, tmp_path, monkeypatch):
+    """The disk never writes here: the wait for the demotions' slots ends at lower_tier_deadline_ms (the subject,
+    so short), and the refusal shows in vllm:kvtier_refused_store_chunks{reason="busy"}."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
+
+    from kvtier.integrations.vllm import REFUSED_STORES
+
+    h = harness(tiered(**disk(tmp_path), lower_tier_deadline_ms=50))
+    g3, gate, counted = h.manager.tiers[G3], threading.Event(), Counter()
+    put, increase = g3.put, OffloadingConnectorStats.increase_counter
+    g3.put = lambda keys, views: gate.wait() and put(keys, views)  # a stuck disk holds the mover
+
+    def count(stats, name, value=1, labels=()):
+        counted[name, tuple(labels)] += value
+        return increase(stats, name, value, labels)
+
+    monkeypatch.setattr(OffloadingConnectorStats, "increase_counter", count)
+    try:
+        h.add_request("a", PREFIX + [1])
+        h.run()
+        h.add_request("other", OTHER + [2])  # evicts a's chunks: their demotions hold every free slot
+        h.run()
+    finally:
+        gate.set()
+    assert counted[REFUSED_STORES, ("busy",)] >= PREFIX_BLOCKS
+    assert not set(prefix_keys(h, "other")) & h.manager.held("G2")
