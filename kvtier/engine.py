@@ -37,10 +37,10 @@ from kvtier.hashing import Namespace, block_hashes
 from kvtier.hints import AgentHints, BlockPlan, block_plan
 from kvtier.layout import PageLayout
 from kvtier.metrics import EngineMetrics
+from kvtier.tiers import open_remote_tier
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.host import HostPool, HostTier
-from kvtier.tiers import open_remote_tier
 
 log = logging.getLogger(__name__)
 

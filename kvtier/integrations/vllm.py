@@ -21,10 +21,11 @@ recomputes: no worker job ever fails, which vLLM would assert on. An evicted chu
 the mover wrote it below; while every spare slot is busy that way, stores and promotions wait for the mover
 (up to ``lower_tier_deadline_ms``: vLLM never offers a finished request's chunks again), then a store waits a
 step (all of a request's chunks or none: vLLM does not offer again what a partial answer leaves out), and a
-lookup finding no free slot answers ``RETRY``.
-A chunk answered ``HIT``, or ``HIT_PENDING`` while it is promoted, is held until the request's load (or store,
-or end) is planned, so a later promotion for the same request cannot evict it (to promote it again). ``reset_cache`` forgets every tier; the chunks of jobs in flight stay
-fenced (``MISS``) until vLLM reports them flushed, and reads in flight from before the reset are never served.
+lookup finding no free slot answers ``RETRY``. A chunk answered ``HIT``, or ``HIT_PENDING`` while it is
+promoted, is held until the request's load (or store, or end) is planned, so a later promotion for the same
+request cannot evict it (to promote it again). ``reset_cache`` forgets every tier; the chunks of jobs in flight
+stay fenced (``MISS``) until vLLM reports them flushed, and reads in flight from before the reset are never
+served.
 Worker processes: ``KvtierOffloadingWorker`` moves chunks between vLLM's canonical KV tensors and its rank's
 part of G2 with kvtier's transfer kernels.
 
