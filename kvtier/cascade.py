@@ -12,6 +12,8 @@ holds it). All manager state is guarded by ``_lock``; I/O runs outside it on the
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +74,7 @@ class TierCascade:
             tier.on_evicted = lambda keys, g=g: self._tier_dropped(g, keys)
         # (key, G-number) of demotions the manager already lists below whose bytes are not written yet
         self._landing: Counter[tuple[int, int]] = Counter()
+        self._landed = threading.Condition(self._lock)  # notified when a demotion's write ended (its slot is free)
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
 
     # --- manager listener: demotions and evictions ---------------------------------------------------------------
@@ -135,6 +138,7 @@ class TierCascade:
     def _after_put(self, keys: list[int], results: list[bool], g_dst: int) -> None:
         with self._lock:
             uncount(self._landing, ((k, g_dst) for k in keys))
+            self._landed.notify_all()
         failed = [k for k, ok in zip(keys, results) if not ok]
         self.metrics.bytes_moved.labels(f"demote_{TIER_NAMES[g_dst]}").inc((len(keys) - len(failed)) * self.chunk_bytes)
         if failed:
@@ -190,9 +194,22 @@ class TierCascade:
         """Under the lock: a G2 reservation and slot for a chunk held below, or None when G2 has no room.
         The caller reads the chunk into the slot, then calls ``_settle_promotion``."""
         promoted = key in self.manager.prepare_store([key], self._index[G2]).store
-        slot = self.host.reserve(key, self.chunk_bytes) if promoted else None
+        slot = self._reserve_slot(key) if promoted else None
         if slot is None and promoted:
             self._complete_store(key, ok=False)
+        return slot
+
+    def _reserve_slot(self, key: int) -> torch.Tensor | None:
+        """Under the lock: the G2 slot for a store or promotion the manager planned. The chunks it evicted keep
+        their slots until the mover wrote them below; while those hold every free slot, wait for the mover (the
+        lock released meanwhile), up to ``lower_tier_deadline_ms``: vLLM never offers a refused store again once
+        its request has ended. None when no slot came (or the key is already stored or being written)."""
+        deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
+        while (slot := self.host.reserve(key, self.chunk_bytes)) is None and self._landing and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._landed.wait(left)
         return slot
 
     def _settle_promotion(self, key: int, ok: bool) -> None:
@@ -201,6 +218,9 @@ class TierCascade:
         self._complete_store(key, ok=ok)
 
     def _close_cascade(self) -> None:
+        """Stop every user of G2's slots before G2: the mover, then the lower tiers from the bottom up (closing
+        one waits for its queued I/O, which reads, checksums or fills slots: late promotions, writes), then
+        the host tier, whose pool memory goes last."""
         self._mover.shutdown(wait=True)
-        for tier in self.tiers.values():
-            tier.close()
+        for g in sorted(self.tiers, reverse=True):
+            self.tiers[g].close()

@@ -37,10 +37,10 @@ from kvtier.hashing import Namespace, block_hashes
 from kvtier.hints import AgentHints, BlockPlan, block_plan
 from kvtier.layout import PageLayout
 from kvtier.metrics import EngineMetrics
+from kvtier.tiers import open_remote_tier
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.host import HostPool, HostTier
-from kvtier.tiers.remote import RemoteTier
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class KvtierEngine(TierCascade):
         if config.disk_path:
             lower[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
         if config.remote_url:
-            lower[G4] = RemoteTier.from_config(config, namespace)
+            lower[G4] = open_remote_tier(config, namespace)
         self._build_cascade(config, HostTier(namespace, pool, own_pool=True), lower, pool.slot_bytes,
                             spare_host_slots)
         # GPU transfers run on a side stream ordered against the compute stream by events; CPU ones inline
@@ -213,7 +213,7 @@ class KvtierEngine(TierCascade):
             if key not in plan.store:
                 self._forget_meta([key])  # kept only while some tier holds the chunk
                 return False
-            slot = self.host.reserve(key, self.chunk_bytes)
+            slot = self._reserve_slot(key)
         if slot is None:
             self._complete_store(key, ok=False)
             return False

@@ -13,6 +13,7 @@ import xxhash
 
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
+from kvtier.tiers import remote_tier_class
 from kvtier.tiers.disk import DirectoryInUseError, DiskTier
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -46,7 +47,10 @@ def kvtier_config(extra: Mapping[str, Any] | None, engine_keys: Collection[str],
     if unused:
         raise ValueError(f"{where}: unsupported key(s) {unused} in the extra config; kvtier keys accepted here: "
                          f"{sorted(allowed)}")
-    return KvtierConfig.from_mapping(ours, source=where)
+    cfg = KvtierConfig.from_mapping(ours, source=where)
+    if cfg.remote_url:
+        remote_tier_class()  # a missing redis fails the start-up, naming the extra, not the first G4 use
+    return cfg
 
 
 def per_dp_rank(cfg: KvtierConfig, dp_rank: int) -> KvtierConfig:

@@ -41,9 +41,9 @@ from kvtier import kernels
 from kvtier.hashing import Namespace
 from kvtier.integrations.common import engine_key, kvtier_config, name_part, open_disk_tier, per_dp_rank
 from kvtier.layout import PageLayout, sglang_host_layout
+from kvtier.tiers import open_remote_tier
 from kvtier.tiers.base import Tier, guarded
 from kvtier.tiers.host import HostPool, HostTier
-from kvtier.tiers.remote import RemoteTier
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 lower.append(open_disk_tier(per_dp_rank(self.cfg, config.dp_rank), namespace, layout.block_bytes,
                                             WHERE))
             if self.cfg.remote_url:
-                lower.append(RemoteTier.from_config(self.cfg, namespace))
+                lower.append(open_remote_tier(self.cfg, namespace))
         except BaseException:
             for tier in lower:
                 tier.close()
@@ -360,7 +360,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         except TimeoutError:
             log.warning("kvtier: write-through still running at close; closing the tiers anyway")
         finally:
-            for tier in (self.host, *self.lower):
+            for tier in (*self.lower, self.host):  # lower tiers drain their writes from host slots first
                 tier.close()
             self.host, self.lower = None, []
 

@@ -18,11 +18,14 @@ background mover, one entry per rank (namespace ``tp_rank = rank``); a chunk hel
 into a G2 slot in the background while ``lookup`` answers ``HIT_PENDING`` (vLLM asks again next step), all
 ranks or none. A failed, damaged or late (``lower_tier_deadline_ms``) promotion answers ``MISS`` and vLLM
 recomputes: no worker job ever fails, which vLLM would assert on. An evicted chunk keeps its G2 slot until
-the mover wrote it below; while every spare slot is busy that way, stores wait a step (all of a request's
-chunks or none: vLLM does not offer again what a partial answer leaves out) and promotions answer ``RETRY``.
-A chunk answered ``HIT`` is held until the request's load (or store, or end) is planned, so a later promotion
-in the same lookup pass cannot evict it. ``reset_cache`` forgets every tier; the chunks of jobs in flight stay
-fenced (``MISS``) until vLLM reports them flushed, and reads in flight from before the reset are never served.
+the mover wrote it below; while every spare slot is busy that way, stores and promotions wait for the mover
+(up to ``lower_tier_deadline_ms``: vLLM never offers a finished request's chunks again), then a store waits a
+step (all of a request's chunks or none: vLLM does not offer again what a partial answer leaves out), and a
+lookup finding no free slot answers ``RETRY``. A chunk answered ``HIT``, or ``HIT_PENDING`` while it is
+promoted, is held until the request's load (or store, or end) is planned, so a later promotion for the same
+request cannot evict it (to promote it again). ``reset_cache`` forgets every tier; the chunks of jobs in flight
+stay fenced (``MISS``) until vLLM reports them flushed, and reads in flight from before the reset are never
+served.
 Worker processes: ``KvtierOffloadingWorker`` moves chunks between vLLM's canonical KV tensors and its rank's
 part of G2 with kvtier's transfer kernels.
 
@@ -80,10 +83,10 @@ from kvtier.integrations.common import engine_key, kvtier_config, name_part, ope
 from kvtier.layout import VLLM_ORDERS, PageLayout, build_layout
 from kvtier.manager import ManagerError
 from kvtier.metrics import EngineMetrics
+from kvtier.tiers import open_remote_tier
 from kvtier.tiers.base import Tier
 from kvtier.tiers.host import HostPool, HostTier, round_up
 from kvtier.tiers.ranks import RankedTier
-from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.shared_region import SharedRegion
 
 log = logging.getLogger(__name__)
@@ -103,8 +106,8 @@ SPARE_SLOTS = 2  # at least this many G2 slots stay outside the manager's capaci
 def spare_slots(num_slots: int) -> int:
     """G2 slots the manager never fills: a chunk evicted for demotion keeps its slot until the mover wrote it
     below, and G3 -> G4 moves pass through one. A sixteenth of G2 (at least ``SPARE_SLOTS``) absorbs a
-    step's demotions; beyond that, stores wait a step (``prepare_store`` answers None) and promotions answer
-    ``RETRY``."""
+    step's demotions; beyond that, stores and promotions wait for the mover (``_reserve_slot``), and a lookup
+    finding no free slot answers ``RETRY``."""
     return max(SPARE_SLOTS, num_slots // 16)
 
 
@@ -148,8 +151,8 @@ METRIC_DEFINITIONS = {
     PROMOTED_CHUNKS: OffloadingCounterMetadata(
         "Chunks read from a lower tier into G2, by source tier and outcome (ok, failed)", ("tier", "outcome")),
     REFUSED_STORES: OffloadingCounterMetadata(
-        "Chunks vLLM offered that kvtier did not store, by reason (full: no slot this step, policy: declined)",
-        ("reason",)),
+        "Chunks vLLM offered that kvtier did not store, by reason (full: no room this step, busy: G2's free slots "
+        "still held by demotions after lower_tier_deadline_ms, policy: declined)", ("reason",)),
     RESIDENT_CHUNKS: OffloadingGaugeMetadata("Chunks each kvtier tier holds", ("tier",)),
 }
 
@@ -236,6 +239,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._probes: dict[int, tuple[futures.Future, float]] = {}  # Redis asked whether it holds a chunk
         self._prober = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-probe")
         self._promoted_from: dict[int, int] = {}  # chunks in G2 because a lookup promoted them: source tier
+        self._short_of_slots: set[str] = set()  # requests answered RETRY in this schedule (no free G2 slot)
         parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
         pool = HostPool(num_slots * part_bytes, part_bytes, pin=False, buffer=parts[0])
         lower = lower_tiers(cfg, namespace, len(parts), parts, chunk_bytes)
@@ -344,16 +348,26 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             if not promotion.late and time.monotonic() > promotion.deadline:
                 promotion.late = True  # vLLM recomputes; the read still lands in G2 for later requests
                 self.metrics.recomputed.labels(TIER_NAMES[promotion.tier]).inc()
-            return LookupResult.MISS if promotion.late else LookupResult.HIT_PENDING
+            if promotion.late:
+                return LookupResult.MISS
+            self._protect(req_context.req_id, k)
+            return LookupResult.HIT_PENDING
         if k in self.manager.tiers[self._g2].pending:
             return LookupResult.HIT_PENDING  # a store in flight
-        if where is not None and self.host.pool.free_slots == 0:
-            return LookupResult.RETRY  # every spare slot is a demotion in flight: a slot frees up shortly
+        if where is not None and (req_context.req_id in self._short_of_slots or self.host.pool.free_slots == 0):
+            # every spare slot is a demotion in flight: a slot frees up shortly. The request's later chunks wait
+            # with this one even if the mover frees a slot meanwhile: promotions stay in prefix order, so no
+            # chunk past the prefix G2 can hold takes a slot and is then evicted for the chunks before it
+            self._short_of_slots.add(req_context.req_id)
+            return LookupResult.RETRY
         deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
         if where is None or not self._promote(key, k, self._gnum[where], deadline):
             self.metrics.lookups.labels("none", "miss").inc()
             return LookupResult.MISS
         self.metrics.lookups.labels(TIER_NAMES[self._gnum[where]], "hit").inc()
+        # held for this request from now: landed before vLLM asks again, it must not make room for a chunk
+        # this same request promotes next (a pass that reaches it late would promote it again: thrashing)
+        self._protect(req_context.req_id, k)
         return LookupResult.HIT_PENDING
 
     def _find_below(self, key: int) -> int | object | None:
@@ -389,7 +403,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     def _protect(self, req_id: str, key: int) -> None:
         protected = self._protected.setdefault(req_id, set())
-        if key not in protected:
+        if key not in protected and self.manager.locate(key) is not None:  # a promotion's source may be lost
             self.manager.acquire([key])
             protected.add(key)
 
@@ -484,16 +498,16 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                 return PrepareStoreOutput([], KvtierChunksSpec([]), evicted)
             self._stats.increase_counter(REFUSED_STORES, len(wanted), ("full",))
             return None  # no room now (everything pinned or in use): vLLM retries next step
-        views = [self.host.reserve(key, self.chunk_bytes) for key in plan.store]
+        views = [self._reserve_slot(key) for key in plan.store]
         if any(view is None for view in views):
-            # the slots of chunks just evicted stay busy until the mover has demoted them: all or nothing
-            # (vLLM does not offer again what a partial answer leaves out), vLLM retries next step
+            # the slots of chunks just evicted stayed busy past the wait for the mover to demote them: all or
+            # nothing (vLLM does not offer again what a partial answer leaves out), vLLM retries next step
             for key, view in zip(plan.store, views):
                 if view is not None:
                     self.host.abort(key)
             self.manager.complete_store(plan.store, self._g2, ok=False)
             self._forget_meta(plan.store)
-            self._stats.increase_counter(REFUSED_STORES, len(plan.store), ("full",))
+            self._stats.increase_counter(REFUSED_STORES, len(plan.store), ("busy",))
             return None
         slots = [self.host.slot_offset(view) // self.host.pool.slot_bytes for view in views]
         return PrepareStoreOutput([self._offload_key[k] for k in plan.store], KvtierChunksSpec(slots), evicted)
@@ -576,6 +590,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     @_locked
     def on_schedule_end(self, context: Any) -> None:
+        self._short_of_slots.clear()
         if self._steps_since_reset is None:
             return
         self._steps_since_reset += 1
@@ -804,7 +819,7 @@ def lower_tiers(cfg: KvtierConfig, namespace: Namespace, world_size: int, parts:
     """G3 and G4 as configured, each a ``RankedTier`` over one tier per rank (its own namespace)."""
     per_rank = dataclasses.replace(cfg, disk_capacity_bytes=cfg.disk_capacity_bytes // world_size)
     makers = {G3: lambda ns: open_disk_tier(per_rank, ns, chunk_bytes, "KvtierOffloadingSpec"),
-              G4: lambda ns: RemoteTier.from_config(cfg, ns)}
+              G4: lambda ns: open_remote_tier(cfg, ns)}
     wanted = [g for g, on in ((G3, cfg.disk_path), (G4, cfg.remote_url)) if on]
     built: dict[int, list[Tier]] = {}
     try:

@@ -150,9 +150,9 @@ class HostPool:
                 empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
                 if empty_host_cache is not None:
                     empty_host_cache()
-            elif self._mmap is not None:
-                with contextlib.suppress(BufferError):  # views still alive: unmapped when they die
-                    self._mmap.close()
+            else:
+                # not mmap.close(): torch.frombuffer keeps a reference to the mmap, not a buffer export, so close()
+                # would unmap under live views; dropped, it is unmapped when the last view of it dies
                 self._mmap = None
 
     def __enter__(self) -> HostPool:

@@ -5,13 +5,16 @@ core initialises the workers' KV caches before it builds the scheduler; tests bu
 round). So both sides call the same constructor: the first opener (``O_EXCL``) sizes the file, the second
 waits for that size, maps it, and unlinks the name. From then on the memory lives exactly as long as the
 mappings: nothing is left in /dev/shm however the processes end. A side that is never joined unlinks the
-name on ``close``. A side killed before the other came leaves its name behind: the page after the region
-records the creator (pid and start time), and an opener whose creator is gone replaces the file instead of
-joining it, so a relaunch with the same engine id never splits the region between a stale and a fresh file.
+name on ``close``, or at interpreter exit if it was not closed. A side killed before the other came leaves its
+name behind (a file as large as the region): the page after the region records the creator (pid and start
+time), so every opener first reclaims the ``kvtier-*`` files of creators that are gone (``reclaim_orphans``),
+and an opener whose creator is gone replaces the file instead of joining it, so a relaunch with the same engine
+id never splits the region between a stale and a fresh file.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import mmap
@@ -23,7 +26,9 @@ from pathlib import Path
 import torch
 
 SHM_DIR = Path("/dev/shm")
+PREFIX = "kvtier-"  # the names ``reclaim_orphans`` looks at: kvtier's own regions
 _CREATOR = struct.Struct("<qQ")  # pid, start time in clock ticks since boot (/proc/<pid>/stat field 22)
+_UNJOINED: dict[Path, tuple[int, int]] = {}  # names this process created and still owns: (st_dev, st_ino)
 
 
 class SharedRegion:
@@ -36,7 +41,11 @@ class SharedRegion:
             raise ValueError(f"bad shared region name {name!r}")
         self.path = Path(directory) / name
         self.nbytes = nbytes
+        reclaim_orphans(Path(directory))
         fd = self._open(wait_s)
+        if self.creator:
+            opened = os.fstat(fd)
+            _UNJOINED[self.path] = (opened.st_dev, opened.st_ino)
         try:
             self._mmap: mmap.mmap | None = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED,
                                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -69,10 +78,8 @@ class SharedRegion:
                 if _start_time(pid) == started:
                     self.creator = False
                     return fd
-                try:  # left by a process that is gone; locked, so that of two openers only one replaces it
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    if self._names(fd):
-                        self._unlink()
+                try:
+                    _unlink_locked(self.path, fd)
                 finally:
                     os.close(fd)
                 continue
@@ -86,15 +93,6 @@ class SharedRegion:
                 raise
             return fd
 
-    def _names(self, fd: int) -> bool:
-        """Whether the name still points at the file open as ``fd`` (not a newer one of the same name)."""
-        try:
-            named = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        opened = os.fstat(fd)
-        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
-
     def _wait_for_size(self, fd: int, wait_s: float) -> None:
         deadline, want = time.monotonic() + wait_s, self.nbytes + mmap.PAGESIZE
         while (size := os.fstat(fd).st_size) < want:
@@ -107,6 +105,7 @@ class SharedRegion:
                              "scheduler and the worker disagree on its size (different kv_connector_extra_config?)")
 
     def _unlink(self) -> None:
+        _UNJOINED.pop(self.path, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -116,9 +115,7 @@ class SharedRegion:
         if self._mmap is None:
             return
         self.buffer = torch.empty(0, dtype=torch.uint8)
-        with contextlib.suppress(BufferError):  # views still alive: unmapped when the last one dies
-            self._mmap.close()
-        self._mmap = None
+        self._mmap = None  # unmapped when the last tensor over it dies (mmap.close() would unmap under live views)
 
 
 def _start_time(pid: int) -> int | None:
@@ -129,3 +126,61 @@ def _start_time(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _names(path: Path, identity: tuple[int, int]) -> bool:
+    """Whether ``path`` still names the file ``identity`` (st_dev, st_ino), not a newer one of that name."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == identity
+
+
+def _unlink_locked(path: Path, fd: int) -> bool:
+    """Unlink ``path`` if it still names the file open as ``fd``, whose creator is gone; locked, so that of two
+    openers only one replaces it."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    opened = os.fstat(fd)
+    if not _names(path, (opened.st_dev, opened.st_ino)):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
+
+
+def _orphaned(fd: int) -> bool:
+    """Whether the region open as ``fd`` was sized by a creator that is gone. A file not sized yet (its creator
+    is between creating and sizing it) is never an orphan."""
+    size = os.fstat(fd).st_size
+    if size < 2 * mmap.PAGESIZE or size % mmap.PAGESIZE:
+        return False
+    pid, started = _CREATOR.unpack(os.pread(fd, _CREATOR.size, size - mmap.PAGESIZE))
+    return _start_time(pid) != started
+
+
+def reclaim_orphans(directory: Path = SHM_DIR, prefix: str = PREFIX) -> list[Path]:
+    """Unlink the regions under ``directory`` whose creator died before anyone joined them (a killed scheduler
+    leaves its whole region in /dev/shm); those of live processes stay. Returns what was removed."""
+    removed = []
+    for path in Path(directory).glob(f"{prefix}*"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue  # joined (unlinked) meanwhile, or not ours to open
+        try:
+            if _orphaned(fd) and _unlink_locked(path, fd):
+                removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@atexit.register
+def _unlink_unjoined() -> None:
+    """At exit, the names this process created that no one joined and no ``close`` dropped."""
+    for path, identity in list(_UNJOINED.items()):
+        if _names(path, identity):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    _UNJOINED.clear()

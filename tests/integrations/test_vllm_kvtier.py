@@ -10,6 +10,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -701,26 +702,32 @@ def test_random_sessions_with_preemption_aborts_and_resets_load_only_their_own_b
     h.write_kv = write_kv
     prefixes = [[1000 * (p + 1) + t for t in range(rng.choice([2, 4, 6]) * BLOCK)] for p in range(10)]
     loaded = 0
+
+    def check_loads(step) -> None:
+        """Every block a step loaded holds its prefix's bytes; counted wherever it happens (on a loaded machine
+        promotions and Redis probes land later, and the loads with them: in the final run)."""
+        nonlocal loaded
+        for job in step.load_jobs.values():
+            start = job.dst_spec.block_indices[0]
+            for i, block_id in enumerate(job.dst_spec.block_ids):
+                want = hash_at(job.req_id, start + i)
+                for layer, name in enumerate(h.shape.layer_names()):
+                    assert torch.equal(h.block_bytes(name, int(block_id)), expected(want, layer))
+                loaded += 1
+
     for n in range(60):
         req_id = f"r{n}"
         suffix = [rng.randrange(50_000, 60_000) for _ in range(rng.randrange(1, 2 * BLOCK))]
         h.add_request(req_id, rng.choice(prefixes) + suffix, max_tokens=rng.randrange(1, 48))
         live.append(req_id)
         for _ in range(rng.randrange(1, 4)):
-            step = h.step()
-            for job in step.load_jobs.values():
-                start = job.dst_spec.block_indices[0]
-                for i, block_id in enumerate(job.dst_spec.block_ids):
-                    want = hash_at(job.req_id, start + i)
-                    for layer, name in enumerate(h.shape.layer_names()):
-                        assert torch.equal(h.block_bytes(name, int(block_id)), expected(want, layer))
-                    loaded += 1
+            check_loads(h.step())
         running = [r for r in live if r in h.scheduler.requests]
         if running and rng.random() < 0.1:
             h.scheduler.finish_requests([rng.choice(running)], RequestStatus.FINISHED_ABORTED)
         if rng.random() < 0.04:
             h.scheduler.reset_connector_cache()  # jobs may be in flight; vLLM never completes them
-    h.run(max_steps=400)
+    h.run(max_steps=400, each_step=check_loads)
     h.manager.drain()
     h.step()  # promotions that landed after the last lookup settle; nothing is left to schedule
     m = h.manager
@@ -736,3 +743,113 @@ def test_random_sessions_with_preemption_aborts_and_resets_load_only_their_own_b
     assert m.tiers[G3].stats().evictions == 0  # the manager made room (and demoted) before the disk had to
     if with_redis:
         assert m.metrics.demotions.labels("G2" if write_through else "G3", "G4")._value.get() > 0
+
+
+def test_stores_wait_for_slots_held_by_demotions_so_every_request_is_offloaded(harness, tmp_path):
+    """G2 holds one prompt; each next prompt evicts it, and its demotions hold every free slot until the disk
+    wrote them. The disk writes only once a store is waiting for a slot (or the step ended): a store refused
+    in the step its one-token request ends is never offered again."""
+    h = harness(tiered(**disk(tmp_path)))
+    m, disk_ready = h.manager, threading.Event()
+    put_async, schedule_end = m.tiers[G3].put_async, m.on_schedule_end
+
+    def slow_put(keys, buffers):
+        out = Future()
+        threading.Thread(target=lambda: (disk_ready.wait(), out.set_result(put_async(keys, buffers).result()))).start()
+        return out
+
+    class WaitingOpensTheDisk:
+        def __init__(self, landed):
+            self.landed = landed
+
+        def wait(self, timeout=None):
+            disk_ready.set()
+            return self.landed.wait(timeout)
+
+        def notify_all(self):
+            self.landed.notify_all()
+
+    def step_ended(context):
+        disk_ready.set()
+        schedule_end(context)
+
+    m.tiers[G3].put_async, m.on_schedule_end = slow_put, step_ended
+    m._landed = WaitingOpensTheDisk(getattr(m, "_landed", None))
+    prompts = {f"r{i}": [10_000 * (i + 1) + t for t in PREFIX] + [1] for i in range(4)}
+    try:
+        for req_id, prompt in prompts.items():
+            disk_ready.clear()
+            h.add_request(req_id, prompt)
+            h.run()
+    finally:
+        disk_ready.set()  # demotions queued after the last step's end write now
+    m.drain()
+    held = m.held("G2") | m.held("G3")
+    assert {r: set(prefix_keys(h, r)) <= held for r in prompts} == {r: True for r in prompts}
+
+
+def z_lookups(h) -> tuple[list, ReqContext]:
+    """The offload keys of the 16-chunk prompt ``long_prefix_only_in_g3`` left in G3, and a request for them."""
+    long, _ = long_prefix_only_in_g3(h)
+    ctx = ReqContext("z")
+    with h.manager.lock:
+        h.manager.on_new_request(ctx)
+    return [make_offload_key(bh, 0) for bh in h.request("y").block_hashes[:16]], ctx
+
+
+def test_a_chunk_promoted_for_a_request_is_not_evicted_by_its_next_promotion(harness, tmp_path):
+    """vLLM takes the manager's lock per call, so a promotion answered HIT_PENDING may land in G2 before the same
+    lookup pass reaches its next chunk: that chunk's promotion must not evict it (and promote it again later)."""
+    h = harness(tiered(**disk(tmp_path)))
+    offload, ctx = z_lookups(h)
+    m, answers = h.manager, []
+    for key in offload[:9]:  # G2 holds 8: the first 8 promotions evict o1's chunks
+        with m.lock:
+            answers.append(m.lookup(key, ctx).name)
+        m.drain()  # the promotion landed (and the demotion it caused was written) before the pass goes on
+    assert answers == ["HIT_PENDING"] * 8 + ["MISS"]
+    assert {m.key(key) for key in offload[:8]} <= m.held("G2")
+
+
+def test_a_request_short_of_slots_retries_its_later_chunks_too(harness, tmp_path):
+    """A pass that answered RETRY (no free slot) must not promote the request's later chunks when the mover frees
+    a slot meanwhile: they would take the room of the chunks before them, and be evicted for those next pass."""
+    h = harness(tiered(**disk(tmp_path)))
+    offload, ctx = z_lookups(h)
+    m, pool = h.manager, h.manager.host.pool
+    taken = pool.try_alloc(pool.free_slots)  # as while demotions hold every free slot
+    with m.lock:
+        answers = [m.lookup(offload[0], ctx).name]
+        pool.free(taken)  # the mover wrote them
+        answers.append(m.lookup(offload[1], ctx).name)
+    assert answers == ["RETRY", "RETRY"] and not m.has_pending_work()
+    h.add_request("z", list(range(1, 16 * BLOCK + 1)) + [4])
+    assert hits(h.run()).get("z") == 8 * BLOCK  # the next passes promote chunks 0..7, in order
+
+
+def test_a_store_still_short_of_slots_after_the_wait_is_refused_and_counted_busy(harness, tmp_path, monkeypatch):
+    """The disk never writes here: the wait for the demotions' slots ends at lower_tier_deadline_ms (the subject,
+    so short), and the refusal shows in vllm:kvtier_refused_store_chunks{reason="busy"}."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
+
+    from kvtier.integrations.vllm import REFUSED_STORES
+
+    h = harness(tiered(**disk(tmp_path), lower_tier_deadline_ms=50))
+    g3, gate, counted = h.manager.tiers[G3], threading.Event(), Counter()
+    put, increase = g3.put, OffloadingConnectorStats.increase_counter
+    g3.put = lambda keys, views: gate.wait() and put(keys, views)  # a stuck disk holds the mover
+
+    def count(stats, name, value=1, labels=()):
+        counted[name, tuple(labels)] += value
+        return increase(stats, name, value, labels)
+
+    monkeypatch.setattr(OffloadingConnectorStats, "increase_counter", count)
+    try:
+        h.add_request("a", PREFIX + [1])
+        h.run()
+        h.add_request("other", OTHER + [2])  # evicts a's chunks: their demotions hold every free slot
+        h.run()
+    finally:
+        gate.set()
+    assert counted[REFUSED_STORES, ("busy",)] >= PREFIX_BLOCKS
+    assert not set(prefix_keys(h, "other")) & h.manager.held("G2")

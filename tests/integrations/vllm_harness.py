@@ -391,8 +391,10 @@ class VllmSchedulerHarness:
         self.steps.append(record)
         return record
 
-    def run(self, max_steps: int = 64, idle_timeout_s: float = 30.0) -> list[StepRecord]:
-        """Step until no request is waiting or running and no transfer is in flight.
+    def run(self, max_steps: int = 64, idle_timeout_s: float = 30.0,
+            each_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
+        """Step until no request is waiting or running and no transfer is in flight; ``each_step`` sees every
+        step as it ends (while its blocks still hold what it loaded).
 
         Steps that schedule nothing (a lookup was deferred: the connector waits for an asynchronous
         promotion) do not count towards ``max_steps``; they are spaced by a millisecond, up to
@@ -402,6 +404,8 @@ class VllmSchedulerHarness:
         busy_steps, deadline = 0, time.monotonic() + idle_timeout_s
         while busy_steps < max_steps:
             records.append(self.step())
+            if each_step is not None:
+                each_step(records[-1])
             if not self.scheduler.has_requests() and not self.connector.has_pending_push_work():
                 return records
             if records[-1].scheduled_tokens or records[-1].load_jobs or records[-1].store_jobs:

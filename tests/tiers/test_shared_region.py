@@ -116,3 +116,32 @@ def test_a_host_pool_over_a_region_writes_into_it_and_leaves_it_mapped(tmp_path)
 def test_a_host_pool_refuses_an_unusable_buffer(buffer):
     with pytest.raises(ValueError, match="external pool buffer"):
         HostPool(2 * PAGE, PAGE, pin=False, buffer=buffer)
+
+
+HOLD_REGION = ("import sys; from pathlib import Path; from kvtier.tiers.shared_region import SharedRegion; "
+               f"r = SharedRegion(sys.argv[1], {2 * PAGE}, directory=Path(sys.argv[2])); print('mapped', flush=True); "
+               "sys.stdin.read()")
+
+
+def hold_region(name: str, directory) -> subprocess.Popen:
+    """A process that creates region ``name`` and keeps it, unjoined, until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_REGION, name, str(directory)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert proc.stdout.readline() == "mapped\n"
+    return proc
+
+
+def test_the_next_start_reclaims_a_killed_creators_region_keeps_a_live_ones_and_exit_drops_it(tmp_path):
+    """A scheduler SIGKILLed before its worker mapped the region leaves host_capacity_bytes in /dev/shm."""
+    killed, live = hold_region("kvtier-killed-rank0", tmp_path), hold_region("kvtier-live-rank0", tmp_path)
+    try:
+        killed.kill()
+        killed.wait()
+        assert (tmp_path / "kvtier-killed-rank0").exists()
+        region = SharedRegion("kvtier-next-rank0", 2 * PAGE, directory=tmp_path)
+        assert sorted(os.listdir(tmp_path)) == ["kvtier-live-rank0", "kvtier-next-rank0"]
+        region.close()
+    finally:
+        live.stdin.close()  # the live process ends normally, its region never closed nor joined
+        assert live.wait() == 0
+    assert os.listdir(tmp_path) == []
