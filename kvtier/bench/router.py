@@ -116,6 +116,7 @@ class SimWorker:
         self.requests += 1
         self.prefill_blocks += len(keys) - device_hits - host_hits
         promoted = [k for k in keys if k not in self.device]
+        left_host = [k for k in promoted if k in self.host]
         for key in reversed(keys):  # tail first, as vLLM frees a request's blocks: LRU then evicts leaves first
             self.device[key] = None
             self.device.move_to_end(key)
@@ -132,6 +133,8 @@ class SimWorker:
         if log is not None:
             if promoted:
                 log.append(("store", slot, 0, promoted))
+            if left_host:  # back on the device: the host copy is gone (a worker reports it as removed)
+                log.append(("remove", slot, 1, left_host))
             if demoted:
                 log.append(("remove", slot, 0, demoted))
                 log.append(("store", slot, 1, demoted))

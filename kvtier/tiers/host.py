@@ -311,7 +311,9 @@ class HostTier(LocalTier):
                     self._count(gets=1, misses=1)
                     out.append(None)
                     continue
-                np.copyto(np.frombuffer(buf, dtype=np.uint8)[:len(src)], src.numpy())
+                # torch's copy spreads a large chunk over its intra-op threads, as LMCache's gets do (its CPU
+                # backend's gets measured 14.4 against 11.2 GB/s for 4 MiB chunks with numpy's single thread)
+                torch.frombuffer(buf, dtype=torch.uint8)[:len(src)].copy_(src)
                 self._count(gets=1, hits=1, hit_bytes=len(src))
                 out.append(len(src))
         return out
