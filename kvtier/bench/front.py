@@ -21,14 +21,13 @@ import platform
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from kvtier.bench.common import machine_line, print_table, pyplot, write_json
-from kvtier.testing.vllm_server import free_port
+from kvtier.testing.vllm_server import free_port, wait_healthy
 
 PROMPT = [{"role": "system", "content": "You are a coding agent. " * 40}, {"role": "user", "content": "next step?"}]
 ANSWER = ["I ", "will ", "read ", "the ", "file ", "first."]
@@ -68,15 +67,8 @@ def serve_worker(port: int, delay_s: float) -> None:
 # --- processes --------------------------------------------------------------------------------------------
 def start(cmd: list[str], url: str) -> subprocess.Popen:
     proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd} did not start") from None
-            time.sleep(0.1)
+    wait_healthy(proc, url)
+    return proc
 
 
 def start_worker(delay_s: float) -> tuple[subprocess.Popen, str]:

@@ -175,13 +175,23 @@ def start_router(workers: list[VllmServer], tokenizer: Path, log_path: Path, blo
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, timeout_s)
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError(f"router did not start: {Path(log_path).read_text()[-2000:]}") from None
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 120.0) -> None:
+    """Return once ``url/health`` answers 200; RuntimeError when ``proc`` exits first or after ``timeout_s``
+    (a deadline only a broken start reaches: a busy machine just takes longer)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             urllib.request.urlopen(url + "/health", timeout=5).close()
-            return proc, url
+            return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"router did not start: {Path(log_path).read_text()[-2000:]}") from None
-            time.sleep(0.2)
+                raise RuntimeError(f"{url} did not answer /health (exit code {proc.poll()})") from None
+            time.sleep(0.1)

@@ -8,12 +8,9 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from aiohttp import web
 from kvtier.events import EventPublisher
 from kvtier.router.prompt import PromptHasher
 from kvtier.router.server import EventSource, KvRouter, RouterConfig
+from kvtier.testing.vllm_server import free_port, wait_healthy
 
 BLOCK = 4
 TOOL_ARGS = '{"path":  "main.py"}'  # odd spacing: the router must send back exactly this string
@@ -297,12 +295,6 @@ def cluster() -> Iterator[Cluster]:
     stop_cluster(c)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def router_process(worker: str, args: list[str] = (), env: dict | None = None, port: int | None = None) -> Iterator[str]:
     """``kvtier router`` in its own process (the console entry point), yielding its URL once /health answers."""
@@ -311,15 +303,7 @@ def router_process(worker: str, args: list[str] = (), env: dict | None = None, p
                              "--log-level", "WARNING", *args], env=env or dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120  # only reached when the router is broken
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the router did not start (exit code {proc.poll()})") from None
-                time.sleep(0.05)
+        wait_healthy(proc, url)
         yield url
     finally:
         proc.terminate()
