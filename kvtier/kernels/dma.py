@@ -79,9 +79,29 @@ def _check(err: int, what: str) -> None:
         raise RuntimeError(f"{what} failed with cudaError {err}")
 
 
+@functools.lru_cache(maxsize=None)
+def _batch_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(torch.device("cuda", device_index))
+
+
+def _batch_copy_off_the_legacy_stream(srcs: list[int], dsts: list[int], nbytes: int, device: torch.device) -> None:
+    """cudaMemcpyBatchAsync refuses the legacy default stream (torch's current stream unless a caller set one):
+    run the batch on a stream of its own, ordered after the current stream's work and before its next."""
+    current = torch.cuda.current_stream(device)
+    side = _batch_stream(current.device_index)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        _gpu_copy(srcs, dsts, nbytes, device, batched=True)
+    current.wait_stream(side)
+
+
 def _gpu_copy(srcs: list[int], dsts: list[int], nbytes: int, device: torch.device, batched: bool) -> None:
     lib = _cudart()
-    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    handle = torch.cuda.current_stream(device).cuda_stream
+    if batched and handle == 0:
+        _batch_copy_off_the_legacy_stream(srcs, dsts, nbytes, device)
+        return
+    stream = ctypes.c_void_p(handle)
     count = len(srcs)
     if batched:
         src_arr = (ctypes.c_void_p * count)(*srcs)

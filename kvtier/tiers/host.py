@@ -24,6 +24,8 @@ from kvtier.tiers.base import Buffer, LruIndex, LocalTier, TierClosedError, chec
 
 PAGE = 4096
 
+CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02   # cudaHostRegisterPortable | cudaHostRegisterMapped
+
 
 def round_up(n: int, multiple: int = PAGE) -> int:
     return -(-n // multiple) * multiple
@@ -64,8 +66,9 @@ class HostPool:
                 raise ValueError(f"an external pool buffer must be a 1-D CPU uint8 tensor of at least {nbytes} B, "
                                  f"got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
             self.buffer = buffer[:nbytes]
-            if self._registered:
-                _check_cuda(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), nbytes, 0), "register")
+            if self._registered:  # mapped: the zero-copy kernels address it from the device
+                _check_cuda(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), nbytes,
+                                                                 CUDA_HOST_REGISTER_PORTABLE_MAPPED), "register")
         elif self.pinned:
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         else:

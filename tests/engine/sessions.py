@@ -60,8 +60,8 @@ class Rig:
 
 
 def make_rig(tmp: Path, *, host_chunks: int = 64, disk: bool = False, remote_url: str = "",
-             events: EventPublisher | None = None, **config: object) -> Rig:
-    model = LlamaModel(ModelConfig.tiny(), torch.device("cpu"))
+             events: EventPublisher | None = None, device: str = "cpu", **config: object) -> Rig:
+    model = LlamaModel(ModelConfig.tiny(), torch.device(device))
     reference = Runner(model, PagedKVPool(model.config, 4096, BLOCK, model.device), CHUNK_BLOCKS)
     recompute = Runner(model, PagedKVPool(model.config, 128, BLOCK, model.device), CHUNK_BLOCKS, prefix_caching=False)
     rig_pool = PagedKVPool(model.config, -(-(MAX_TOKENS + NEW) // BLOCK), BLOCK, model.device)
