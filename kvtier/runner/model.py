@@ -191,7 +191,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.config = config
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # "cuda" becomes "cuda:0", as a pool's tensors say
         draw = _WeightDrawer(config.seed, config.torch_dtype, self.device)
         self.embed = nn.Parameter(draw.embedding(config.vocab_size, config.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(config, draw, i) for i in range(config.num_layers))
