@@ -26,7 +26,10 @@ from kvtier.layout import PageLayout, vllm_layout, vllm_mla_layout
 
 GIB = 2**30
 POISON = 0xA5
-DISPATCHABLE = ("triton", "cuda", "staged", "dma")
+# What ``impl="auto"`` may pick. Staged transfers are left to an explicit ``transfer_impl: staged``: each takes a
+# device buffer as large as its batch (memory a serving engine gave to its KV cache), for at most 3% more
+# throughput than the zero-copy kernels (H200, benchmarks/RESULTS.md).
+DISPATCHABLE = ("triton", "cuda", "dma")
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ def best_dispatch(rows: list[dict]) -> dict[str, list[list]]:
         best: dict[int, tuple[float, str]] = {}
         for r in rows:
             name = dispatch_name(r["impl"])
-            if r["direction"] != direction or not r["verified"] or name is None or r["sm_budget"] != "all":
+            if r["direction"] != direction or not r["verified"] or name not in DISPATCHABLE or r["sm_budget"] != "all":
                 continue
             if r["page_bytes"] not in best or r["gbps"] > best[r["page_bytes"]][0]:
                 best[r["page_bytes"]] = (r["gbps"], name)

@@ -69,8 +69,10 @@ class HostPool:
             if self._registered:  # mapped: the zero-copy kernels address it from the device
                 _check_cuda(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), nbytes,
                                                                  CUDA_HOST_REGISTER_PORTABLE_MAPPED), "register")
-        elif self.pinned:
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        elif self.pinned:  # torch's pinned allocator does not promise page alignment (seen on an H200): align
+            raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=True)
+            start = -raw.data_ptr() % PAGE
+            self.buffer = raw[start:start + nbytes]
         else:
             # faulted in now (MAP_POPULATE), not on each slot's first write: a cold pool's first fill measured
             # 8x slower than a warm one (benchmarks/RESULTS.md, G2 against LMCache)
