@@ -1,13 +1,15 @@
-"""Moving chunks between G2 and the tiers below it, shared by the engine and the vLLM plug-in.
+"""Moving chunks between G2 and the tiers below it: one ``Cascade``, used by composition by the engine and the
+vLLM plug-in.
 
-``TierCascade`` is the block ``Manager``'s listener over a G2 ``HostTier`` and optional G3 (``DiskTier``)
-and G4 (``RemoteTier``): an eviction the manager decides on is demoted by a background mover (G2 -> G3 ->
-G4), a chunk held only below is promoted back into a reserved G2 slot, and every lower-tier failure
-(error, damage, loss) makes the manager forget the chunk there, so it becomes a miss, never an exception.
+A ``Cascade`` owns the block ``Manager`` (the one record of what each tier holds) over a G2 ``HostTier`` and
+optional G3 (``DiskTier``) and G4 (``RemoteTier``), and is the manager's listener: an eviction the manager decides
+on is demoted by a background mover (G2 -> G3 -> G4), a chunk held only below is promoted back into a reserved G2
+slot, and every lower-tier failure (error, damage, loss) makes the manager forget the chunk there, so it becomes
+a miss, never an exception.
 
-A subclass provides how its tier changes are published: ``_publish_stored(keys, medium)``,
-``_publish_removed(keys, medium)`` and ``_forget_meta(keys)`` (drop what it keeps per chunk once no tier
-holds it). All manager state is guarded by ``_lock``; I/O runs outside it on the mover or the tiers' threads.
+Its owner says how tier changes are published through ``ChunkEvents`` (``stored``, ``removed``, ``forgotten``).
+All manager state is guarded by the owner's lock, which the cascade shares; I/O runs outside it on the mover or
+the tiers' threads.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -30,6 +33,7 @@ from kvtier.tiers.host import HostTier
 G1, G2, G3, G4 = 0, 1, 2, 3
 TIER_NAMES = ("G1", "G2", "G3", "G4")
 UNBOUNDED = 2**62  # G4's size is the server's business (maxmemory); its evictions surface as misses
+T = TypeVar("T")
 
 
 def uncount(counter: Counter, items: Iterable[Hashable]) -> None:
@@ -40,21 +44,37 @@ def uncount(counter: Counter, items: Iterable[Hashable]) -> None:
             del counter[item]
 
 
-class TierCascade:
-    """G2 and the tiers below under one manager; see the module docstring. Call ``_build_cascade`` first."""
+class ChunkEvents(Protocol):
+    """How a cascade's owner publishes tier changes; called under the owner's lock."""
 
-    config: KvtierConfig
-    metrics: EngineMetrics
-    chunk_bytes: int          # the bytes of one chunk in a G2 slot (what a lower tier stores and returns)
-    _lock: object             # an RLock: the manager calls back into the listener while it is held
-    _closed: bool
+    def stored(self, keys: list[int], medium: str) -> None:
+        """``keys`` entered a medium (``CPU`` for G2, ``STORAGE`` for G3/G4 together)."""
 
-    def _build_cascade(self, config: KvtierConfig, host: HostTier, lower: Mapping[int, Tier], unit: int,
-                       spare_host_slots: int) -> None:
+    def removed(self, keys: list[int], medium: str) -> None:
+        """``keys`` left a medium."""
+
+    def forgotten(self, keys: list[int]) -> None:
+        """``keys`` may have left their last tier: drop what the owner keeps per chunk if no tier holds it."""
+
+
+class Cascade:
+    """G2 and the tiers below under one manager; see the module docstring."""
+
+    def __init__(self, config: KvtierConfig, metrics: EngineMetrics, host: HostTier, lower: Mapping[int, Tier], *,
+                 unit: int, chunk_bytes: int, spare_host_slots: int, lock: threading.RLock,
+                 events: ChunkEvents) -> None:
         """The manager over ``host`` (less ``spare_host_slots``, which absorb chunks in flight) and ``lower``
-        (G3 and/or G4), capacities counted in ``unit`` bytes per chunk."""
+        (G3 and/or G4), capacities counted in ``unit`` bytes per chunk; ``chunk_bytes`` is what one chunk fills
+        of a G2 slot (what a lower tier stores and returns). ``lock`` is the owner's (an RLock: the manager calls
+        back into the cascade while it is held)."""
+        self.config = config
+        self.metrics = metrics
         self.host = host
         self.unit = unit
+        self.chunk_bytes = chunk_bytes
+        self.lock = lock
+        self.events = events
+        self.closed = False
         self.tiers: dict[int, Tier] = {G2: host, **lower}
         specs = [TierSpec("G1", 0), TierSpec("G2", (host.pool.num_slots - spare_host_slots) * unit)]
         if G3 in lower:
@@ -65,8 +85,8 @@ class TierCascade:
         if G4 in lower:
             specs.append(TierSpec("G4", UNBOUNDED, config.admission_min_hits))
         # manager tier index -> G-number (G3 may be absent while G4 is present)
-        self._gnum = [G1, G2] + sorted(g for g in self.tiers if g > G2)
-        self._index = {g: i for i, g in enumerate(self._gnum)}
+        self.gnum = [G1, G2] + sorted(g for g in self.tiers if g > G2)
+        self.index = {g: i for i, g in enumerate(self.gnum)}
         self.manager = Manager(specs, config.policy, write_through=config.write_through,
                                pin_budget_frac=config.pin_budget_frac, pin_lease_s=config.pin_lease_s,
                                block_bytes=unit, listener=self)
@@ -74,16 +94,38 @@ class TierCascade:
             tier.on_evicted = lambda keys, g=g: self._tier_dropped(g, keys)
         # (key, G-number) of demotions the manager already lists below whose bytes are not written yet
         self._landing: Counter[tuple[int, int]] = Counter()
-        self._landed = threading.Condition(self._lock)  # notified when a demotion's write ended (its slot is free)
+        self._landed = threading.Condition(self.lock)  # notified when a demotion's write ended (its slot is free)
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
+
+    # --- the manager's view, by G-number -----------------------------------------------------------------------
+    def where(self, key: int) -> int | None:
+        """Under the lock: the G-number of the fastest tier holding ``key``, or None."""
+        i = self.manager.locate(key)
+        return None if i is None else self.gnum[i]
+
+    def held(self, g: int) -> dict[int, int]:
+        """Under the lock: the chunks tier ``g`` holds (key -> bytes), the manager's record itself."""
+        return self.manager.tiers[self.index[g]].sizes
+
+    def writing(self, g: int) -> dict[int, int]:
+        """Under the lock: the chunks reserved in tier ``g`` whose bytes are not written yet."""
+        return self.manager.tiers[self.index[g]].pending
+
+    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Run ``fn`` on the mover, after every demotion queued so far."""
+        return self._mover.submit(fn, *args)
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued demotion, eviction and prefetch has run."""
+        self._mover.submit(lambda: None).result(timeout=timeout_s)
 
     # --- manager listener: demotions and evictions ---------------------------------------------------------------
     def on_demote(self, src: int, dst: int, keys: list[int]) -> None:
         """Called under the lock, before ``src`` frees the keys: queue the copies for the mover."""
-        g_src, g_dst = self._gnum[src], self._gnum[dst]
+        g_src, g_dst = self.gnum[src], self.gnum[dst]
         self.metrics.demotions.labels(TIER_NAMES[g_src], TIER_NAMES[g_dst]).inc(len(keys))
         newly_stored = [k for k in keys if not self._in_storage(k, exclude=dst)]
-        self._publish_stored(newly_stored, MEDIUM_STORAGE)
+        self.events.stored(newly_stored, MEDIUM_STORAGE)
         self._landing.update((k, g_dst) for k in keys)
         if g_src == G2:  # hold the slots now: the entries are dropped right after this call
             holds = [(k, self.host.borrow(k)) for k in keys]
@@ -94,17 +136,17 @@ class TierCascade:
 
     def on_evict(self, tier: int, keys: list[int]) -> None:
         """Called under the lock after the manager forgot ``keys`` in ``tier``: free the bytes."""
-        g = self._gnum[tier]
+        g = self.gnum[tier]
         if g == G1:
             return
         self.metrics.evictions.labels(TIER_NAMES[g]).inc(len(keys))
         if g == G2:
             self.host.delete(keys)
-            self._publish_removed(keys, MEDIUM_CPU)
+            self.events.removed(keys, MEDIUM_CPU)
         else:
             self._mover.submit(self._delete_below, keys, g)
-            self._publish_removed([k for k in keys if not self._in_storage(k)], MEDIUM_STORAGE)
-        self._forget_meta(keys)
+            self.events.removed([k for k in keys if not self._in_storage(k)], MEDIUM_STORAGE)
+        self.events.forgotten(keys)
 
     # --- the mover ------------------------------------------------------------------------------------------------
     def _write_down(self, held: list, g_dst: int) -> None:
@@ -113,7 +155,7 @@ class TierCascade:
         lost = [k for k, _, view in held if view is None]  # not in G2 after all: nothing to write
         try:
             views = [view for _, _, view in held if view is not None]
-            results = self._guarded(g_dst, "put", lambda: self.tiers[g_dst].put(keys, views), [False] * len(keys))
+            results = self.guarded(g_dst, "put", lambda: self.tiers[g_dst].put(keys, views), [False] * len(keys))
         finally:
             for _, cm, _ in held:
                 cm.__exit__(None, None, None)
@@ -128,99 +170,106 @@ class TierCascade:
                 continue
             try:
                 view = self.host.pool.view(slots[0])[:self.chunk_bytes]
-                got = self._guarded(g_src, "get", lambda: self.tiers[g_src].get([key], [view]), [None])[0]
+                got = self.guarded(g_src, "get", lambda: self.tiers[g_src].get([key], [view]), [None])[0]
                 ok = got == self.chunk_bytes and \
-                    self._guarded(g_dst, "put", lambda: self.tiers[g_dst].put([key], [view]), [False])[0]
+                    self.guarded(g_dst, "put", lambda: self.tiers[g_dst].put([key], [view]), [False])[0]
             finally:
                 self.host.pool.free(slots)
             self._after_put([key], [ok], g_dst)
 
     def _after_put(self, keys: list[int], results: list[bool], g_dst: int) -> None:
-        with self._lock:
+        with self.lock:
             uncount(self._landing, ((k, g_dst) for k in keys))
             self._landed.notify_all()
         failed = [k for k, ok in zip(keys, results) if not ok]
         self.metrics.bytes_moved.labels(f"demote_{TIER_NAMES[g_dst]}").inc((len(keys) - len(failed)) * self.chunk_bytes)
         if failed:
             self.metrics.errors.labels(TIER_NAMES[g_dst], "put").inc(len(failed))
-            self._lost_many(failed, g_dst)
+            self.lost(failed, g_dst)
 
     def _delete_below(self, keys: list[int], g: int) -> None:
-        self._guarded(g, "delete", lambda: self.tiers[g].delete(keys), None)
+        self.guarded(g, "delete", lambda: self.tiers[g].delete(keys), None)
 
-    def _complete_store(self, key: int, ok: bool) -> None:
-        with self._lock:
-            self.manager.complete_store([key], self._index[G2], ok=ok)
+    def complete_store(self, key: int, ok: bool) -> None:
+        """A G2 store or promotion the manager planned ended: record the chunk in G2 (``ok``) or drop it."""
+        with self.lock:
+            self.manager.complete_store([key], self.index[G2], ok=ok)
             if ok:
-                self._publish_stored([key], MEDIUM_CPU)
+                self.events.stored([key], MEDIUM_CPU)
             else:
-                self._forget_meta([key])
-            self._set_gauges()
+                self.events.forgotten([key])
+            self.set_gauges()
 
-    def _lost(self, key: int, g: int) -> None:
-        self._lost_many([key], g)
-
-    def _lost_many(self, keys: list[int], g: int) -> None:
+    def lost(self, keys: list[int], g: int) -> None:
         """A tier does not have what the manager thinks it has (failed write, damage, expiry): forget it. A
         read that missed a chunk still being written there proves nothing: that one stays."""
-        with self._lock:
-            if not self._closed:
-                self.manager.discard([k for k in keys if (k, g) not in self._landing], self._index[g])
+        with self.lock:
+            if not self.closed:
+                self.manager.discard([k for k in keys if (k, g) not in self._landing], self.index[g])
 
-    def _is_landing(self, key: int, g: int) -> bool:
+    def demotions_in_flight(self) -> int:
+        """Under the lock: demotions the manager lists below whose bytes are not written yet."""
+        return sum(self._landing.values())
+
+    def is_landing(self, key: int, g: int) -> bool:
         """Under the lock: the manager lists ``key`` in ``g`` but its demotion has not been written yet."""
         return (key, g) in self._landing
 
     def _tier_dropped(self, g: int, keys: list[int]) -> None:
         """A tier evicted or dropped keys on its own (damage found, its own capacity): tell the manager."""
-        with self._lock:
-            held = [k for k in keys if k in self.manager.tiers[self._index[g]].sizes]
-            if held and not self._closed:
-                self.manager.discard(held, self._index[g])
+        with self.lock:
+            held = [k for k in keys if k in self.manager.tiers[self.index[g]].sizes]
+            if held and not self.closed:
+                self.manager.discard(held, self.index[g])
 
-    def _guarded(self, g: int, op: str, call, default):
+    def guarded(self, g: int, op: str, call: Callable[[], T], default: T) -> T:
+        """``call`` against tier ``g``: an exception is logged, counted as an error of ``op`` and ``default``."""
         return guarded(f"{TIER_NAMES[g]} {op}", call, default, self.metrics.errors.labels(TIER_NAMES[g], op).inc)
 
     def _in_storage(self, key: int, exclude: int | None = None) -> bool:
-        return any(key in self.manager.tiers[i].sizes for g, i in self._index.items() if g > G2 and i != exclude)
+        return any(key in self.manager.tiers[i].sizes for g, i in self.index.items() if g > G2 and i != exclude)
 
-    def _set_gauges(self) -> None:
-        for g, i in self._index.items():
+    def set_gauges(self) -> None:
+        """Each tier's resident bytes, from the manager's record."""
+        for g, i in self.index.items():
             if g > G1:
                 self.metrics.resident_bytes.labels(TIER_NAMES[g]).set(self.manager.tiers[i].used)
 
     # --- promotion -------------------------------------------------------------------------------------------------
-    def _reserve_promotion(self, key: int) -> torch.Tensor | None:
+    def reserve_promotion(self, key: int) -> torch.Tensor | None:
         """Under the lock: a G2 reservation and slot for a chunk held below, or None when G2 has no room.
-        The caller reads the chunk into the slot, then calls ``_settle_promotion``."""
-        promoted = key in self.manager.prepare_store([key], self._index[G2]).store
-        slot = self._reserve_slot(key) if promoted else None
+        The caller reads the chunk into the slot, then calls ``settle_promotion``."""
+        promoted = key in self.manager.prepare_store([key], self.index[G2]).store
+        slot = self.reserve_slot(key) if promoted else None
         if slot is None and promoted:
-            self._complete_store(key, ok=False)
+            self.complete_store(key, ok=False)
         return slot
 
-    def _reserve_slot(self, key: int) -> torch.Tensor | None:
+    def reserve_slot(self, key: int) -> torch.Tensor | None:
         """Under the lock: the G2 slot for a store or promotion the manager planned. The chunks it evicted keep
         their slots until the mover wrote them below; while those hold every free slot, wait for the mover (the
         lock released meanwhile), up to ``lower_tier_deadline_ms``: vLLM never offers a refused store again once
         its request has ended. None when no slot came (or the key is already stored or being written)."""
         deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
-        while (slot := self.host.reserve(key, self.chunk_bytes)) is None and self._landing and not self._closed:
+        while (slot := self.host.reserve(key, self.chunk_bytes)) is None and self._landing and not self.closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._landed.wait(left)
         return slot
 
-    def _settle_promotion(self, key: int, ok: bool) -> None:
+    def settle_promotion(self, key: int, ok: bool) -> None:
         """The read into the reserved slot of ``key`` ended: publish the chunk in G2, or give the slot back."""
         (self.host.commit if ok else self.host.abort)(key)
-        self._complete_store(key, ok=ok)
+        self.complete_store(key, ok=ok)
 
-    def _close_cascade(self) -> None:
+    def close(self) -> None:
         """Stop every user of G2's slots before G2: the mover, then the lower tiers from the bottom up (closing
         one waits for its queued I/O, which reads, checksums or fills slots: late promotions, writes), then
         the host tier, whose pool memory goes last."""
+        with self.lock:
+            self.closed = True
+            self._landed.notify_all()
         self._mover.shutdown(wait=True)
         for g in sorted(self.tiers, reverse=True):
             self.tiers[g].close()

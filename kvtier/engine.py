@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from functools import partial
 import torch
 
 from kvtier import kernels
-from kvtier.cascade import G1, G2, G3, G4, TIER_NAMES, TierCascade
+from kvtier.cascade import G1, G2, G3, G4, TIER_NAMES, Cascade
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE, EventPublisher
 from kvtier.hashing import Namespace, block_hashes
@@ -93,7 +93,50 @@ class _ChunkMeta:
     token_ids: tuple[int, ...]
 
 
-class KvtierEngine(TierCascade):
+class _ChunkEvents:
+    """The engine's ``ChunkEvents``: vLLM-format KV events for chunks entering and leaving tiers, from what it
+    remembers of each chunk's blocks while some tier holds it."""
+
+    def __init__(self, publisher: EventPublisher | None, block_size: int, held: Callable[[int], bool]) -> None:
+        self.publisher = publisher
+        self.block_size = block_size
+        self.held = held
+        self.meta: dict[int, _ChunkMeta] = {}
+
+    def remember(self, key: int, state: _RequestState, chunk: int, chunk_blocks: int) -> None:
+        if key in self.meta:
+            return
+        lo, hi = chunk * chunk_blocks, (chunk + 1) * chunk_blocks
+        bs = self.block_size
+        self.meta[key] = _ChunkMeta(tuple(state.block_hashes[lo:hi]), state.block_hashes[lo - 1] if lo else None,
+                                    tuple(int(t) for t in state.request.token_ids[lo * bs:hi * bs]))
+
+    def blocks_of(self, keys: Iterable[int]) -> set[int]:
+        return {h for k in keys if k in self.meta for h in self.meta[k].block_hashes}
+
+    def stored(self, keys: list[int], medium: str) -> None:
+        if self.publisher is None:
+            return
+        for key in keys:
+            meta = self.meta.get(key)
+            if meta is not None:
+                self.publisher.block_stored(meta.block_hashes, meta.parent_hash, meta.token_ids, self.block_size,
+                                            medium)
+
+    def removed(self, keys: list[int], medium: str) -> None:
+        if self.publisher is None:
+            return
+        hashes = [h for k in keys if k in self.meta for h in self.meta[k].block_hashes]
+        if hashes:
+            self.publisher.block_removed(hashes, medium)
+
+    def forgotten(self, keys: list[int]) -> None:
+        for key in keys:
+            if not self.held(key):
+                self.meta.pop(key, None)
+
+
+class KvtierEngine:
     def __init__(self, config: KvtierConfig, layout: PageLayout, namespace: Namespace, *,
                  metrics: EngineMetrics | None = None, events: EventPublisher | None = None,
                  spare_host_slots: int = 4) -> None:
@@ -110,7 +153,6 @@ class KvtierEngine(TierCascade):
         self.events = events
         self._lock = threading.RLock()
         self._requests: dict[str, _RequestState] = {}
-        self._meta: dict[int, _ChunkMeta] = {}
         self._closed = False
 
         pool = HostPool(config.host_capacity_bytes, self.chunk_bytes)
@@ -123,8 +165,12 @@ class KvtierEngine(TierCascade):
             lower[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
         if config.remote_url:
             lower[G4] = open_remote_tier(config, namespace)
-        self._build_cascade(config, HostTier(namespace, pool, own_pool=True), lower, pool.slot_bytes,
-                            spare_host_slots)
+        self._chunks = _ChunkEvents(events, config.block_size, lambda key: self.manager.locate(key) is not None)
+        self.cascade = Cascade(config, self.metrics, HostTier(namespace, pool, own_pool=True), lower,
+                               unit=pool.slot_bytes, chunk_bytes=self.chunk_bytes, spare_host_slots=spare_host_slots,
+                               lock=self._lock, events=self._chunks)
+        # the cascade's, named here for the engine's own calls and for callers that inspect the engine
+        self.manager, self.host, self.tiers = self.cascade.manager, self.cascade.host, self.cascade.tiers
         # GPU transfers run on a side stream ordered against the compute stream by events; CPU ones inline
         self._side = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
         self._parts = [(layout, 0)]
@@ -134,7 +180,7 @@ class KvtierEngine(TierCascade):
                 raise ValueError(f"layerwise_load needs per-layer segments; layout {layout.name} stores each "
                                  "block's layers as one segment")
             self._parts = slices
-        self._set_gauges()
+        self.cascade.set_gauges()
 
     # --- the engine API ----------------------------------------------------------------------------------------
     def chunk_keys(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
@@ -171,7 +217,7 @@ class KvtierEngine(TierCascade):
             state.acquired += fresh
             out, prev = {}, 0
             for i, total in enumerate(hits):
-                g = self._gnum[i]
+                g = self.cascade.gnum[i]
                 if g > G1:
                     out[TIER_NAMES[g]] = (total - prev) * self.chunk_tokens
                     self.metrics.lookups.labels(TIER_NAMES[g], "hit").inc(total - prev)
@@ -194,7 +240,7 @@ class KvtierEngine(TierCascade):
             where = self.manager.locate(key)
             if read is None and where is None:
                 return False
-            tier = self._gnum[where] if read is None else read.tier
+            tier = self.cascade.gnum[where] if read is None else read.tier
         ok = self._load_from_host(key, block_ids, state) if tier == G2 else \
             self._load_from_below(key, tier, read, block_ids, state)
         if ok:
@@ -208,20 +254,20 @@ class KvtierEngine(TierCascade):
         with self._lock:
             state = self._state(request_id)
             key = self._chunk_key(state, chunk_index)
-            self._remember(state, chunk_index, key)
-            plan = self.manager.prepare_store([key], self._index[G2], session=state.request.session)
+            self._chunks.remember(key, state, chunk_index, self.chunk_blocks)
+            plan = self.manager.prepare_store([key], self.cascade.index[G2], session=state.request.session)
             if key not in plan.store:
-                self._forget_meta([key])  # kept only while some tier holds the chunk
+                self._chunks.forgotten([key])  # kept only while some tier holds the chunk
                 return False
-            slot = self._reserve_slot(key)
+            slot = self.cascade.reserve_slot(key)
         if slot is None:
-            self._complete_store(key, ok=False)
+            self.cascade.complete_store(key, ok=False)
             return False
         try:
             done = self._transfer(kernels.offload, self.layout, block_ids, slot, 0)
         except Exception:
             self.host.abort(key)
-            self._complete_store(key, ok=False)
+            self.cascade.complete_store(key, ok=False)
             raise
         self.metrics.bytes_moved.labels("offload").inc(self.chunk_bytes)
         ephemeral = chunk_index in state.plan.ephemeral
@@ -229,7 +275,7 @@ class KvtierEngine(TierCascade):
             self._publish_store(key, ephemeral)
         else:  # the slot is published once the copy has landed; G1 blocks wait for it at release
             state.stores_done.append(done)
-            self._mover.submit(lambda: (done.synchronize(), self._publish_store(key, ephemeral)))
+            self.cascade.submit(lambda: (done.synchronize(), self._publish_store(key, ephemeral)))
         return True
 
     def wait_layer(self, request_id: str, layer: int) -> None:
@@ -250,34 +296,34 @@ class KvtierEngine(TierCascade):
                 raise ValueError(f"unknown request {request_id!r}")
         self._settle_transfers(state)
         if state.promotions:  # read for loads that never came: they land in G2 as a prefetch would
-            self._mover.submit(self._settle_reads, state.promotions)
+            self.cascade.submit(self._settle_reads, state.promotions)
         with self._lock:
             self.manager.release(state.acquired)
             self.manager.end_request(state.request.session, stop_reason=stop_reason)
             self._apply_retention(state)
-            self._set_gauges()
-            below = [k for k in state.chunk_keys if (w := self.manager.locate(k)) is not None and self._gnum[w] > G2]
+            self.cascade.set_gauges()
+            below = [k for k in state.chunk_keys if (w := self.manager.locate(k)) is not None and self.cascade.gnum[w] > G2]
         if below and (state.request.hints.prefetch or state.request.hints.next_call_delay_s):
             self.prefetch(below)
         return dict(state.hit_tokens)
 
     def prefetch(self, keys: Sequence[int]) -> Future[int]:
         """Bring chunks held only in G3/G4 up into G2 in the background; resolves to how many came up."""
-        return self._mover.submit(self._prefetch, list(keys))
+        return self.cascade.submit(self._prefetch, list(keys))
 
     # --- manager listener: demotions and evictions ---------------------------------------------------------------
     # --- views, stats, lifecycle ----------------------------------------------------------------------------------
     def resident_blocks(self) -> dict[str, set[int]]:
         """The block hashes the engine holds per event medium: what a subscriber of its events must rebuild."""
         with self._lock:
-            cpu = self.manager.tiers[self._index[G2]].sizes
-            cold = set().union(*(self.manager.tiers[self._index[g]].sizes for g in self.tiers if g > G2))
-            return {MEDIUM_CPU: self._blocks_of(cpu), MEDIUM_STORAGE: self._blocks_of(cold)}
+            cold = set().union(*(self.cascade.held(g) for g in self.tiers if g > G2))
+            return {MEDIUM_CPU: self._chunks.blocks_of(self.cascade.held(G2)),
+                    MEDIUM_STORAGE: self._chunks.blocks_of(cold)}
 
     def held_chunks(self) -> dict[str, set[int]]:
         """Chunk keys per tier (G2..G4) in the manager's view."""
         with self._lock:
-            return {TIER_NAMES[g]: set(self.manager.tiers[self._index[g]].sizes) for g in self.tiers}
+            return {TIER_NAMES[g]: set(self.cascade.held(g)) for g in self.tiers}
 
     def clear(self, tier: str) -> int:
         """Drop every chunk not being read from one tier (``"G2"``, ``"G3"``, ``"G4"``), without demoting:
@@ -286,21 +332,21 @@ class KvtierEngine(TierCascade):
         if g not in self.tiers:
             raise ValueError(f"no tier {tier!r} in this engine; it has {[TIER_NAMES[g] for g in sorted(self.tiers)]}")
         with self._lock:
-            keys = [k for k in self.manager.tiers[self._index[g]].sizes if self.manager.entry(k).readers == 0]
-            self.manager.discard(keys, self._index[g])
-            self._set_gauges()
+            keys = [k for k in self.cascade.held(g) if self.manager.entry(k).readers == 0]
+            self.manager.discard(keys, self.cascade.index[g])
+            self.cascade.set_gauges()
         return len(keys)
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued demotion, eviction and prefetch has run (tests, shutdown)."""
-        self._mover.submit(lambda: None).result(timeout=timeout_s)
+        self.cascade.drain(timeout_s)
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._close_cascade()
+        self.cascade.close()
         if self.events is not None:
             self.events.all_cleared()
             if self._own_events:
@@ -318,11 +364,11 @@ class KvtierEngine(TierCascade):
         slot = hold.__enter__()
         if slot is None:
             hold.__exit__(None, None, None)
-            self._lost(key, G2)
+            self.cascade.lost([key], G2)
             return False
         self._scatter(slot, block_ids, state, lambda: hold.__exit__(None, None, None))
         with self._lock:
-            self.manager.touch([key], self._index[G2])
+            self.manager.touch([key], self.cascade.index[G2])
         return True
 
     def _load_from_below(self, key: int, tier: int, read: _Read | None, block_ids: Sequence[int],
@@ -332,7 +378,7 @@ class KvtierEngine(TierCascade):
         read = read or self._start_promotions([key]).get(key)
         if read is None:
             return self._load_through_spare(key, tier, block_ids, state)
-        if not self._await_read(key, read, partial(self._settle_promotion, key)):
+        if not self._await_read(key, read, partial(self.cascade.settle_promotion, key)):
             return False
         self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[tier]}").inc(self.chunk_bytes)
         return self._load_from_host(key, block_ids, state)
@@ -356,8 +402,8 @@ class KvtierEngine(TierCascade):
         with self._lock:
             for key in keys:
                 where = self.manager.locate(key)
-                if where is not None and self._gnum[where] > G2 and (slot := self._reserve_promotion(key)) is not None:
-                    batches.setdefault(self._gnum[where], {})[key] = slot
+                if where is not None and self.cascade.gnum[where] > G2 and (slot := self.cascade.reserve_promotion(key)) is not None:
+                    batches.setdefault(self.cascade.gnum[where], {})[key] = slot
         reads: dict[int, _Read] = {}
         for tier, slots in batches.items():
             reads.update(self._read(tier, list(slots), list(slots.values())))
@@ -394,7 +440,7 @@ class KvtierEngine(TierCascade):
         settle(ok)
         if not ok:
             self.metrics.errors.labels(TIER_NAMES[read.tier], "get").inc()
-            self._lost(key, read.tier)
+            self.cascade.lost([key], read.tier)
         return ok
 
     def _scatter(self, slot: torch.Tensor, block_ids: Sequence[int], state: _RequestState,
@@ -454,7 +500,7 @@ class KvtierEngine(TierCascade):
         if ephemeral:
             with self._lock:
                 self.manager.mark_ephemeral([key])
-        self._complete_store(key, ok=True)
+        self.cascade.complete_store(key, ok=True)
 
     def _prefetch(self, keys: list[int]) -> int:
         return self._settle_reads(self._start_promotions(keys))
@@ -462,51 +508,14 @@ class KvtierEngine(TierCascade):
     def _settle_reads(self, reads: dict[int, _Read]) -> int:
         """Mover: promotions no load waits for land in G2 (or are given up, see ``_await_read``); how many
         came up."""
-        return sum(self._await_read(key, read, partial(self._settle_promotion, key)) for key, read in reads.items())
+        return sum(self._await_read(key, read, partial(self.cascade.settle_promotion, key)) for key, read in reads.items())
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def _apply_retention(self, state: _RequestState) -> None:
-        keys = state.chunk_keys
-        for lease, chunks in state.plan.pins.items():
-            report = self.manager.pin([keys[c] for c in chunks if self.manager.locate(keys[c]) is not None], lease)
-            if report.downgraded:
-                log.info("kvtier: %d pinned chunks over the pin budget were given priority 100 instead",
-                         len(report.downgraded))
-        for chunks, priority, duration in state.plan.priorities:
-            held = [keys[c] for c in chunks if self.manager.locate(keys[c]) is not None]
-            self.manager.set_priority(held, priority, duration)
-
-    def _remember(self, state: _RequestState, chunk: int, key: int) -> None:
-        if key in self._meta:
-            return
-        lo, hi = chunk * self.chunk_blocks, (chunk + 1) * self.chunk_blocks
-        bs = self.config.block_size
-        self._meta[key] = _ChunkMeta(tuple(state.block_hashes[lo:hi]), state.block_hashes[lo - 1] if lo else None,
-                                     tuple(int(t) for t in state.request.token_ids[lo * bs:hi * bs]))
-
-    def _forget_meta(self, keys: list[int]) -> None:
-        for key in keys:
-            if self.manager.locate(key) is None:
-                self._meta.pop(key, None)
-
-    def _blocks_of(self, keys) -> set[int]:
-        return {h for k in keys if k in self._meta for h in self._meta[k].block_hashes}
-
-    def _publish_stored(self, keys: list[int], medium: str) -> None:
-        if self.events is None:
-            return
-        for key in keys:
-            meta = self._meta.get(key)
-            if meta is not None:
-                self.events.block_stored(meta.block_hashes, meta.parent_hash, meta.token_ids,
-                                         self.config.block_size, medium)
-
-    def _publish_removed(self, keys: list[int], medium: str) -> None:
-        if self.events is None:
-            return
-        hashes = [h for k in keys if k in self._meta for h in self._meta[k].block_hashes]
-        if hashes:
-            self.events.block_removed(hashes, medium)
+        report = self.manager.apply_hints(state.chunk_keys, state.request.hints, self.chunk_tokens)
+        if report.downgraded:
+            log.info("kvtier: %d pinned chunks over the pin budget were given priority 100 instead",
+                     len(report.downgraded))
 
     def _state(self, request_id: str) -> _RequestState:
         self._check_open()

@@ -13,7 +13,7 @@ when CUDA exists.
 Scheduler process: ``KvtierOffloadingManager`` answers vLLM's lookups and plans stores with kvtier's block
 ``Manager`` (eviction policy, agent-hint retention: pins, priorities, ephemeral chunks, the G3/G4 admission
 filter) over the full tier cascade. It owns the slots (a chunk has the same slot in every rank's part) and
-moves bytes below G2 itself, with the engine's own ``TierCascade``: evictions are demoted G2 -> G3 -> G4 by a
+moves bytes below G2 itself, with the engine's own ``Cascade``: evictions are demoted G2 -> G3 -> G4 by a
 background mover, one entry per rank (namespace ``tp_rank = rank``); a chunk held only in G3/G4 is promoted
 into a G2 slot in the background while ``lookup`` answers ``HIT_PENDING`` (vLLM asks again next step), all
 ranks or none. A failed, damaged or late (``lower_tier_deadline_ms``) promotion answers ``MISS`` and vLLM
@@ -74,7 +74,7 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.config import OffloadingConfig
 
 from kvtier import kernels
-from kvtier.cascade import G1, G2, G3, G4, TIER_NAMES, TierCascade, uncount
+from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade, uncount
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU
 from kvtier.hashing import Namespace
@@ -106,7 +106,7 @@ SPARE_SLOTS = 2  # at least this many G2 slots stay outside the manager's capaci
 def spare_slots(num_slots: int) -> int:
     """G2 slots the manager never fills: a chunk evicted for demotion keeps its slot until the mover wrote it
     below, and G3 -> G4 moves pass through one. A sixteenth of G2 (at least ``SPARE_SLOTS``) absorbs a
-    step's demotions; beyond that, stores and promotions wait for the mover (``_reserve_slot``), and a lookup
+    step's demotions; beyond that, stores and promotions wait for the mover (``Cascade.reserve_slot``), and a lookup
     finding no free slot answers ``RETRY``."""
     return max(SPARE_SLOTS, num_slots // 16)
 
@@ -201,7 +201,7 @@ class _Promotion:
     late: bool = False
 
 
-class KvtierOffloadingManager(TierCascade, OffloadingManager):
+class KvtierOffloadingManager(OffloadingManager):
     """vLLM's scheduler-side view of kvtier's tiers: G2 slots in the shared region, then G3 and G4.
 
     Chunk keys are one per chunk for all ranks; a chunk sits in the same slot of every rank's part of G2,
@@ -249,9 +249,13 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                 tier.close()
             raise ValueError(f"KvtierOffloadingSpec: host_capacity_bytes holds {num_slots} chunks; with disk or "
                              f"remote tiers it must hold more than {spare} (the slots chunks in flight use)")
-        self._build_cascade(cfg, HostTier(rank_namespace(namespace, 0, len(parts)), pool, own_pool=True), lower,
-                            part_bytes * len(parts), spare)
-        self._g2 = self._index[G2]
+        self.cascade = Cascade(cfg, self.metrics, HostTier(rank_namespace(namespace, 0, len(parts)), pool,
+                                                           own_pool=True),
+                               lower, unit=part_bytes * len(parts), chunk_bytes=chunk_bytes, spare_host_slots=spare,
+                               lock=self._lock, events=self)
+        # the cascade's, named here for this manager's own calls and for callers that inspect it
+        self.manager, self.host, self.tiers = self.cascade.manager, self.cascade.host, self.cascade.tiers
+        self._g2 = self.cascade.index[G2]
 
     @property
     def lock(self):
@@ -302,11 +306,11 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         """Start promoting the chunks held only in G3/G4, in order, while G2 has room."""
         for k in keys:
             where = self.manager.locate(k)
-            if where is None or self._gnum[where] == G2 or k in self._promotions or \
-                    self._is_landing(k, self._gnum[where]):
+            if where is None or self.cascade.gnum[where] == G2 or k in self._promotions or \
+                    self.cascade.is_landing(k, self.cascade.gnum[where]):
                 continue
             offload_key = self._offload_key.get(k)
-            if offload_key is not None and not self._promote(offload_key, k, self._gnum[where], deadline=None):
+            if offload_key is not None and not self._promote(offload_key, k, self.cascade.gnum[where], deadline=None):
                 return
 
     def _apply_hints(self, ctx: ReqContext) -> None:
@@ -325,18 +329,18 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         if k in self._fenced_readers or k in self._fenced_stores:
             return LookupResult.MISS  # in use by a job vLLM dropped at a reset: gone once it is flushed
         where = self.manager.locate(k)
-        if where is None and k not in self._promotions and k not in self.manager.tiers[self._g2].pending:
+        if where is None and k not in self._promotions and k not in self.cascade.writing(G2):
             where = self._find_below(k)
             if where is _PROBING:
                 return LookupResult.HIT_PENDING
         if where == self._g2:
             self._protect(req_context.req_id, k)
             return LookupResult.HIT
-        if where is not None and self._is_landing(k, self._gnum[where]):  # just demoted, not written below yet
+        if where is not None and self.cascade.is_landing(k, self.cascade.gnum[where]):  # just demoted, not written below yet
             now = time.monotonic()
             if now <= self._landing_waits.setdefault(k, now + self.config.lower_tier_deadline_ms / 1000):
                 return LookupResult.HIT_PENDING
-            self.metrics.recomputed.labels(TIER_NAMES[self._gnum[where]]).inc()
+            self.metrics.recomputed.labels(TIER_NAMES[self.cascade.gnum[where]]).inc()
             return LookupResult.MISS  # a slow or backed-up write: recompute rather than wait on it
         self._landing_waits.pop(k, None)
         promotion = self._promotions.get(k)
@@ -352,7 +356,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                 return LookupResult.MISS
             self._protect(req_context.req_id, k)
             return LookupResult.HIT_PENDING
-        if k in self.manager.tiers[self._g2].pending:
+        if k in self.cascade.writing(G2):
             return LookupResult.HIT_PENDING  # a store in flight
         if where is not None and (req_context.req_id in self._short_of_slots or self.host.pool.free_slots == 0):
             # every spare slot is a demotion in flight: a slot frees up shortly. The request's later chunks wait
@@ -361,10 +365,10 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             self._short_of_slots.add(req_context.req_id)
             return LookupResult.RETRY
         deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
-        if where is None or not self._promote(key, k, self._gnum[where], deadline):
+        if where is None or not self._promote(key, k, self.cascade.gnum[where], deadline):
             self.metrics.lookups.labels("none", "miss").inc()
             return LookupResult.MISS
-        self.metrics.lookups.labels(TIER_NAMES[self._gnum[where]], "hit").inc()
+        self.metrics.lookups.labels(TIER_NAMES[self.cascade.gnum[where]], "hit").inc()
         # held for this request from now: landed before vLLM asks again, it must not make room for a chunk
         # this same request promotes next (a pass that reaches it late would promote it again: thrashing)
         self._protect(req_context.req_id, k)
@@ -376,8 +380,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         in the manager (no write) and answered like any chunk held there. The disk's index is in memory; Redis
         is asked on a probe thread, waited for ``PROBE_WAIT_S`` here, then across steps (``_PROBING``: vLLM
         asks again) until ``lower_tier_deadline_ms``, so a slow Redis never stalls the scheduler."""
-        if G3 in self.tiers and self._guarded(G3, "contains", lambda: self.tiers[G3].contains([key])[0], False):
-            return self._index[G3] if self.manager.adopt([key], self._index[G3]) else None
+        if G3 in self.tiers and self.cascade.guarded(G3, "contains", lambda: self.tiers[G3].contains([key])[0], False):
+            return self.cascade.index[G3] if self.manager.adopt([key], self.cascade.index[G3]) else None
         if G4 not in self.tiers:
             return None
         probe = self._probes.get(key)
@@ -397,9 +401,9 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             self.metrics.recomputed.labels("G4").inc()
             return None
         del self._probes[key]
-        if not self._guarded(G4, "contains", lambda: future.result()[0], False):
+        if not self.cascade.guarded(G4, "contains", lambda: future.result()[0], False):
             return None
-        return self._index[G4] if self.manager.adopt([key], self._index[G4]) else None
+        return self.cascade.index[G4] if self.manager.adopt([key], self.cascade.index[G4]) else None
 
     def _protect(self, req_id: str, key: int) -> None:
         protected = self._protected.setdefault(req_id, set())
@@ -412,13 +416,13 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     def _promote(self, offload_key: OffloadKey, key: int, tier: int, deadline: float | None) -> bool:
         """Start reading a chunk held only in ``tier`` into a reserved G2 slot; False when G2 has no room."""
-        slot = self._reserve_promotion(key)
+        slot = self.cascade.reserve_promotion(key)
         if slot is None:
             return False
         self._offload_key[key] = offload_key
         promotion = _Promotion(tier, deadline, self._epoch)
         self._promotions[key] = promotion
-        future = self._guarded(tier, "get", lambda: self.tiers[tier].get_async([key], [slot]), None)
+        future = self.cascade.guarded(tier, "get", lambda: self.tiers[tier].get_async([key], [slot]), None)
         if future is None:
             self._promoted(key, promotion, None)
         else:
@@ -427,24 +431,24 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     def _promoted(self, key: int, promotion: _Promotion, future) -> None:
         """A promotion's read ended (on a tier's I/O thread): publish the chunk in G2, or forget it below."""
-        size = self._guarded(promotion.tier, "get", lambda: future.result()[0], None) if future else None
+        size = self.cascade.guarded(promotion.tier, "get", lambda: future.result()[0], None) if future else None
         ok = size == self.chunk_bytes
         with self._lock:
             del self._promotions[key]
             if self._closed:
                 return
             if promotion.epoch != self._epoch:  # started before a reset: its bytes must not be served
-                self._settle_promotion(key, False)
+                self.cascade.settle_promotion(key, False)
                 self._discard_unused([key])
                 return
-            self._settle_promotion(key, ok)
+            self.cascade.settle_promotion(key, ok)
             self._stats.increase_counter(PROMOTED_CHUNKS, 1, (TIER_NAMES[promotion.tier], "ok" if ok else "failed"))
             if ok:
                 self._promoted_from[key] = promotion.tier
                 self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[promotion.tier]}").inc(self.chunk_bytes)
             else:
                 self.metrics.errors.labels(TIER_NAMES[promotion.tier], "get").inc()
-                self._lost(key, promotion.tier)
+                self.cascade.lost([key], promotion.tier)
 
     def _slot(self, key: int) -> int:
         with self.host.borrow(key) as view:
@@ -480,9 +484,9 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         ks = self._keys(keys, req_context, remember=True)
         self._unprotect(req_context.req_id)  # its loads are planned by now
         state = req_context.get_state(_RequestState)
-        g2 = self.manager.tiers[self._g2]
-        held = [k for k in dict.fromkeys(ks) if k in g2.sizes]
-        wanted = [k for k in dict.fromkeys(ks) if k not in g2.sizes and k not in g2.pending]
+        g2, writing = self.cascade.held(G2), self.cascade.writing(G2)
+        held = [k for k in dict.fromkeys(ks) if k in g2]
+        wanted = [k for k in dict.fromkeys(ks) if k not in g2 and k not in writing]
         self._evicted_now = []
         self.manager.acquire(held)  # vLLM: keys passed in must not be evicted by this call
         try:
@@ -491,14 +495,14 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             self.manager.release(held)
         evicted, self._evicted_now = self._evicted_now, []
         stored = set(plan.store)
-        self._forget_meta([k for k in wanted if k not in stored])
+        self.forgotten([k for k in wanted if k not in stored])
         if wanted and not plan.store:
             if set(plan.declined) == set(wanted):  # the policy will not take them: no point asking again
                 self._stats.increase_counter(REFUSED_STORES, len(wanted), ("policy",))
                 return PrepareStoreOutput([], KvtierChunksSpec([]), evicted)
             self._stats.increase_counter(REFUSED_STORES, len(wanted), ("full",))
             return None  # no room now (everything pinned or in use): vLLM retries next step
-        views = [self._reserve_slot(key) for key in plan.store]
+        views = [self.cascade.reserve_slot(key) for key in plan.store]
         if any(view is None for view in views):
             # the slots of chunks just evicted stayed busy past the wait for the mover to demote them: all or
             # nothing (vLLM does not offer again what a partial answer leaves out), vLLM retries next step
@@ -506,7 +510,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                 if view is not None:
                     self.host.abort(key)
             self.manager.complete_store(plan.store, self._g2, ok=False)
-            self._forget_meta(plan.store)
+            self.forgotten(plan.store)
             self._stats.increase_counter(REFUSED_STORES, len(plan.store), ("busy",))
             return None
         slots = [self.host.slot_offset(view) // self.host.pool.slot_bytes for view in views]
@@ -514,19 +518,19 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     @_locked
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
-        pending = self.manager.tiers[self._g2].pending
+        pending = self.cascade.writing(G2)
         for k in self._keys(keys, req_context):
             if k in pending and k not in self._promotions:
                 (self.host.commit if success else self.host.abort)(k)
-                self._complete_store(k, ok=success)
+                self.cascade.complete_store(k, ok=success)
         if success:
             self._apply_hints(req_context)
 
-    # --- events (TierCascade hooks) ---------------------------------------------------------------------------
-    def _publish_stored(self, keys: list[int], medium: str) -> None:
+    # --- events (the cascade's ChunkEvents) ------------------------------------------------------------------
+    def stored(self, keys: list[int], medium: str) -> None:
         self._publish(keys, medium, removed=False)
 
-    def _publish_removed(self, keys: list[int], medium: str) -> None:
+    def removed(self, keys: list[int], medium: str) -> None:
         if medium == MEDIUM_CPU:
             self._evicted_now += [self._offload_key[k] for k in keys if k in self._offload_key]
             for k in keys:
@@ -542,9 +546,9 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
                                                 medium=Medium.STORAGE if storage else Medium.CPU,
                                                 removal_expected=storage and not removed))
 
-    def _forget_meta(self, keys: list[int]) -> None:
+    def forgotten(self, keys: list[int]) -> None:
         for key in keys:
-            if self.manager.locate(key) is None and not any(key in t.pending for t in self.manager.tiers):
+            if self.manager.locate(key) is None and not any(key in self.cascade.writing(g) for g in self.tiers):
                 self._offload_key.pop(key, None)
                 self._promoted_from.pop(key, None)
                 self._landing_waits.pop(key, None)
@@ -553,9 +557,8 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         """What kvtier did since vLLM last asked (once per step), plus each tier's chunk count."""
         with self._lock:
             stats, self._stats = self._stats, OffloadingConnectorStats()
-            for g, i in self._index.items():
-                if g > G1:
-                    stats.set_gauge(RESIDENT_CHUNKS, len(self.manager.tiers[i].sizes), (TIER_NAMES[g],))
+            for g in self.tiers:
+                stats.set_gauge(RESIDENT_CHUNKS, len(self.cascade.held(g)), (TIER_NAMES[g],))
         return stats
 
     def take_events(self) -> Iterable[OffloadingEvent]:
@@ -582,8 +585,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         self._probes.clear()
         self._fenced_readers.update(self._job_readers)
         self._job_readers.clear()
-        g2 = self.manager.tiers[self._g2]
-        self._fenced_stores |= {k for k in g2.pending if k not in self._promotions}
+        self._fenced_stores |= {k for k in self.cascade.writing(G2) if k not in self._promotions}
         self._discard_unused()
         if not VLLM_REPORTS_RESET_FLUSHED:
             self._steps_since_reset = 0
@@ -606,18 +608,17 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
             self.manager.release([key] * readers)
         for key in self._fenced_stores:
             self.host.abort(key)
-            self._complete_store(key, ok=False)
+            self.cascade.complete_store(key, ok=False)
         self._fenced_readers.clear()
         self._fenced_stores.clear()
         self._discard_unused(fenced)  # chunks stored since the reset stay
 
     def _discard_unused(self, keys: Collection[int] | None = None) -> None:
         """Forget ``keys`` (default: every chunk) in every tier, except where a reader still holds one."""
-        for g, i in self._index.items():
-            if g > G1:
-                held = self.manager.tiers[i].sizes
-                candidates = held if keys is None else [k for k in keys if k in held]
-                self.manager.discard([k for k in candidates if self.manager.entry(k).readers == 0], i)
+        for g in self.tiers:
+            held = self.cascade.held(g)
+            candidates = list(held) if keys is None else [k for k in keys if k in held]
+            self.manager.discard([k for k in candidates if self.manager.entry(k).readers == 0], self.cascade.index[g])
 
     def config_info(self) -> Sequence[dict[str, Any]]:
         return ({"kvtier_host_chunks": self.num_slots, "kvtier_policy": self.config.policy,
@@ -626,16 +627,16 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
 
     def stats(self, tier: str = "G2") -> dict[str, float]:
         """One tier's counters in the manager's view (hits are counted by vLLM), plus ``chunks`` held."""
-        i = self._index[TIER_NAMES.index(tier)]
-        return {**self.manager.stats()[i], "chunks": len(self.manager.tiers[i].sizes)}
+        i = self.cascade.index[TIER_NAMES.index(tier)]
+        return {**self.manager.stats()[i], "chunks": len(self.cascade.held(TIER_NAMES.index(tier)))}
 
     def held(self, tier: str) -> set[int]:
         """The chunk keys ``tier`` ("G2", "G3", "G4") holds in the manager's view."""
-        return set(self.manager.tiers[self._index[TIER_NAMES.index(tier)]].sizes)
+        return set(self.cascade.held(TIER_NAMES.index(tier)))
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until queued demotions and deletions ran and promotions landed (tests, shutdown)."""
-        self._mover.submit(lambda: None).result(timeout=timeout_s)
+        self.cascade.drain(timeout_s)
         deadline = time.monotonic() + timeout_s
         while self._promotions and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -649,7 +650,7 @@ class KvtierOffloadingManager(TierCascade, OffloadingManager):
         with self._lock:
             self._closed = True
         self._prober.shutdown(wait=True)
-        self._close_cascade()
+        self.cascade.close()
         for region in self._regions:
             region.close()
 
