@@ -18,11 +18,15 @@ from kvtier.integrations import sglang, vllm
 VLLM = {"spec_name": "KvtierOffloadingSpec", "spec_module_path": "kvtier.integrations.vllm"}
 SGLANG = {"backend_name": "kvtier", "module_path": "kvtier.integrations.sglang", "class_name": "KvtierHiCacheStorage",
           "interface_v1": 1}
-# every key of the schema, several away from their defaults (no disk or remote tier: nothing to open)
+# every key of the schema, each away from its default except those that would open a disk or remote tier
+NEED_A_TIER = {"disk_path", "remote_url", "remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file"}
 EVERY_KEY = dataclasses.asdict(KvtierConfig(
-    host_capacity_bytes=2**20, policy="lru", pin_lease_s=5.0, admission_min_hits=1, write_through=True,
-    lower_tier_deadline_ms=50.0, sm_budget=4, model_name="m", cache_salt="tenant", remote_ttl_s=60,
-    disk_io_threads=2, chunk_blocks=4, layerwise_load=True, events_endpoint="tcp://127.0.0.1:1"))
+    block_size=32, chunk_blocks=4, cache_salt="tenant", model_name="m", transfer_impl="torch", sm_budget=4,
+    host_capacity_bytes=2**20, disk_capacity_bytes=2**30, disk_io_threads=2, disk_use_direct_io=False,
+    disk_fsync=True, disk_max_pending_bytes=2**20, remote_password="pw", remote_username="user", remote_ttl_s=60,
+    remote_timeout_s=1.0, remote_part_bytes=2**20, remote_connections=2, policy="lru", pin_budget_frac=0.25,
+    pin_lease_s=5.0, admission_min_hits=1, write_through=True, lower_tier_deadline_ms=50.0, layerwise_load=True,
+    events_endpoint="tcp://127.0.0.1:1", events_replay_endpoint="tcp://127.0.0.1:2"))
 
 
 def vllm_config(extra: dict) -> KvtierConfig:
@@ -44,6 +48,7 @@ def sglang_config(extra: dict) -> KvtierConfig:
 
 def test_both_plugins_take_every_key_of_the_schema_as_the_loader_reads_it():
     assert set(EVERY_KEY) == {field.name for field in dataclasses.fields(KvtierConfig)}
+    assert {k for k, v in EVERY_KEY.items() if v == getattr(KvtierConfig(), k)} == NEED_A_TIER
     for read, engine_keys in ((vllm_config, vllm.VLLM_KEYS), (sglang_config, sglang.SGLANG_KEYS)):
         ours = {k: v for k, v in EVERY_KEY.items() if k not in engine_keys}  # vLLM's block_size is vLLM's own
         assert read(EVERY_KEY) == KvtierConfig.from_mapping(ours)
