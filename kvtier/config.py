@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from kvtier.config_types import (TRANSFER_IMPLS, ByteSize, Count, Flag, Fraction, PolicyName, PositiveByteSize,
-                                 PositiveInt, RemoteUrl, Seconds, Text, TransferImpl, convert, parse_bool,
-                                 parse_bytes)
+from kvtier.config_types import (TRANSFER_IMPLS, ByteSize, Flag, Fraction, NonNegativeFloat, NonNegativeInt,
+                                 PolicyName, PositiveByteSize, PositiveInt, RemoteUrl, Text, TransferImpl, convert,
+                                 parse_bool, parse_bytes)
 from kvtier.errors import ConfigError
 
 __all__ = ["KvtierConfig", "ConfigError", "read_yaml_mapping", "parse_bool", "parse_bytes", "TRANSFER_IMPLS",
@@ -39,6 +39,9 @@ OTHER_VARIABLES = ("KVTIER_CACHE", "KVTIER_VLLM_CPU_PYTHON", "KVTIER_DISPATCH_TA
 
 @dataclass
 class KvtierConfig:
+    """Every kvtier setting. Each field's type is its schema (what it accepts, its range), so the keys a file,
+    a variable or a plug-in's extra config may set are exactly these fields."""
+
     # --- model / keys -----------------------------------------------------------------------------------
     block_size: PositiveInt = 16              # tokens per block (the hash-chain unit)
     chunk_blocks: PositiveInt = 16            # blocks per chunk below G1
@@ -46,7 +49,7 @@ class KvtierConfig:
     model_name: Text = "model"
     # --- kernels (G1 <-> G2) ----------------------------------------------------------------------------
     transfer_impl: TransferImpl = "auto"
-    sm_budget: Count = 0                      # max CTAs' SMs a transfer may occupy; 0 = all
+    sm_budget: NonNegativeInt = 0             # max CTAs' SMs a transfer may occupy; 0 = all
     # --- G2 pinned host pool -----------------------------------------------------------------------------
     host_capacity_bytes: ByteSize = 4 * 2**30
     # --- G3 disk ------------------------------------------------------------------------------------------
@@ -60,8 +63,8 @@ class KvtierConfig:
     remote_url: RemoteUrl = ""                # empty: no remote tier
     remote_password: Text = ""
     remote_username: Text = ""
-    remote_ttl_s: Count = 0                   # 0: no expiry
-    remote_timeout_s: Seconds = 0.5
+    remote_ttl_s: NonNegativeInt = 0          # 0: no expiry
+    remote_timeout_s: NonNegativeFloat = 0.5
     remote_part_bytes: PositiveByteSize = 8 * 2**20  # large chunks are split into parts of this size
     remote_connections: PositiveInt = 4       # batches are split over this many pipelined connections
     remote_tls_ca_file: Text = ""             # rediss:// only: CA bundle to verify the server; empty: system CAs
@@ -70,11 +73,11 @@ class KvtierConfig:
     # --- manager ------------------------------------------------------------------------------------------
     policy: PolicyName = "agent"
     pin_budget_frac: Fraction = 0.5           # share of each tier that pins may hold
-    pin_lease_s: Seconds = 600.0
-    admission_min_hits: Count = 2             # G3/G4 admission: seen at least this often
+    pin_lease_s: NonNegativeFloat = 600.0
+    admission_min_hits: NonNegativeInt = 2    # G3/G4 admission: seen at least this often
     write_through: Flag = False
     # --- engine -------------------------------------------------------------------------------------------
-    lower_tier_deadline_ms: Seconds = 200.0   # wait no longer than this for G3/G4; recompute instead
+    lower_tier_deadline_ms: NonNegativeFloat = 200.0  # wait no longer than this for G3/G4; recompute instead
     layerwise_load: Flag = False              # GPU: load chunks layer by layer (see KvtierEngine.wait_layer)
     events_endpoint: Text = ""                # e.g. tcp://*:5557 ; empty: no event publishing
     events_replay_endpoint: Text = ""
