@@ -14,6 +14,7 @@ from vllm_harness import VllmSchedulerHarness
 
 from kvtier.config import ConfigError, KvtierConfig
 from kvtier.integrations import sglang, vllm
+from kvtier.manager import ONLINE_POLICIES
 
 VLLM = {"spec_name": "KvtierOffloadingSpec", "spec_module_path": "kvtier.integrations.vllm"}
 SGLANG = {"backend_name": "kvtier", "module_path": "kvtier.integrations.sglang", "class_name": "KvtierHiCacheStorage",
@@ -58,8 +59,8 @@ def test_both_plugins_take_every_key_of_the_schema_as_the_loader_reads_it():
     ({"host_capacity_bytes": "1MiB", "polcy": "lru"}, "unknown configuration key 'polcy' (did you mean 'policy'?)"),
     ({"host_capacity_bytes": "4XB"}, 'host_capacity_bytes expects a byte size (an integer, or like "4GiB", '
                                      "\"512MB\"), got '4XB'"),
-    ({"host_capacity_bytes": "1MiB", "policy": "belady"}, "policy expects one of agent, lru, lfu, fifo, arc, "
-                                                          "s3fifo, lineage, tinylfu, got 'belady'"),
+    ({"host_capacity_bytes": "1MiB", "policy": "belady"}, f"policy expects one of {', '.join(ONLINE_POLICIES)}, "
+                                                          "got 'belady'"),
     ({"host_capacity_bytes": "1MiB", "remote_url": "http://h:1"}, "remote_url expects a URL starting with "
      "redis://, rediss://, redis+cluster://, rediss+cluster://, unix:// (empty: no remote tier), got 'http://h:1'"),
     ({"disk_path": "/tmp/g3"}, "the extra config needs host_capacity_bytes (kvtier's host tier per process, "
