@@ -12,6 +12,7 @@ from typing import Any
 import xxhash
 
 from kvtier.config import KvtierConfig
+from kvtier.errors import ConfigError
 from kvtier.hashing import Namespace
 from kvtier.tiers import remote_tier_class
 from kvtier.tiers.disk import DirectoryInUseError, DiskTier
@@ -38,15 +39,15 @@ def engine_key(namespace: Namespace, raw: bytes | str) -> int:
     return xxhash.xxh3_64_intdigest(data, seed=namespace.id)
 
 
-def kvtier_config(extra: Mapping[str, Any] | None, engine_keys: Collection[str], allowed: Collection[str],
-                  where: str) -> KvtierConfig:
-    """kvtier's settings from an engine's extra config: the engine's own keys are skipped, the rest must be
-    ``KvtierConfig`` keys this integration uses (a typo or an unsupported key is a ValueError at start-up)."""
+def kvtier_config(extra: Mapping[str, Any] | None, engine_keys: Collection[str], where: str) -> KvtierConfig:
+    """kvtier's settings from an engine's extra config: the engine's own keys are skipped and the rest load like
+    a kvtier.yaml, so every plug-in takes every ``KvtierConfig`` key and no other (a typo or a bad value is a
+    ``ConfigError`` at start-up). ``host_capacity_bytes`` is required: each engine process allocates that host
+    tier, and no default fits every deployment."""
     ours = {k: v for k, v in (extra or {}).items() if k not in engine_keys}
-    unused = sorted(k for k in ours if k not in allowed)
-    if unused:
-        raise ValueError(f"{where}: unsupported key(s) {unused} in the extra config; kvtier keys accepted here: "
-                         f"{sorted(allowed)}")
+    if "host_capacity_bytes" not in ours:
+        raise ConfigError(f"{where}: the extra config needs host_capacity_bytes (kvtier's host tier per process, "
+                          f"e.g. \"8GiB\")")
     cfg = KvtierConfig.from_mapping(ours, source=where)
     if cfg.remote_url:
         remote_tier_class()  # a missing redis fails the start-up, naming the extra, not the first G4 use

@@ -51,11 +51,6 @@ log = logging.getLogger(__name__)
 # SGLang's own keys (file_storage_path: SGLang adds it to every backend's config with --file-storage-path)
 SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "extra_backend_tag",
                          "enable_metadata_cache", "metadata_ttl", "file_storage_path"})
-KVTIER_KEYS = frozenset({"host_capacity_bytes", "disk_path", "disk_capacity_bytes", "disk_io_threads",
-                         "disk_use_direct_io", "disk_fsync", "disk_max_pending_bytes", "remote_url",
-                         "remote_password", "remote_username", "remote_ttl_s", "remote_timeout_s",
-                         "remote_part_bytes", "remote_connections", "remote_tls_ca_file", "remote_tls_cert_file",
-                         "remote_tls_key_file", "transfer_impl", "sm_budget", "model_name"})
 WHERE = "KvtierHiCacheStorage"
 
 
@@ -78,9 +73,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any] | None = None) -> None:
         extra = dict(storage_config.extra_config or {})
-        if "host_capacity_bytes" not in extra:
-            raise ValueError(f"{WHERE}: the extra config needs host_capacity_bytes (kvtier's host tier, e.g. \"16GiB\")")
-        self.cfg = kvtier_config(extra, SGLANG_KEYS, KVTIER_KEYS, WHERE)
+        self.cfg = kvtier_config(extra, SGLANG_KEYS, WHERE)
         if self.cfg.host_capacity_bytes <= 0:
             raise ValueError(f"{WHERE}: host_capacity_bytes must be positive, got {self.cfg.host_capacity_bytes}")
         self.storage_config = storage_config

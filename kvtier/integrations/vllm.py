@@ -94,12 +94,6 @@ log = logging.getLogger(__name__)
 VLLM_KEYS = frozenset({"spec_name", "spec_module_path", "blocks_per_chunk", "block_size", "canonical_layout",
                        "sync_load_budget_bytes", "self_describing_kv_events", "offload_prompt_only",
                        "enable_telemetry"})
-KVTIER_KEYS = frozenset({"host_capacity_bytes", "policy", "pin_budget_frac", "pin_lease_s", "transfer_impl",
-                         "sm_budget", "model_name", "admission_min_hits", "write_through", "lower_tier_deadline_ms",
-                         "disk_path", "disk_capacity_bytes", "disk_io_threads", "disk_use_direct_io", "disk_fsync",
-                         "disk_max_pending_bytes", "remote_url", "remote_password", "remote_username",
-                         "remote_ttl_s", "remote_timeout_s", "remote_part_bytes", "remote_connections",
-                         "remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file"})
 SPARE_SLOTS = 2  # at least this many G2 slots stay outside the manager's capacity when G3/G4 exist (see below)
 
 
@@ -749,10 +743,7 @@ class KvtierOffloadingSpec(OffloadingSpec):
     def __init__(self, config: OffloadingConfig):
         super().__init__(config)
         where = "KvtierOffloadingSpec"
-        if "host_capacity_bytes" not in self.extra_config:
-            raise ValueError(f"{where}: kv_connector_extra_config needs host_capacity_bytes (G2 per worker, "
-                             f"e.g. \"8GiB\")")
-        self.kvtier = kvtier_config(self.extra_config, VLLM_KEYS, KVTIER_KEYS, where)
+        self.kvtier = kvtier_config(self.extra_config, VLLM_KEYS, where)
         self.kvtier = per_dp_rank(self.kvtier, config.parallel.data_parallel_index)
         if len(config.groups) != 1:
             raise ValueError(f"{where}: {len(config.groups)} KV cache groups; kvtier handles one (no hybrid models)")

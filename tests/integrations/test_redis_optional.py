@@ -25,11 +25,11 @@ WITHOUT_REDIS = textwrap.dedent("""
     import kvtier.engine
     from kvtier.integrations import common, sglang, vllm
 
-    for module in (vllm, sglang):
-        common.kvtier_config({"host_capacity_bytes": "1MiB", "disk_path": "/tmp/g3"}, (), module.KVTIER_KEYS, "t")
+    for engine_keys in (vllm.VLLM_KEYS, sglang.SGLANG_KEYS):
+        common.kvtier_config({"host_capacity_bytes": "1MiB", "disk_path": "/tmp/g3"}, engine_keys, "t")
     try:
-        common.kvtier_config({"host_capacity_bytes": "1MiB", "remote_url": "redis://localhost:1"}, (),
-                             vllm.KVTIER_KEYS, "t")
+        common.kvtier_config({"host_capacity_bytes": "1MiB", "remote_url": "redis://localhost:1"}, vllm.VLLM_KEYS,
+                             "t")
     except ImportError as exc:
         print("ERROR:", exc)
     assert "redis" not in sys.modules

@@ -227,8 +227,7 @@ def test_remote_tier_round_trip_and_outage_is_a_miss(backends, redis_server):
     ({k: v for k, v in KVTIER.items() if k != "host_capacity_bytes"}, "host_capacity_bytes"),
     ({**KVTIER, "host_capacity_bytes": 0}, "host_capacity_bytes must be positive"),
     ({**KVTIER, "host_capacity_bytes": 16}, "holds no page"),
-    ({**KVTIER, "disk_pth": "/tmp/x"}, "unsupported key"),
-    ({**KVTIER, "policy": "lru"}, "unsupported key"),
+    ({**KVTIER, "disk_pth": "/tmp/x"}, "unknown configuration key 'disk_pth'"),
     ({**KVTIER, "remote_timeout_s": "soon"}, "remote_timeout_s"),
     ({**KVTIER, "file_storage_path": "/tmp/hicache", "host_capacity_bytes": 0}, "must be positive"),  # SGLang's key is fine
 ])

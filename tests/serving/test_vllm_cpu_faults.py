@@ -75,7 +75,7 @@ def test_redis_down_disk_unwritable_and_a_killed_server_never_change_an_answer(p
 
 
 @pytest.mark.parametrize("bad, line", [
-    ({"polcy": "lru"}, "unsupported key(s) ['polcy']"),
+    ({"polcy": "lru"}, "unknown configuration key 'polcy'"),
     ({"disk_capacity_bytes": "4XB", "disk_path": "/tmp/kvtier-never"}, "disk_capacity_bytes"),
     ({"remote_url": "http://127.0.0.1:6379"}, "remote_url"),
 ])
