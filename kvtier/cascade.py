@@ -36,6 +36,16 @@ UNBOUNDED = 2**62  # G4's size is the server's business (maxmemory); its evictio
 T = TypeVar("T")
 
 
+SPARE_SLOTS = 2  # at least this many G2 slots stay outside the manager's capacity when G3/G4 exist
+
+
+def spare_slots(num_slots: int) -> int:
+    """G2 slots the manager never fills when tiers sit below it: a chunk evicted for demotion keeps its slot until
+    the mover wrote it below, and G3 -> G4 moves pass through one. A sixteenth of G2 (at least ``SPARE_SLOTS``)
+    absorbs a step's demotions; beyond that, stores and promotions wait for the mover (``reserve_slot``)."""
+    return max(SPARE_SLOTS, num_slots // 16)
+
+
 def uncount(counter: Counter, items: Iterable[Hashable]) -> None:
     """Take one of each item off ``counter``, dropping the items that reach zero (``in`` stays meaningful)."""
     for item in items:
@@ -110,6 +120,10 @@ class Cascade:
     def writing(self, g: int) -> dict[int, int]:
         """Under the lock: the chunks reserved in tier ``g`` whose bytes are not written yet."""
         return self.manager.tiers[self.index[g]].pending
+
+    def stats(self, g: int) -> dict[str, float]:
+        """Under the lock: tier ``g``'s counters in the manager's view, plus the ``chunks`` it holds."""
+        return {**self.manager.stats()[self.index[g]], "chunks": len(self.held(g))}
 
     def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
         """Run ``fn`` on the mover, after every demotion queued so far."""

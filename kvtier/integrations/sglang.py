@@ -3,14 +3,22 @@
 ``--hicache-storage-backend-extra-config '{"backend_name":"kvtier","module_path":"kvtier.integrations.sglang",
 "class_name":"KvtierHiCacheStorage","interface_v1":1,"host_capacity_bytes":"16GiB","disk_path":"/nvme/kvtier"}'``
 
-SGLang's own host pool is its L2; kvtier sits below it: a kvtier ``HostTier`` (its own slots, LRU) in front
-of an optional ``DiskTier`` and ``RemoteTier``, all keyed under one ``Namespace`` (model, dtype, pool layout,
-page size and bytes, TP/PP/CP rank; MLA pages are rank-independent). Pages are written to the host tier and
-written through to disk / remote in the background; a page found only below is promoted into the host tier on
-read. Each process has its own host tier and disk directory (``disk_path/dp<rank>``); with MLA and TP > 1 only
-one rank per shard writes (SGLang's ``is_storage_writer``), so the other ranks read through the remote tier,
-which such a deployment must have. Only the KV pool is stored: hybrid models' sidecar pools (SWA, Mamba, ...)
-use SGLang's v2 calls, which are refused when the backend is attached.
+SGLang's own host pool is its L2; kvtier sits below it with its whole block manager, as under the engine and
+vLLM: one ``Cascade`` over a kvtier ``HostTier`` (G2) and an optional ``DiskTier`` (G3) and ``RemoteTier`` (G4),
+all keyed under one ``Namespace`` (model, dtype, pool layout, page size and bytes, TP/PP/CP rank; MLA pages are
+rank-independent). The manager decides what stays in G2 (the configured policy, pins with leases, priorities
+with TTL, ephemeral pages evicted first and never written below G2) and what its evictions demote (G3/G4
+admission); ``write_through`` copies every stored page down at once. A page found only below is promoted into
+G2 on read, and one an earlier process or another machine wrote (the rebuilt disk index, Redis) is adopted
+without a write. Each process has its own host tier and disk directory (``disk_path/dp<rank>``); with MLA and
+TP > 1 only one rank per shard writes (SGLang's ``is_storage_writer``), writing through to the remote tier, which
+such a deployment must have, so the other ranks read it there. Only the KV pool is stored: hybrid models'
+sidecar pools (SWA, Mamba, ...) use SGLang's v2 calls, which are refused when the backend is attached.
+
+Agent hints: SGLang passes no request id, session or hints with its storage calls (only
+``HiCacheStorageExtraInfo.prefix_keys``, the page hashes before a batch), so hints cannot arrive per request;
+``KvtierHiCacheStorage.apply_hints(page_keys, hints)`` applies them to a sequence's pages from the process that
+holds the backend.
 
 Zero-copy (``interface_v1: 1``): ``batch_set_v1`` / ``batch_get_v1`` move pages between SGLang's host pool
 buffer and kvtier's host slots with kvtier's transfer kernels over a descriptor of the pool's layout
@@ -22,11 +30,11 @@ misses; configuration errors are raised when SGLang attaches the backend (start-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from sglang.srt.mem_cache.hicache_storage import (
@@ -38,14 +46,17 @@ from sglang.srt.mem_cache.hicache_storage import (
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
 from kvtier import kernels
+from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade, spare_slots
 from kvtier.hashing import Namespace
+from kvtier.hints import AgentHints
 from kvtier.integrations.common import engine_key, kvtier_config, name_part, open_disk_tier, per_dp_rank
 from kvtier.layout import PageLayout, sglang_host_layout
+from kvtier.manager.core import PinReport
+from kvtier.metrics import EngineMetrics
 from kvtier.tiers import open_remote_tier
-from kvtier.tiers.base import Tier, guarded
+from kvtier.tiers.base import Tier
 from kvtier.tiers.host import HostPool, HostTier
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # SGLang's own keys (file_storage_path: SGLang adds it to every backend's config with --file-storage-path)
@@ -55,8 +66,9 @@ WHERE = "KvtierHiCacheStorage"
 
 
 def sglang_namespace(config: HiCacheStorageConfig, host_pool: Any, page_bytes: int, zero_copy: bool,
-                     model_name: str = "") -> Namespace:
-    """Everything that changes a page's bytes; page hashes already carry the tokens and the tenant salt. DP
+                     model_name: str = "", salt: str = "") -> Namespace:
+    """Everything that changes a page's bytes, and the deployment's ``cache_salt`` (pages of deployments with
+    different salts are never shared, in Redis either); page hashes already carry the tokens. DP
     ranks share pages (same heads); MLA TP ranks too (SGLang's ``is_mla_model``: every rank holds the page)."""
     mla = isinstance(host_pool, MLATokenToKVPoolHost)
     layout = (f"sglang-{'mla' if mla else 'mha'}-{host_pool.layout}-p{host_pool.page_size}-b{page_bytes}-"
@@ -65,11 +77,11 @@ def sglang_namespace(config: HiCacheStorageConfig, host_pool: Any, page_bytes: i
     tp_rank, tp_size = (0, 1) if config.is_mla_model else (config.tp_rank, config.tp_size)
     return Namespace(model=name_part(model_name or config.model_name or "model"),
                      dtype=name_part(str(host_pool.dtype).removeprefix("torch.")), layout=layout,
-                     tp_rank=tp_rank, tp_size=tp_size)
+                     tp_rank=tp_rank, tp_size=tp_size, salt=salt)
 
 
 class KvtierHiCacheStorage(HiCacheStorage):
-    """kvtier tiers behind SGLang's HiCache storage interface (see the module docstring)."""
+    """kvtier's block manager and tiers behind SGLang's HiCache storage interface (see the module docstring)."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any] | None = None) -> None:
         extra = dict(storage_config.extra_config or {})
@@ -81,16 +93,16 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self._model_name = self.cfg.model_name if "model_name" in extra else ""
         self.namespace: Namespace | None = None
         self.layout: PageLayout | None = None
-        self.host: HostTier | None = None
-        self.lower: list[Tier] = []
-        self._writes: set[Future] = set()
-        self._writes_lock = threading.Lock()
+        self.cascade: Cascade | None = None
+        self.lock = threading.RLock()  # SGLang's backup and prefetch threads call in at once
+        self.metrics = EngineMetrics()
 
     # --- attach ----------------------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
-        """Build the tiers for this pool's page format (the namespace needs the pool's dtype and layout)."""
+        """Build the manager and tiers for this pool's page format (the namespace needs its dtype and layout)."""
         config = self.storage_config
-        if config.is_mla_model and config.tp_size > config.dcp_size and not self.cfg.remote_url:
+        shared_by_ranks = config.is_mla_model and config.tp_size > config.dcp_size
+        if shared_by_ranks and not self.cfg.remote_url:
             raise ValueError(f"{WHERE}: with MLA and TP > 1 only one rank per shard writes pages and the others "
                              "read them, so every rank needs a tier they all reach: set remote_url (host and "
                              "disk tiers are per process)")
@@ -100,25 +112,37 @@ class KvtierHiCacheStorage(HiCacheStorage):
         mla = isinstance(mem_pool_host, MLATokenToKVPoolHost)
         layout = sglang_host_layout(mem_pool_host.kv_buffer, mem_pool_host.layout, mem_pool_host.page_size, mla)
         check_layout_against_pool(layout, mem_pool_host)
-        namespace = sglang_namespace(config, mem_pool_host, layout.block_bytes, self.zero_copy, self._model_name)
-        if self.cfg.host_capacity_bytes < layout.block_bytes:
+        namespace = sglang_namespace(config, mem_pool_host, layout.block_bytes, self.zero_copy, self._model_name,
+                                     self.cfg.cache_salt)
+        pool = HostPool(self.cfg.host_capacity_bytes, layout.block_bytes) \
+            if self.cfg.host_capacity_bytes >= layout.block_bytes else None
+        if pool is None:
             raise ValueError(f"{WHERE}: host_capacity_bytes={self.cfg.host_capacity_bytes} holds no page of "
                              f"{layout.block_bytes} B")
         self.close()
-        lower: list[Tier] = []
+        lower: dict[int, Tier] = {}
         try:
             if self.cfg.disk_path and config.is_storage_writer:  # a reader rank never writes its own disk
-                lower.append(open_disk_tier(per_dp_rank(self.cfg, config.dp_rank), namespace, layout.block_bytes,
-                                            WHERE))
+                lower[G3] = open_disk_tier(per_dp_rank(self.cfg, config.dp_rank), namespace, layout.block_bytes,
+                                           WHERE)
             if self.cfg.remote_url:
-                lower.append(open_remote_tier(self.cfg, namespace))
+                lower[G4] = open_remote_tier(self.cfg, namespace)
+            spare = spare_slots(pool.num_slots) if lower else 0
+            if pool.num_slots <= spare:
+                raise ValueError(f"{WHERE}: host_capacity_bytes holds {pool.num_slots} pages; with disk or remote "
+                                 f"tiers it must hold more than {spare} (the slots pages in flight use)")
         except BaseException:
-            for tier in lower:
+            for tier in lower.values():
                 tier.close()
+            pool.close()
             raise
         super().register_mem_pool_host(mem_pool_host)
-        self.layout, self.namespace, self.lower = layout, namespace, lower
-        self.host = HostTier(namespace, HostPool(self.cfg.host_capacity_bytes, layout.block_bytes), own_pool=True)
+        # the other ranks read what the writer stores: every page reaches the shared tier at once, not on eviction
+        cfg = dataclasses.replace(self.cfg, write_through=True, admission_min_hits=0) if shared_by_ranks else self.cfg
+        self.layout, self.namespace = layout, namespace
+        self.cascade = Cascade(cfg, self.metrics, HostTier(namespace, pool, own_pool=True), lower,
+                               unit=pool.slot_bytes, chunk_bytes=layout.block_bytes, spare_host_slots=spare,
+                               lock=self.lock, events=_NO_EVENTS)
 
     def on_host_pools_registered(self) -> None:
         """Refuse hybrid models' sidecar pools: SGLang would store them through the v2 calls, which kvtier does
@@ -132,18 +156,50 @@ class KvtierHiCacheStorage(HiCacheStorage):
     def clear(self) -> None:
         """Forget every stored page in every tier, the shared remote namespace included (SGLang's
         /clear_hicache_storage_backend and PD role switches: stale pages there would be wrong KV)."""
-        host = self._ready()
-        self.flush()
-        for tier in (host, *self.lower):
-            self._guarded(tier, "clear", tier.clear, 0)
+        cascade = self._ready()
+        cascade.drain()
+        with self.lock:
+            for g in cascade.tiers:
+                cascade.manager.discard(list(cascade.held(g)), cascade.index[g])
+        cascade.drain()
+        for g, tier in cascade.tiers.items():
+            cascade.guarded(g, "clear", tier.clear, 0)
 
     def _key(self, key: str) -> int:
         return engine_key(self.namespace, key)
 
-    def _ready(self) -> HostTier:
-        if self.host is None:
+    def _ready(self) -> Cascade:
+        if self.cascade is None:
             raise RuntimeError(f"{WHERE}: no host pool registered (SGLang calls register_mem_pool_host on attach)")
-        return self.host
+        return self.cascade
+
+    # --- agent hints -----------------------------------------------------------------------------------------
+    def apply_hints(self, page_keys: list[str], hints: AgentHints) -> PinReport:
+        """Retention for one sequence's pages, ``page_keys`` from its first page (SGLang's page hashes, as in
+        ``HiCacheStorageExtraInfo.prefix_keys`` + keys): pins with leases, priorities with their duration,
+        ephemeral spans (evicted first, never written below G2), token positions counted in pages of
+        ``page_size`` tokens. SGLang passes no request or session with its storage calls, so this is the
+        session-level way in: call it from the process that holds the backend (e.g. a server hook that knows
+        each session's system prompt and tools). With ``prefetch`` (or ``next_call_delay_s``) the pages held only
+        below G2 come up into G2 in the background, in order, while it has room."""
+        cascade = self._ready()
+        ks = [self._key(k) for k in page_keys]
+        with self.lock:
+            report = cascade.manager.apply_hints(ks, hints, self.mem_pool_host.page_size)
+        if hints.prefetch or hints.next_call_delay_s:
+            cascade.submit(self._prefetch, ks)
+        return report
+
+    def _prefetch(self, ks: list[int]) -> int:
+        """Mover: promote the pages held only below G2, in order, until one does not come up; how many did."""
+        count = 0
+        for key in ks:
+            with self.lock:
+                g = self.cascade.where(key)
+            if g is None or (g != G2 and not self._promote(key)):
+                break
+            count += g != G2
+        return count
 
     # --- zero-copy interface ---------------------------------------------------------------------------------
     def _pages(self, host_indices: torch.Tensor, n: int) -> torch.Tensor:
@@ -154,71 +210,29 @@ class KvtierHiCacheStorage(HiCacheStorage):
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
-        host = self._ready()
+        self._ready()
         pages = self._pages(host_indices, len(keys))
-        if not self.storage_config.is_storage_writer:
-            return [True] * len(keys)  # MLA replica: the writer rank stores the same bytes
-        ks = [self._key(k) for k in keys]
-        results = host.contains(ks)
-        rows: list[int] = []
-        slots: list[torch.Tensor] = []
-        for i, key in enumerate(ks):
-            if results[i]:
-                continue
-            view = host.reserve(key, self.layout.block_bytes)
-            if view is None and rows:  # the host tier is full of this batch: store what is reserved, go on
-                self._store_reserved(pages, ks, rows, slots, results)
-                view = host.reserve(key, self.layout.block_bytes)
-            if view is None and self.lower:  # slots may be held by write-through in flight: wait for it
-                self.flush()
-                view = host.reserve(key, self.layout.block_bytes)
-            if view is not None:
-                rows.append(i)
-                slots.append(view)
-            else:  # stored meanwhile, or being promoted by a read on SGLang's prefetch thread
-                results[i] = host.contains([key])[0] or host.writing(key)
-        self._store_reserved(pages, ks, rows, slots, results)
-        return results
 
-    def _store_reserved(self, pages: torch.Tensor, ks: list[int], rows: list[int], slots: list[torch.Tensor],
-                        results: list[bool]) -> None:
-        """Gather the reserved pages into their host slots with one kernel call, publish them, write them
-        through; empties ``rows`` / ``slots``."""
-        host = self.host
-        if not rows:
-            return
-        try:
-            kernels.offload(self.layout, pages[rows], host.pool.buffer, [host.slot_offset(v) for v in slots],
-                            impl=self.cfg.transfer_impl, sm_budget=self.cfg.sm_budget)
+        def gather(rows: list[int], slots: list[torch.Tensor]) -> None:
+            kernels.offload(self.layout, pages[rows], self.cascade.host.pool.buffer,
+                            [self.cascade.host.slot_offset(v) for v in slots], impl=self.cfg.transfer_impl,
+                            sm_budget=self.cfg.sm_budget)
             self._wait_for_device()
-        except Exception:
-            for i in rows:
-                host.abort(ks[i])
-            raise
-        for i in rows:
-            host.commit(ks[i])
-            results[i] = True
-        self._write_through([ks[i] for i in rows])
-        rows.clear()
-        slots.clear()
+
+        return self._store([self._key(k) for k in keys], gather)
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
-        host = self._ready()
+        cascade = self._ready()
         pages = self._pages(host_indices, len(keys))
         ks = [self._key(k) for k in keys]
         done = 0
         while done < len(ks):  # in rounds: a host tier smaller than the batch is refilled between them
-            found: list[torch.Tensor] = []
             with contextlib.ExitStack() as held:
-                for key in ks[done:]:
-                    view = self._borrow(held, key)
-                    if view is None or len(view) != self.layout.block_bytes:
-                        break  # prefix rule: SGLang stops at the first miss
-                    found.append(view)
+                found = self._borrow_prefix(held, ks[done:])
                 if found:
-                    kernels.load(self.layout, pages[done:done + len(found)], host.pool.buffer,
-                                 [host.slot_offset(v) for v in found], impl=self.cfg.transfer_impl,
+                    kernels.load(self.layout, pages[done:done + len(found)], cascade.host.pool.buffer,
+                                 [cascade.host.slot_offset(v) for v in found], impl=self.cfg.transfer_impl,
                                  sm_budget=self.cfg.sm_budget)
                     self._wait_for_device()
             if not found:
@@ -228,18 +242,16 @@ class KvtierHiCacheStorage(HiCacheStorage):
 
     # --- existence -------------------------------------------------------------------------------------------
     def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
-        """How many leading keys some tier holds."""
-        host = self._ready()
-        ks = [self._key(k) for k in keys]
-        present = host.contains(ks)
-        lead = present.index(False) if False in present else len(ks)
-        rest = ks[lead:]
-        for tier in self.lower:
-            if not rest:
+        """How many leading keys some tier holds (or is writing)."""
+        cascade = self._ready()
+        count = 0
+        for key in (self._key(k) for k in keys):
+            with self.lock:
+                known = cascade.where(key) is not None or key in cascade.writing(G2)
+            if not known and self._find_below(key) is None:
                 break
-            below = self._guarded(tier, "contains", lambda t=tier: t.contains(rest), [False] * len(rest))
-            present[lead:] = [a or b for a, b in zip(present[lead:], below)]
-        return present.index(False) if False in present else len(ks)
+            count += 1
+        return count
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
@@ -247,16 +259,13 @@ class KvtierHiCacheStorage(HiCacheStorage):
     # --- copying interface (SGLang without interface_v1) -----------------------------------------------------
     def set(self, key: str, value: torch.Tensor | None = None, target_location: Any = None,
             target_sizes: Any = None) -> bool:
-        host = self._ready()
+        self._ready()
         if value is None:
             raise ValueError(f"{WHERE}.set needs a value tensor")
-        if not self.storage_config.is_storage_writer:
-            return True
-        k = self._key(key)
-        stored = host.put([k], [_flat_bytes(value.contiguous())])[0]
-        if stored:
-            self._write_through([k])
-        return stored
+        page = _flat_bytes(value.contiguous())
+        if len(page) != self.layout.block_bytes:
+            raise ValueError(f"{WHERE}.set: a page is {self.layout.block_bytes} B, got {len(page)}")
+        return self._store([self._key(key)], lambda _rows, slots: slots[0].copy_(page))[0]
 
     def batch_set(self, keys: list[str], values: list[torch.Tensor] | None = None, target_locations: Any = None,
                   target_sizes: Any = None) -> bool:
@@ -271,10 +280,10 @@ class KvtierHiCacheStorage(HiCacheStorage):
             raise ValueError(f"{WHERE}.get needs a target_location tensor")
         target = _flat_bytes(target_location)
         with contextlib.ExitStack() as held:
-            view = self._borrow(held, self._key(key))
-            if view is None or len(view) != len(target):
+            found = self._borrow_prefix(held, [self._key(key)])
+            if not found or len(found[0]) != len(target):
                 return None
-            target.copy_(view)
+            target.copy_(found[0])
         return target_location
 
     def batch_get(self, keys: list[str], target_locations: list[torch.Tensor] | None = None,
@@ -283,79 +292,135 @@ class KvtierHiCacheStorage(HiCacheStorage):
             raise ValueError(f"{WHERE}.batch_get needs one target location per key")
         return [self.get(k, t) for k, t in zip(keys, target_locations)]
 
-    # --- tiers -----------------------------------------------------------------------------------------------
-    def _borrow(self, stack: contextlib.ExitStack, key: int) -> torch.Tensor | None:
-        """The host slot of ``key``, held until ``stack`` closes; a page found only below is promoted first."""
-        host = self.host
-        view = stack.enter_context(host.borrow(key))
-        if view is None and self._promote(key):
-            view = stack.enter_context(host.borrow(key))
-        return view
+    # --- through the manager ---------------------------------------------------------------------------------
+    def _store(self, ks: list[int], fill: Callable[[list[int], list[torch.Tensor]], None]) -> list[bool]:
+        """Store the pages the manager admits into reserved host slots (``fill(rows, slots)`` writes rows of
+        ``ks`` into them), in rounds when the host tier is smaller than the batch; what it evicts is demoted by
+        the cascade. Per key: True when some tier holds it (or a write of it is in flight)."""
+        cascade = self.cascade
+        if not self.storage_config.is_storage_writer:
+            return [True] * len(ks)  # MLA replica: the writer rank stores the same bytes
+        while True:
+            with self.lock:
+                writing = cascade.writing(G2)
+                todo = [k for k in dict.fromkeys(ks) if cascade.where(k) is None and k not in writing]
+                plan = cascade.manager.prepare_store(todo, cascade.index[G2]) if todo else None
+                reserved = {k: cascade.reserve_slot(k) for k in (plan.store if plan else ())}
+            for key in [k for k, slot in reserved.items() if slot is None]:
+                cascade.complete_store(key, ok=False)
+                del reserved[key]
+            if not reserved:
+                break
+            rows = [ks.index(k) for k in reserved]
+            try:
+                fill(rows, list(reserved.values()))
+            except Exception:
+                for key in reserved:
+                    cascade.host.abort(key)
+                    cascade.complete_store(key, ok=False)
+                raise
+            for key in reserved:
+                cascade.host.commit(key)
+                cascade.complete_store(key, ok=True)
+            if len(reserved) == len(todo):
+                break
+        with self.lock:
+            writing = cascade.writing(G2)
+            return [cascade.where(k) is not None or k in writing for k in ks]
+
+    def _borrow_prefix(self, stack: contextlib.ExitStack, ks: list[int]) -> list[torch.Tensor]:
+        """The host slots of the leading keys some tier holds, each held until ``stack`` closes; pages found only
+        below are promoted into G2 first. Stops at the first miss, or where G2 has no slot left for a promotion
+        (the caller goes on in another round)."""
+        cascade = self.cascade
+        found: list[torch.Tensor] = []
+        for key in ks:
+            view = stack.enter_context(cascade.host.borrow(key))
+            if view is None and self._promote(key):
+                view = stack.enter_context(cascade.host.borrow(key))
+            if view is None or len(view) != self.layout.block_bytes:
+                break
+            found.append(view)
+        if found:
+            with self.lock:
+                cascade.manager.touch(ks[:len(found)], cascade.index[G2])
+        return found
 
     def _promote(self, key: int) -> bool:
-        """Read a page from disk / remote straight into a host slot (one I/O, no staging copy)."""
-        for tier in self.lower:
-            slot = self.host.reserve(key, self.layout.block_bytes)
-            if slot is None:
-                return False
-            got = self._guarded(tier, "get", lambda t=tier, s=slot: t.get([key], [s]), [None])[0]
-            if got == self.layout.block_bytes:
-                self.host.commit(key)
-                return True
-            self.host.abort(key)
-        return False
+        """Read a page held only in G3/G4 straight into a reserved host slot (one I/O, no staging copy)."""
+        cascade = self.cascade
+        with self.lock:
+            g = cascade.where(key)
+        if g is None:
+            g = self._find_below(key)
+        if g is None or g == G2:
+            return g == G2
+        with self.lock:
+            slot = cascade.reserve_promotion(key)
+        if slot is None:
+            return False
+        got = cascade.guarded(g, "get", lambda: cascade.tiers[g].get([key], [slot]), [None])[0]
+        ok = got == self.layout.block_bytes
+        cascade.settle_promotion(key, ok)
+        if ok:
+            self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[g]}").inc(len(slot))
+        else:
+            cascade.lost([key], g)
+        return ok
 
-    def _write_through(self, keys: list[int]) -> None:
-        """Copy freshly stored host pages down in the background; each slot is held until its write ends."""
-        for tier in self.lower:
-            holds = [self.host.borrow(k) for k in keys]
-            views = [cm.__enter__() for cm in holds]
-            kept_keys = [k for k, v in zip(keys, views) if v is not None]
-            kept_views = [v for v in views if v is not None]
-            future = self._guarded(tier, "put", lambda t=tier, k=kept_keys, v=kept_views: t.put_async(k, v), None)
-
-            def release(_f: Future | None = None, holds: list = holds) -> None:
-                for cm in holds:
-                    cm.__exit__(None, None, None)
-
-            if future is None:
-                release()
-                continue
-            with self._writes_lock:
-                self._writes.add(future)
-            future.add_done_callback(lambda f, release=release: (release(), self._written(f)))
-
-    def _written(self, future: Future) -> None:
-        with self._writes_lock:
-            self._writes.discard(future)
+    def _find_below(self, key: int) -> int | None:
+        """A page this process never placed may still be below: on the disk an earlier process wrote (its index
+        is rebuilt at start), or in Redis, written by another rank or machine. Found, it is recorded in the
+        manager without a write; the tier's G-number, or None."""
+        cascade = self.cascade
+        for g in (G3, G4):
+            tier = cascade.tiers.get(g)
+            if tier is not None and cascade.guarded(g, "contains", lambda t=tier: t.contains([key])[0], False):
+                with self.lock:
+                    if cascade.where(key) is not None or cascade.manager.adopt([key], cascade.index[g]):
+                        return cascade.where(key)
+        return None
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait for the background write-through (tests, shutdown)."""
-        with self._writes_lock:
-            pending = list(self._writes)
-        for future in pending:
-            future.exception(timeout=timeout_s)
+        """Wait until queued demotions and write-through have run (tests, shutdown)."""
+        self._ready().drain(timeout_s)
 
-    @staticmethod
-    def _guarded(tier: Tier, op: str, call: Callable[[], T], default: T) -> T:
-        return guarded(f"{tier.name} {op}", call, default)
+    def stats(self, tier: str = "G2") -> dict[str, float]:
+        """One tier's counters in the manager's view, plus the pages it holds."""
+        with self.lock:
+            return self._ready().stats(TIER_NAMES.index(tier))
 
     def _wait_for_device(self) -> None:
         if self.layout.device.type == "cuda":
             torch.cuda.current_stream(self.layout.device).synchronize()
 
     def close(self) -> None:
-        """Finish background writes and close the tiers (a later register_mem_pool_host builds new ones)."""
-        if self.host is None:
+        """Finish queued demotions and close the tiers (a later register_mem_pool_host builds new ones)."""
+        if self.cascade is None:
             return
         try:
-            self.flush()
+            self.cascade.drain()
         except TimeoutError:
-            log.warning("kvtier: write-through still running at close; closing the tiers anyway")
+            log.warning("kvtier: demotions still running at close; closing the tiers anyway")
         finally:
-            for tier in (*self.lower, self.host):  # lower tiers drain their writes from host slots first
-                tier.close()
-            self.host, self.lower = None, []
+            self.cascade.close()
+            self.cascade = None
+
+
+class _NoEvents:
+    """SGLang has no KV event stream for storage backends: tier changes are not published."""
+
+    def stored(self, keys: list[int], medium: str) -> None:
+        pass
+
+    def removed(self, keys: list[int], medium: str) -> None:
+        pass
+
+    def forgotten(self, keys: list[int]) -> None:
+        pass
+
+
+_NO_EVENTS = _NoEvents()
 
 
 def check_layout_against_pool(layout: PageLayout, pool: Any) -> None:

@@ -74,7 +74,7 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.config import OffloadingConfig
 
 from kvtier import kernels
-from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade, uncount
+from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade, spare_slots, uncount
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU
 from kvtier.hashing import Namespace
@@ -94,17 +94,6 @@ log = logging.getLogger(__name__)
 VLLM_KEYS = frozenset({"spec_name", "spec_module_path", "blocks_per_chunk", "block_size", "canonical_layout",
                        "sync_load_budget_bytes", "self_describing_kv_events", "offload_prompt_only",
                        "enable_telemetry"})
-SPARE_SLOTS = 2  # at least this many G2 slots stay outside the manager's capacity when G3/G4 exist (see below)
-
-
-def spare_slots(num_slots: int) -> int:
-    """G2 slots the manager never fills: a chunk evicted for demotion keeps its slot until the mover wrote it
-    below, and G3 -> G4 moves pass through one. A sixteenth of G2 (at least ``SPARE_SLOTS``) absorbs a
-    step's demotions; beyond that, stores and promotions wait for the mover (``Cascade.reserve_slot``), and a lookup
-    finding no free slot answers ``RETRY``."""
-    return max(SPARE_SLOTS, num_slots // 16)
-
-
 HINTS_FIELD = "agent_hints"
 PROBE_WAIT_S = 0.002  # how long a lookup waits in-line for Redis to say whether it holds an unknown chunk
 _PROBING = object()   # _find_below: Redis has not answered yet
@@ -155,14 +144,15 @@ class KvtierChunksSpec(BlockIDsLoadStoreSpec):
     """Where chunks live in G2: ``block_ids`` are host-pool slot numbers, one per chunk."""
 
 
-def vllm_namespace(config: OffloadingConfig, model_name: str = "") -> Namespace:
-    """What must match for two vLLM instances to share chunks: model, dtype, layout, chunking, parallelism.
-    Tenants are kept apart by vLLM itself (``cache_salt`` is hashed into its block hashes)."""
+def vllm_namespace(config: OffloadingConfig, model_name: str = "", salt: str = "") -> Namespace:
+    """What must match for two vLLM instances to share chunks: model, dtype, layout, chunking, parallelism, and
+    the deployment's ``cache_salt``. Tenants within one deployment are kept apart by vLLM itself (a request's
+    ``cache_salt`` is hashed into its block hashes)."""
     par = config.parallel
     layout = (f"vllm-{config.kv_cache_layout}-c{config.cache.blocks_per_chunk}x{config.groups[0].tokens_per_block}"
               f"-pp{par.pp_size}-pcp{par.pcp_size}-dcp{par.dcp_size}")
     return Namespace(model=name_part(model_name or config.model.name), dtype=name_part(config.model.dtype),
-                     layout=layout, tp_rank=0, tp_size=par.world_size)
+                     layout=layout, tp_rank=0, tp_size=par.world_size, salt=salt)
 
 
 def slot_bytes(config: OffloadingConfig) -> int:
@@ -621,8 +611,8 @@ class KvtierOffloadingManager(OffloadingManager):
 
     def stats(self, tier: str = "G2") -> dict[str, float]:
         """One tier's counters in the manager's view (hits are counted by vLLM), plus ``chunks`` held."""
-        i = self.cascade.index[TIER_NAMES.index(tier)]
-        return {**self.manager.stats()[i], "chunks": len(self.cascade.held(TIER_NAMES.index(tier)))}
+        with self._lock:
+            return self.cascade.stats(TIER_NAMES.index(tier))
 
     def held(self, tier: str) -> set[int]:
         """The chunk keys ``tier`` ("G2", "G3", "G4") holds in the manager's view."""
@@ -756,7 +746,8 @@ class KvtierOffloadingSpec(OffloadingSpec):
             raise ValueError(f"{where}: host_capacity_bytes={self.kvtier.host_capacity_bytes} holds no chunk of "
                              f"{self.slot_bytes} B; give at least one chunk")
         self.world_size = config.parallel.world_size
-        self.namespace = vllm_namespace(config, self.kvtier.model_name if "model_name" in self.extra_config else "")
+        self.namespace = vllm_namespace(config, self.kvtier.model_name if "model_name" in self.extra_config else "",
+                                        self.kvtier.cache_salt)
         self._manager: KvtierOffloadingManager | None = None
 
     @classmethod

@@ -6,6 +6,7 @@ from engines_env import ENGINES_MISSING
 pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory", reason=ENGINES_MISSING)
 
 import random
+import time
 import threading
 
 import torch
@@ -17,6 +18,8 @@ from sglang_harness import (
     page_bytes,
     page_keys,
 )
+
+from kvtier.cascade import G2, G3, SPARE_SLOTS
 
 KVTIER = {"backend_name": "kvtier", "module_path": "kvtier.integrations.sglang",
           "class_name": "KvtierHiCacheStorage", "interface_v1": 1, "host_capacity_bytes": "1MiB"}
@@ -98,8 +101,14 @@ def test_copying_interface_round_trips(backends, kind):
 
 
 def disk_config(path, pages_in_host):
-    return {**KVTIER, "host_capacity_bytes": pages_in_host * 4096, "disk_path": str(path),
-            "disk_capacity_bytes": "4MiB", "disk_fsync": False}
+    """``pages_in_host`` pages for the manager to keep in G2, beyond the slots pages in flight use; pages seen
+    once are demoted (admission off: these tests are about where pages go, not which)."""
+    return {**KVTIER, "host_capacity_bytes": (pages_in_host + SPARE_SLOTS) * 4096, "disk_path": str(path),
+            "disk_capacity_bytes": "4MiB", "disk_fsync": False, "admission_min_hits": 1}
+
+
+def lower_tiers(backend):
+    return [tier for g, tier in sorted(backend.cascade.tiers.items()) if g > G2]
 
 
 def test_disk_tier_serves_evicted_pages_and_survives_a_restart(backends, tmp_path):
@@ -108,7 +117,7 @@ def test_disk_tier_serves_evicted_pages_and_survives_a_restart(backends, tmp_pat
     keys, src, expected = stored_pages(pool, 5, seed=5)
     assert backend.batch_set_v1(keys, src) == [True] * 5  # the host tier keeps the last two
     backend.flush()
-    assert backend.host.stats().evictions >= 3
+    assert backend.stats("G2")["evictions"] >= 3
     assert backend.batch_exists(keys) == 5  # the rest from disk
     got, data = read_back(backend, pool, keys)
     assert got == [True] * 5 and all(torch.equal(a, b) for a, b in zip(data, expected))
@@ -125,11 +134,12 @@ def test_disk_tier_serves_evicted_pages_and_survives_a_restart(backends, tmp_pat
 
 
 def test_mla_ranks_alive_together_share_pages_through_the_remote_tier(backends, tmp_path, redis_server):
-    extra = {**disk_config(tmp_path, 4), "remote_url": redis_server.url}
+    # admission would keep pages seen once off G4; the readers need every page there: the writer writes through
+    extra = {**disk_config(tmp_path, 4), "remote_url": redis_server.url, "admission_min_hits": 2}
     pools = [make_host_pool("mla", "page_first_direct") for _ in range(2)]
     writer = backends(pools[0], extra, tp_rank=0, tp_size=2)
     reader = backends(pools[1], extra, tp_rank=1, tp_size=2)  # TP workers run at the same time
-    assert [type(t).__name__ for t in reader.lower] == ["RemoteTier"]  # a reader rank has no disk of its own
+    assert [type(t).__name__ for t in lower_tiers(reader)] == ["RemoteTier"]  # a reader rank has no disk of its own
     keys, src, expected = stored_pages(pools[0], 2, seed=7)
     assert writer.batch_set_v1(keys, src) == [True, True]
     writer.flush()
@@ -152,15 +162,15 @@ def test_dp_ranks_get_their_own_disk_directory_and_one_directory_one_process(bac
 
 def test_clear_forgets_pages_in_every_tier(backends, tmp_path, redis_server):
     pool = make_host_pool("mha", "page_first")
-    extra = {**disk_config(tmp_path, 2), "remote_url": redis_server.url}
+    extra = {**disk_config(tmp_path, 2), "remote_url": redis_server.url, "write_through": True}
     backend = backends(pool, extra)
     keys, src, _ = stored_pages(pool, 3, seed=11)
     assert backend.batch_set_v1(keys, src) == [True] * 3
     backend.flush()
-    assert [t.contains(keys_of(backend, keys)) for t in backend.lower] == [[True] * 3] * 2
+    assert [t.contains(keys_of(backend, keys)) for t in lower_tiers(backend)] == [[True] * 3] * 2
     backend.clear()
     assert backend.batch_exists(keys) == 0
-    assert [t.contains(keys_of(backend, keys)) for t in backend.lower] == [[False] * 3] * 2
+    assert [t.contains(keys_of(backend, keys)) for t in lower_tiers(backend)] == [[False] * 3] * 2
     assert backend.batch_set_v1(keys, src) == [True] * 3 and backend.batch_exists(keys) == 3  # usable after
 
 
@@ -173,9 +183,10 @@ def test_a_page_being_promoted_counts_as_stored(backends):
     backend = backends(pool, KVTIER)
     keys, src, _ = stored_pages(pool, 1, seed=12)
     (key,) = keys_of(backend, keys)
-    assert backend.host.reserve(key, backend.layout.block_bytes) is not None  # a read on the prefetch thread
-    assert backend.batch_set_v1(keys, src) == [True]
-    backend.host.commit(key)
+    with backend.lock:  # a read on the prefetch thread has reserved the page's G2 slot
+        assert backend.cascade.reserve_promotion(key) is not None
+    assert backend.batch_set_v1(keys, src) == [True] and backend.batch_exists(keys) == 1
+    backend.cascade.settle_promotion(key, ok=False)
 
 
 def test_hybrid_sidecar_pools_fail_the_attach(backends):
@@ -205,7 +216,8 @@ def test_pools_with_bytes_outside_kv_buffer_fail_the_attach():
 
 def test_remote_tier_round_trip_and_outage_is_a_miss(backends, redis_server):
     pool = make_host_pool("mha", "layer_first")
-    extra = {**KVTIER, "host_capacity_bytes": 4096, "remote_url": redis_server.url, "remote_timeout_s": 0.2}
+    extra = {**KVTIER, "host_capacity_bytes": (1 + SPARE_SLOTS) * 4096, "remote_url": redis_server.url,
+             "remote_timeout_s": 0.2, "admission_min_hits": 1}
     backend = backends(pool, extra)
     keys, src, expected = stored_pages(pool, 3, seed=9)
     assert backend.batch_set_v1(keys, src) == [True] * 3  # through a one-page host tier
@@ -289,4 +301,110 @@ def test_prefetch_and_backup_threads_at_once_never_read_wrong_bytes(backends, tm
         t.join(60)
     assert not errors and not wrong and hits[0] > 0
     backend.flush()
-    assert backend.host.stats().evictions > 0
+    assert backend.stats("G2")["evictions"] > 0
+
+
+# --- the whole block manager under SGLang: the engine's retention rules, through SGLang's own factory ----------
+
+def flood(backend, pool, docs, first_seed=200):
+    """Store ``docs`` one-page documents nobody hinted: each evicts what the policy offers first."""
+    for d in range(docs):
+        keys, src, _ = stored_pages(pool, 1, seed=first_seed + d)
+        assert backend.batch_set_v1(keys, src) == [True]
+
+
+def test_pinned_pages_survive_a_flood_that_evicts_their_neighbours(backends):
+    from kvtier.hints import AgentHints, Pin, TokenRange
+
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, {**KVTIER, "host_capacity_bytes": 6 * 4096, "policy": "lru"})
+    system, src, expected = stored_pages(pool, 2, seed=30)     # system prompt + tools: two pages
+    assert backend.batch_set_v1(system, src) == [True, True]
+    other, other_src, _ = stored_pages(pool, 2, seed=31)
+    assert backend.batch_set_v1(other, other_src) == [True, True]
+    hints = AgentHints(pins=[Pin(range=TokenRange(0, 2 * pool.page_size), lease_s=600)])
+    assert len(backend.apply_hints(system, hints).pinned) == 2
+    flood(backend, pool, 12)
+    assert backend.batch_exists(system) == 2 and backend.batch_exists(other) == 0
+    got, data = read_back(backend, pool, system)
+    assert got == [True, True] and all(torch.equal(a, b) for a, b in zip(data, expected))
+    assert backend.stats("G2")["evictions"] == 10  # 14 unpinned pages through the 4 slots the pins leave
+
+
+def test_ephemeral_pages_go_first_and_never_below_g2(backends, tmp_path):
+    from kvtier.hints import AgentHints, TokenRange
+
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, {**disk_config(tmp_path, 4), "write_through": True, "policy": "lru"})
+    keys, src, _ = stored_pages(pool, 3, seed=40)  # context, context, reasoning
+    assert backend.batch_set_v1(keys[:2], src[:2 * pool.page_size]) == [True, True]
+    backend.apply_hints(keys, AgentHints(ephemeral=[TokenRange(2 * pool.page_size, 3 * pool.page_size)]))
+    assert backend.batch_set_v1(keys, src) == [True] * 3  # the reasoning page is stored after the hint
+    backend.apply_hints(keys, AgentHints(ephemeral=[TokenRange(2 * pool.page_size, 3 * pool.page_size)]))
+    backend.flush()
+    disk = lower_tiers(backend)[0]
+    assert disk.contains(keys_of(backend, keys)) == [True, True, False]  # written through, but not the scratch
+    flood(backend, pool, 2)  # one page over the four G2 keeps: the ephemeral page is the one evicted
+    assert backend.batch_exists(keys) == 2
+
+
+def test_a_priority_holds_until_its_duration_ends(backends):
+    from kvtier.hints import AgentHints, PriorityRange, TokenRange
+
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, {**KVTIER, "host_capacity_bytes": 4 * 4096, "policy": "lru"})
+    kept, src, _ = stored_pages(pool, 1, seed=50)
+    assert backend.batch_set_v1(kept, src) == [True]
+    backend.apply_hints(kept, AgentHints(priorities=[PriorityRange(TokenRange(0, pool.page_size), 90, 60.0)]))
+    flood(backend, pool, 6, first_seed=300)
+    assert backend.batch_exists(kept) == 1  # the oldest page, yet kept over six newer ones
+    with backend.lock:
+        backend.cascade.manager.tick(now=time.monotonic() + 61)  # the duration is over: back to the policy's order
+    flood(backend, pool, 4, first_seed=400)
+    assert backend.batch_exists(kept) == 0
+
+
+def test_admission_keeps_pages_read_too_rarely_off_disk(backends, tmp_path):
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, {**disk_config(tmp_path, 2), "admission_min_hits": 2, "policy": "lru"})
+    once, src, _ = stored_pages(pool, 1, seed=60)
+    twice, twice_src, _ = stored_pages(pool, 1, seed=61)
+    assert backend.batch_set_v1(once, src) == [True] and backend.batch_set_v1(twice, twice_src) == [True]
+    for _ in range(2):  # read back as often as admission_min_hits asks
+        assert read_back(backend, pool, twice)[0] == [True]
+    flood(backend, pool, 4, first_seed=500)
+    backend.flush()
+    disk = lower_tiers(backend)[0]
+    assert disk.contains(keys_of(backend, once + twice)) == [False, True]
+
+
+def test_a_prefetch_hint_brings_a_sequence_back_into_g2(backends, tmp_path):
+    from kvtier.hints import AgentHints
+
+    pool = make_host_pool("mha", "page_first")
+    backend = backends(pool, {**disk_config(tmp_path, 2), "policy": "lru"})
+    keys, src, expected = stored_pages(pool, 2, seed=70)
+    assert backend.batch_set_v1(keys, src) == [True, True]
+    flood(backend, pool, 2, first_seed=600)
+    backend.flush()
+    ks = set(keys_of(backend, keys))
+    with backend.lock:
+        assert not ks & set(backend.cascade.held(G2)) and ks <= set(backend.cascade.held(G3))
+    backend.apply_hints(keys, AgentHints(prefetch=True))
+    backend.flush()
+    with backend.lock:
+        assert ks <= set(backend.cascade.held(G2))
+    got, data = read_back(backend, pool, keys)
+    assert got == [True, True] and all(torch.equal(a, b) for a, b in zip(data, expected))
+
+
+def test_deployments_with_different_cache_salts_never_share_pages(backends, redis_server):
+    pools = [make_host_pool("mha", "page_first") for _ in range(3)]
+    extra = {**KVTIER, "host_capacity_bytes": 8 * 4096, "remote_url": redis_server.url, "write_through": True,
+             "admission_min_hits": 1}
+    tenant_a = backends(pools[0], {**extra, "cache_salt": "tenant-a"})
+    keys, src, _ = stored_pages(pools[0], 2, seed=80)
+    assert tenant_a.batch_set_v1(keys, src) == [True, True]
+    tenant_a.flush()
+    assert backends(pools[1], {**extra, "cache_salt": "tenant-a"}).batch_exists(keys) == 2  # same salt: shared
+    assert backends(pools[2], {**extra, "cache_salt": "tenant-b"}).batch_exists(keys) == 0

@@ -20,8 +20,8 @@ from vllm.v1.kv_offload.base import ReqContext, make_offload_key
 from vllm.v1.request import RequestStatus
 from vllm_harness import VllmSchedulerHarness
 
-from kvtier.cascade import G3
-from kvtier.integrations.vllm import SPARE_SLOTS, KvtierOffloadingSpec, KvtierOffloadingWorker
+from kvtier.cascade import G3, SPARE_SLOTS
+from kvtier.integrations.vllm import KvtierOffloadingSpec, KvtierOffloadingWorker
 from kvtier.layout import vllm_layout
 
 BLOCK = 16
@@ -123,6 +123,9 @@ def test_keys_are_namespaced_and_stable_across_instances(harness, tmp_path):
     other_model = harness(kvtier_spec(8, model_name="another-model"), model_dir=str(tmp_path))
     assert other_model.manager.key(raw) != one.manager.key(raw)
     assert other_model.manager.namespace.prefix.startswith("kvtier/another-model/")
+    salted = [harness(kvtier_spec(8, cache_salt=salt), model_dir=str(tmp_path)) for salt in ("a", "a", "b")]
+    assert salted[0].manager.key(raw) == salted[1].manager.key(raw)  # one deployment's salt: shared
+    assert len({salted[0].manager.key(raw), salted[2].manager.key(raw), one.manager.key(raw)}) == 3
 
 
 def test_worker_moves_pages_bitwise_through_kvtier_kernels(harness):
