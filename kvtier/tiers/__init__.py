@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
-from kvtier.tiers.base import Tier, TierClosedError, TierStats
+from kvtier.tiers.base import Tier, TierClosedError, StoreStats
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.host import HostPool, HostTier, PoolExhausted
 
 if TYPE_CHECKING:
     from kvtier.tiers.remote import RemoteTier
 
-__all__ = ["DiskTier", "HostPool", "HostTier", "PoolExhausted", "RemoteTier", "Tier", "TierClosedError", "TierStats",
+__all__ = ["DiskTier", "HostPool", "HostTier", "PoolExhausted", "RemoteTier", "Tier", "TierClosedError", "StoreStats",
            "open_remote_tier", "remote_tier_class"]
 
 REDIS_EXTRA = "pip install 'kvtier[redis]'"

@@ -46,7 +46,7 @@ class TierClosedError(RuntimeError):
 
 
 @dataclass
-class TierStats:
+class StoreStats:
     """Counters of one tier; ``Tier.stats()`` returns a snapshot copy."""
 
     puts: int = 0               # chunks stored
@@ -161,7 +161,7 @@ class Tier(abc.ABC):
 
     def __init__(self, namespace: Namespace) -> None:
         self.namespace = namespace
-        self._stats = TierStats()
+        self._stats = StoreStats()
         self._stats_lock = threading.Lock()
         self._closed = False
         self.choose_victims: ChooseVictims | None = None
@@ -210,7 +210,7 @@ class Tier(abc.ABC):
         """``get`` for asyncio callers: awaits the I/O threads without blocking the event loop."""
         return await asyncio.wrap_future(self.get_async(keys, buffers))
 
-    def stats(self) -> TierStats:
+    def stats(self) -> StoreStats:
         with self._stats_lock:
             return dataclasses.replace(self._stats)
 

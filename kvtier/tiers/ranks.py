@@ -13,7 +13,7 @@ from concurrent.futures import Future
 
 import torch
 
-from kvtier.tiers.base import Buffer, Tier, TierStats, gather, then
+from kvtier.tiers.base import Buffer, Tier, StoreStats, gather, then
 
 
 class RankedTier(Tier):
@@ -80,9 +80,9 @@ class RankedTier(Tier):
         """Chunks every rank has room for (ranks of a disk tier)."""
         return min(tier.capacity_chunks for tier in self.ranks)
 
-    def stats(self) -> TierStats:
+    def stats(self) -> StoreStats:
         """The ranks' counters summed."""
-        total = TierStats()
+        total = StoreStats()
         for tier in self.ranks:
             for name, value in tier.stats().as_dict().items():
                 setattr(total, name, getattr(total, name) + value)

@@ -13,7 +13,8 @@ import sglang_harness
 from vllm_harness import VllmSchedulerHarness
 
 from kvtier.config import ConfigError, KvtierConfig
-from kvtier.integrations import sglang, vllm
+from kvtier.integrations import sglang
+from kvtier.integrations.vllm import spec as vllm
 from kvtier.manager import ONLINE_POLICIES
 
 VLLM = {"spec_name": "KvtierOffloadingSpec", "spec_module_path": "kvtier.integrations.vllm"}

@@ -23,7 +23,8 @@ WITHOUT_REDIS = textwrap.dedent("""
     sys.meta_path.insert(0, NoRedis())
     import sglang_harness  # SGLang's import needs its torchvision stand-in here
     import kvtier.engine
-    from kvtier.integrations import common, sglang, vllm
+    from kvtier.integrations import common, sglang
+    from kvtier.integrations.vllm import spec as vllm
 
     for engine_keys in (vllm.VLLM_KEYS, sglang.SGLANG_KEYS):
         common.kvtier_config({"host_capacity_bytes": "1MiB", "disk_path": "/tmp/g3"}, engine_keys, "t")

@@ -21,7 +21,8 @@ from vllm.v1.request import RequestStatus
 from vllm_harness import VllmSchedulerHarness
 
 from kvtier.cascade import G3, SPARE_SLOTS
-from kvtier.integrations.vllm import KvtierOffloadingSpec, KvtierOffloadingWorker
+from kvtier.integrations.vllm.spec import KvtierOffloadingSpec
+from kvtier.integrations.vllm.worker import KvtierOffloadingWorker
 from kvtier.layout import vllm_layout
 
 BLOCK = 16
@@ -835,7 +836,7 @@ def test_a_store_still_short_of_slots_after_the_wait_is_refused_and_counted_busy
     so short), and the refusal shows in vllm:kvtier_refused_store_chunks{reason="busy"}."""
     from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
 
-    from kvtier.integrations.vllm import REFUSED_STORES
+    from kvtier.integrations.vllm.scheduler import REFUSED_STORES
 
     h = harness(tiered(**disk(tmp_path), lower_tier_deadline_ms=50))
     g3, gate, counted = h.manager.tiers[G3], threading.Event(), Counter()

@@ -1,16 +1,4 @@
-"""kvtier as a vLLM ``OffloadingSpec`` (0.33, and 0.32 with its CPU build), loaded by vLLM's own
-``OffloadingConnector``, with G2, G3 and G4.
-
-``--kv-transfer-config '{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":
-{"spec_name":"KvtierOffloadingSpec","spec_module_path":"kvtier.integrations.vllm","host_capacity_bytes":"8GiB",
-"disk_path":"/mnt/nvme/kvtier","disk_capacity_bytes":"500GiB","remote_url":"redis://cache:6379/0"}}'``
-
-G2 is shared memory: one part per worker rank (``/dev/shm/kvtier-<engine id>-rank<r>``), mapped by the
-scheduler process and by that rank's worker, whichever comes first creating it; the second to map it unlinks
-the name, so nothing is left behind however the processes end. Workers pin their part (``cudaHostRegister``)
-when CUDA exists.
-
-Scheduler process: ``KvtierOffloadingManager`` answers vLLM's lookups and plans stores with kvtier's block
+"""Scheduler process: ``KvtierOffloadingManager`` answers vLLM's lookups and plans stores with kvtier's block
 ``Manager`` (eviction policy, agent-hint retention: pins, priorities, ephemeral chunks, the G3/G4 admission
 filter) over the full tier cascade. It owns the slots (a chunk has the same slot in every rank's part) and
 moves bytes below G2 itself, with the engine's own ``Cascade``: evictions are demoted G2 -> G3 -> G4 by a
@@ -26,19 +14,10 @@ promoted, is held until the request's load (or store, or end) is planned, so a l
 request cannot evict it (to promote it again). ``reset_cache`` forgets every tier; the chunks of jobs in flight
 stay fenced (``MISS``) until vLLM reports them flushed, and reads in flight from before the reset are never
 served.
-Worker processes: ``KvtierOffloadingWorker`` moves chunks between vLLM's canonical KV tensors and its rank's
-part of G2 with kvtier's transfer kernels.
-
-Agent hints ride in a request's ``kv_transfer_params["agent_hints"]`` (vLLM passes them to the manager
-verbatim); bad hints are logged and ignored, never raised into the serving loop. A request whose hints say
-the session returns (``prefetch`` or ``next_call_delay_s``) has its chunks held only below G2 promoted when
-it finishes, so the next call finds them in G2. KV events go through vLLM's
-own event path: G2 chunks with medium ``CPU``, G3/G4 chunks with medium ``STORAGE``, removals included.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import threading
@@ -49,13 +28,9 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
 from vllm.v1.kv_offload.base import (
     BlockIDsLoadStoreSpec,
-    CanonicalKVCaches,
-    GPULoadStoreSpec,
     LoadStoreSpec,
     LookupResult,
     Medium,
@@ -63,37 +38,28 @@ from vllm.v1.kv_offload.base import (
     OffloadingEvent,
     OffloadingGaugeMetadata,
     OffloadingManager,
-    OffloadingSpec,
-    OffloadingWorker,
     OffloadKey,
     PrepareStoreOutput,
     ReqContext,
     RequestOffloadingContext,
-    TransferResult,
 )
-from vllm.v1.kv_offload.config import OffloadingConfig
 
-from kvtier import kernels
 from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade, spare_slots, uncount
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU
 from kvtier.hashing import Namespace
 from kvtier.hints import AgentHints, HintError, parse_hints
-from kvtier.integrations.common import engine_key, kvtier_config, name_part, open_disk_tier, per_dp_rank
-from kvtier.layout import VLLM_ORDERS, PageLayout, build_layout
+from kvtier.integrations.common import engine_key
+from kvtier.integrations.vllm.ranks import lower_tiers, rank_namespace
 from kvtier.manager import ManagerError
 from kvtier.metrics import EngineMetrics
-from kvtier.tiers import open_remote_tier
-from kvtier.tiers.base import Tier
-from kvtier.tiers.host import HostPool, HostTier, round_up
-from kvtier.tiers.ranks import RankedTier
+from kvtier.tiers.host import HostPool, HostTier
 from kvtier.tiers.shared_region import SharedRegion
+
 
 log = logging.getLogger(__name__)
 
-VLLM_KEYS = frozenset({"spec_name", "spec_module_path", "blocks_per_chunk", "block_size", "canonical_layout",
-                       "sync_load_budget_bytes", "self_describing_kv_events", "offload_prompt_only",
-                       "enable_telemetry"})
+
 HINTS_FIELD = "agent_hints"
 PROBE_WAIT_S = 0.002  # how long a lookup waits in-line for Redis to say whether it holds an unknown chunk
 _PROBING = object()   # _find_below: Redis has not answered yet
@@ -144,25 +110,8 @@ class KvtierChunksSpec(BlockIDsLoadStoreSpec):
     """Where chunks live in G2: ``block_ids`` are host-pool slot numbers, one per chunk."""
 
 
-def vllm_namespace(config: OffloadingConfig, model_name: str = "", salt: str = "") -> Namespace:
-    """What must match for two vLLM instances to share chunks: model, dtype, layout, chunking, parallelism, and
-    the deployment's ``cache_salt``. Tenants within one deployment are kept apart by vLLM itself (a request's
-    ``cache_salt`` is hashed into its block hashes)."""
-    par = config.parallel
-    layout = (f"vllm-{config.kv_cache_layout}-c{config.cache.blocks_per_chunk}x{config.groups[0].tokens_per_block}"
-              f"-pp{par.pp_size}-pcp{par.pcp_size}-dcp{par.dcp_size}")
-    return Namespace(model=name_part(model_name or config.model.name), dtype=name_part(config.model.dtype),
-                     layout=layout, tp_rank=0, tp_size=par.world_size, salt=salt)
-
-
-def slot_bytes(config: OffloadingConfig) -> int:
-    """One chunk of one worker, as the host pool rounds it (both sides must agree on slot numbering and on
-    the size of each rank's part)."""
-    return round_up(config.worker_kv_bytes_per_block * config.cache.blocks_per_chunk)
-
-
 @dataclass
-class _RequestState:
+class _RequestHints:
     hints: AgentHints
     chunks: dict[int, int] = field(default_factory=dict)   # chunk index -> kvtier key
 
@@ -251,7 +200,7 @@ class KvtierOffloadingManager(OffloadingManager):
 
     def _keys(self, offload_keys: Iterable[OffloadKey], ctx: ReqContext | None, remember: bool = False) -> list[int]:
         """kvtier keys of vLLM's; ``remember`` keeps vLLM's key for events (for chunks about to enter a tier)."""
-        state = ctx.get_state(_RequestState) if ctx is not None else None
+        state = ctx.get_state(_RequestHints) if ctx is not None else None
         out = []
         for ok in offload_keys:
             k = self.key(ok)
@@ -271,14 +220,14 @@ class KvtierOffloadingManager(OffloadingManager):
         except HintError as exc:
             log.warning("kvtier: request %s: ignoring agent_hints: %s", req_context.req_id, exc)
             hints = AgentHints()
-        req_context.set_state(_RequestState(hints))
+        req_context.set_state(_RequestHints(hints))
         self.manager.begin_request(hints.session_id, hints=hints)
         return RequestOffloadingContext()
 
     @_locked
     def on_request_finished(self, req_context: ReqContext) -> None:
         """The response ended: the policy learns each session's gap after it (vLLM does not say why it ended)."""
-        state = req_context.get_state(_RequestState)
+        state = req_context.get_state(_RequestHints)
         self._unprotect(req_context.req_id)
         if state is not None:
             self.manager.end_request(state.hints.session_id)
@@ -298,7 +247,7 @@ class KvtierOffloadingManager(OffloadingManager):
                 return
 
     def _apply_hints(self, ctx: ReqContext) -> None:
-        state = ctx.get_state(_RequestState)
+        state = ctx.get_state(_RequestHints)
         if state is None or state.hints == AgentHints():
             return
         report = self.manager.apply_hints(state.ordered_keys(), state.hints, self.chunk_tokens)
@@ -467,7 +416,7 @@ class KvtierOffloadingManager(OffloadingManager):
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         ks = self._keys(keys, req_context, remember=True)
         self._unprotect(req_context.req_id)  # its loads are planned by now
-        state = req_context.get_state(_RequestState)
+        state = req_context.get_state(_RequestHints)
         g2, writing = self.cascade.held(G2), self.cascade.writing(G2)
         held = [k for k in dict.fromkeys(ks) if k in g2]
         wanted = [k for k in dict.fromkeys(ks) if k not in g2 and k not in writing]
@@ -637,189 +586,3 @@ class KvtierOffloadingManager(OffloadingManager):
         self.cascade.close()
         for region in self._regions:
             region.close()
-
-
-class KvtierOffloadingWorker(OffloadingWorker):
-    """Moves chunks between vLLM's KV blocks and this rank's part of G2 with kvtier's kernels.
-
-    A chunk's slot holds ``blocks_per_chunk`` records of ``layout.block_bytes`` back to back (a record =
-    every canonical tensor's page of that block, in tensor order). GPU copies run on a side stream and are
-    reported finished when their event completes; CPU copies are synchronous. Slot numbers come from the
-    scheduler, which owns the slots and every move below G2.
-    """
-
-    def __init__(self, layout: PageLayout, pool: HostPool, blocks_per_chunk: int, cfg: KvtierConfig,
-                 region: SharedRegion | None = None) -> None:
-        self.layout = layout
-        self.pool = pool
-        self.region = region
-        self.blocks_per_chunk = blocks_per_chunk
-        self.impl = cfg.transfer_impl
-        self.sm_budget = cfg.sm_budget
-        self._stream = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
-        self._in_flight: dict[int, tuple[Any, int, float]] = {}
-        self._done: list[TransferResult] = []
-
-    def _offsets(self, gpu: GPULoadStoreSpec, chunks: BlockIDsLoadStoreSpec) -> list[int]:
-        """Byte offsets in the pool of each GPU block; the first chunk may be entered part-way."""
-        first = int(gpu.block_indices[0]) % self.blocks_per_chunk if len(gpu.block_indices) else 0
-        n, slots = len(gpu.block_ids), chunks.block_ids
-        if len(gpu.group_sizes) > 1 or -(-(first + n) // self.blocks_per_chunk) != len(slots):
-            raise ValueError(f"{n} blocks starting at sub-block {first} do not fill {len(slots)} chunks of "
-                             f"{self.blocks_per_chunk} blocks (one KV group only)")
-        bb, sb = self.layout.block_bytes, self.pool.slot_bytes
-        return [int(slots[(first + i) // self.blocks_per_chunk]) * sb + ((first + i) % self.blocks_per_chunk) * bb
-                for i in range(n)]
-
-    def _run(self, job_id: int, gpu: GPULoadStoreSpec, chunks: LoadStoreSpec, to_host: bool) -> bool:
-        if not isinstance(chunks, BlockIDsLoadStoreSpec):
-            raise TypeError(f"kvtier worker got a {type(chunks).__name__}, expected KvtierChunksSpec")
-        offsets = self._offsets(gpu, chunks)
-        ids = np.asarray(gpu.block_ids, dtype=np.int64)
-        start = time.perf_counter()
-        move = kernels.offload if to_host else kernels.load
-        if self._stream is None:
-            move(self.layout, ids, self.pool.buffer, offsets, impl=self.impl, sm_budget=self.sm_budget)
-            self._done.append(TransferResult(job_id, True, len(ids) * self.layout.block_bytes,
-                                             time.perf_counter() - start))
-            return True
-        self._stream.wait_stream(torch.cuda.current_stream(self.layout.device))
-        with torch.cuda.stream(self._stream):
-            move(self.layout, ids, self.pool.buffer, offsets, impl=self.impl, sm_budget=self.sm_budget)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        self._in_flight[job_id] = (event, len(ids) * self.layout.block_bytes, start)
-        return True
-
-    def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec) -> bool:
-        return self._run(job_id, src_spec, dst_spec, to_host=True)
-
-    def submit_load(self, job_id: int, src_spec: LoadStoreSpec, dst_spec: GPULoadStoreSpec,
-                    expedited: bool = False) -> bool:
-        return self._run(job_id, dst_spec, src_spec, to_host=False)
-
-    def get_finished(self) -> list[TransferResult]:
-        for job_id, (event, nbytes, start) in list(self._in_flight.items()):
-            if event.query():
-                del self._in_flight[job_id]
-                self._done.append(TransferResult(job_id, True, nbytes, time.perf_counter() - start))
-        done, self._done = self._done, []
-        return done
-
-    def wait(self, job_ids: set[int]) -> None:
-        for job_id in job_ids:
-            if job_id in self._in_flight:
-                self._in_flight[job_id][0].synchronize()
-
-    def shutdown(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
-        self.pool.close()
-        if self.region is not None:
-            self.region.close()
-
-
-class KvtierOffloadingSpec(OffloadingSpec):
-    """``spec_name: KvtierOffloadingSpec``, ``spec_module_path: kvtier.integrations.vllm``.
-
-    Extra-config keys (besides vLLM's own): ``host_capacity_bytes`` (G2 per worker, e.g. ``"8GiB"``),
-    ``policy``, ``pin_budget_frac``, ``pin_lease_s``, ``transfer_impl``, ``sm_budget``, ``model_name``
-    (namespace override, for instances that load one model from different paths), the G3 keys
-    (``disk_path``, ``disk_capacity_bytes`` for all ranks together, ``disk_io_threads``, ...), the G4 keys
-    (``remote_url``, ``remote_ttl_s``, ...), ``admission_min_hits``, ``write_through`` and
-    ``lower_tier_deadline_ms`` (how long ``lookup`` may answer HIT_PENDING before a promotion is a miss).
-    """
-
-    def __init__(self, config: OffloadingConfig):
-        super().__init__(config)
-        where = "KvtierOffloadingSpec"
-        self.kvtier = kvtier_config(self.extra_config, VLLM_KEYS, where)
-        self.kvtier = per_dp_rank(self.kvtier, config.parallel.data_parallel_index)
-        if len(config.groups) != 1:
-            raise ValueError(f"{where}: {len(config.groups)} KV cache groups; kvtier handles one (no hybrid models)")
-        if config.kv_cache_layout not in VLLM_ORDERS:
-            raise ValueError(f"{where}: KV cache layout {config.kv_cache_layout!r} is not one of {VLLM_ORDERS}")
-        self.chunk_bytes = config.worker_kv_bytes_per_block * config.cache.blocks_per_chunk
-        self.slot_bytes = slot_bytes(config)
-        self.num_slots = self.kvtier.host_capacity_bytes // self.slot_bytes
-        if self.num_slots <= 0:
-            raise ValueError(f"{where}: host_capacity_bytes={self.kvtier.host_capacity_bytes} holds no chunk of "
-                             f"{self.slot_bytes} B; give at least one chunk")
-        self.world_size = config.parallel.world_size
-        self.namespace = vllm_namespace(config, self.kvtier.model_name if "model_name" in self.extra_config else "",
-                                        self.kvtier.cache_salt)
-        self._manager: KvtierOffloadingManager | None = None
-
-    @classmethod
-    def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, Any]:
-        return dict(METRIC_DEFINITIONS)
-
-    @classmethod
-    def config_info_keys(cls, extra_config: dict[str, Any]) -> tuple[str, ...]:
-        return ("kvtier_host_chunks", "kvtier_policy", "kvtier_namespace", "kvtier_tiers")
-
-    def _region(self, rank: int) -> SharedRegion:
-        """Rank ``rank``'s part of G2: the scheduler maps every part, a worker its own."""
-        name = f"kvtier-{name_part(self.config.engine_id)}-rank{rank}"
-        return SharedRegion(name, self.num_slots * self.slot_bytes)
-
-    def get_manager(self) -> OffloadingManager:
-        if self._manager is None:
-            regions: list[SharedRegion] = []
-            try:
-                regions = [self._region(r) for r in range(self.world_size)]
-                chunk_tokens = self.config.groups[0].tokens_per_block * self.blocks_per_chunk
-                self._manager = KvtierOffloadingManager(
-                    self.namespace, regions, self.slot_bytes, self.num_slots, self.chunk_bytes, chunk_tokens,
-                    self.kvtier, self.kv_events_config.enable_kv_cache_events)
-            except BaseException:
-                for region in regions:
-                    region.close()
-                raise
-        return self._manager
-
-    def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
-        layout = canonical_layout(kv_caches, self.config.kv_cache_layout)
-        if layout.block_bytes * self.blocks_per_chunk > self.slot_bytes:
-            raise ValueError(f"KvtierOffloadingSpec: a chunk of this worker is {layout.block_bytes} B x "
-                             f"{self.blocks_per_chunk} blocks, more than the planned slot of {self.slot_bytes} B")
-        region = self._region(self.config.parallel.rank)
-        try:
-            pool = HostPool(self.num_slots * self.slot_bytes, self.slot_bytes, buffer=region.buffer)
-        except BaseException:
-            region.close()
-            raise
-        return KvtierOffloadingWorker(layout, pool, self.blocks_per_chunk, self.kvtier, region)
-
-
-def rank_namespace(namespace: Namespace, rank: int, world_size: int) -> Namespace:
-    """Where rank ``rank`` stores its bytes of every chunk below G2."""
-    return dataclasses.replace(namespace, tp_rank=rank, tp_size=world_size)
-
-
-def lower_tiers(cfg: KvtierConfig, namespace: Namespace, world_size: int, parts: Sequence[torch.Tensor],
-                chunk_bytes: int) -> dict[int, Tier]:
-    """G3 and G4 as configured, each a ``RankedTier`` over one tier per rank (its own namespace)."""
-    per_rank = dataclasses.replace(cfg, disk_capacity_bytes=cfg.disk_capacity_bytes // world_size)
-    makers = {G3: lambda ns: open_disk_tier(per_rank, ns, chunk_bytes, "KvtierOffloadingSpec"),
-              G4: lambda ns: open_remote_tier(cfg, ns)}
-    wanted = [g for g, on in ((G3, cfg.disk_path), (G4, cfg.remote_url)) if on]
-    built: dict[int, list[Tier]] = {}
-    try:
-        for g in wanted:
-            built[g] = []
-            for r in range(world_size):
-                built[g].append(makers[g](rank_namespace(namespace, r, world_size)))
-    except BaseException:
-        for tier in (t for ts in built.values() for t in ts):
-            tier.close()
-        raise
-    return {g: RankedTier(ts, parts) for g, ts in built.items()}
-
-
-def canonical_layout(kv_caches: CanonicalKVCaches, order: str) -> PageLayout:
-    """vLLM's canonical block tensors as kvtier page descriptors: with LBHNC (what the connector asks for)
-    one segment per layer and block, exactly ``vllm_layout`` of the ``[L, B, H, N, C]`` allocation."""
-    if len(kv_caches.group_data_refs) != 1:
-        raise ValueError(f"kvtier handles one KV cache group, got {len(kv_caches.group_data_refs)}")
-    return build_layout(f"vllm-{order}", [[t.tensor[:, :t.page_size_bytes]] for t in kv_caches.tensors])
