@@ -100,12 +100,25 @@ class Cascade:
         self.manager = Manager(specs, config.policy, write_through=config.write_through,
                                pin_budget_frac=config.pin_budget_frac, pin_lease_s=config.pin_lease_s,
                                block_bytes=unit, listener=self)
-        for g, tier in self.tiers.items():
-            tier.on_evicted = lambda keys, g=g: self._tier_dropped(g, keys)
         # (key, G-number) of demotions the manager already lists below whose bytes are not written yet
         self._landing: Counter[tuple[int, int]] = Counter()
         self._landed = threading.Condition(self.lock)  # notified when a demotion's write ended (its slot is free)
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
+        self._adopt_what_lower_tiers_hold()
+
+    def _adopt_what_lower_tiers_hold(self) -> None:
+        """The manager's record starts with what the local tiers below already hold (a disk's index rebuilt
+        after a restart): tiers never evict on their own, so chunks the manager does not know would fill them for
+        good. What does not fit the manager's capacity is deleted."""
+        for g, tier in self.tiers.items():
+            held_keys = getattr(tier, "held_keys", None)
+            if g == G2 or held_keys is None:
+                continue
+            keys = held_keys()
+            kept = set(self.manager.adopt(keys, self.index[g]))
+            extra = [k for k in keys if k not in kept]
+            if extra:
+                tier.delete(extra)
 
     # --- the manager's view, by G-number -----------------------------------------------------------------------
     def where(self, key: int) -> int | None:
@@ -228,13 +241,6 @@ class Cascade:
     def is_landing(self, key: int, g: int) -> bool:
         """Under the lock: the manager lists ``key`` in ``g`` but its demotion has not been written yet."""
         return (key, g) in self._landing
-
-    def _tier_dropped(self, g: int, keys: list[int]) -> None:
-        """A tier evicted or dropped keys on its own (damage found, its own capacity): tell the manager."""
-        with self.lock:
-            held = [k for k in keys if k in self.manager.tiers[self.index[g]].sizes]
-            if held and not self.closed:
-                self.manager.discard(held, self.index[g])
 
     def guarded(self, g: int, op: str, call: Callable[[], T], default: T) -> T:
         """``call`` against tier ``g``: an exception is logged, counted as an error of ``op`` and ``default``."""

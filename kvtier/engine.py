@@ -311,7 +311,6 @@ class KvtierEngine:
         """Bring chunks held only in G3/G4 up into G2 in the background; resolves to how many came up."""
         return self.cascade.submit(self._prefetch, list(keys))
 
-    # --- manager listener: demotions and evictions ---------------------------------------------------------------
     # --- views, stats, lifecycle ----------------------------------------------------------------------------------
     def resident_blocks(self) -> dict[str, set[int]]:
         """The block hashes the engine holds per event medium: what a subscriber of its events must rebuild."""

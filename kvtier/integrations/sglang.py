@@ -369,16 +369,16 @@ class KvtierHiCacheStorage(HiCacheStorage):
         return ok
 
     def _find_below(self, key: int) -> int | None:
-        """A page this process never placed may still be below: on the disk an earlier process wrote (its index
-        is rebuilt at start), or in Redis, written by another rank or machine. Found, it is recorded in the
-        manager without a write; the tier's G-number, or None."""
+        """A page this process never placed may still be in Redis, written by another rank or machine (what an
+        earlier process left on disk the cascade adopted at start). Found, it is recorded in the manager without
+        a write; the tier's G-number, or None."""
         cascade = self.cascade
-        for g in (G3, G4):
-            tier = cascade.tiers.get(g)
-            if tier is not None and cascade.guarded(g, "contains", lambda t=tier: t.contains([key])[0], False):
-                with self.lock:
-                    if cascade.where(key) is not None or cascade.manager.adopt([key], cascade.index[g]):
-                        return cascade.where(key)
+        remote = cascade.tiers.get(G4)
+        if remote is None or not cascade.guarded(G4, "contains", lambda: remote.contains([key])[0], False):
+            return None
+        with self.lock:
+            if cascade.where(key) is not None or cascade.manager.adopt([key], cascade.index[G4]):
+                return cascade.where(key)
         return None
 
     def flush(self, timeout_s: float = 30.0) -> None:

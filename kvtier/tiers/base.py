@@ -15,8 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,12 +28,6 @@ from kvtier.hashing import Namespace
 Buffer = torch.Tensor | memoryview | bytearray | bytes | np.ndarray
 """A chunk payload: a 1-D uint8 CPU tensor (e.g. a host-pool slot view), or any C-contiguous buffer."""
 
-ChooseVictims = Callable[[int], Iterable[int]]
-"""Manager hook: given the bytes a tier must free, return the keys it should drop (best first).
-Runs under the tier's lock, so it must not call back into the tier."""
-OnEvicted = Callable[[list[int]], None]
-"""Manager hook: told which keys a tier dropped on its own (its default LRU eviction or damage).
-May run on a tier's I/O thread: it must not wait on that tier's synchronous calls."""
 
 U64_MAX = 2**64 - 1
 T = TypeVar("T")
@@ -58,7 +51,6 @@ class StoreStats:
     misses: int = 0             # includes every failure below
     corrupt: int = 0            # header / checksum / size failures: served as a miss, entry dropped
     errors: int = 0             # I/O or connection errors turned into misses and skips
-    evictions: int = 0
     deletes: int = 0
     bounce_copies: int = 0      # payloads that had to go through an aligned bounce buffer (unaligned caller buffer)
     buffered_fallbacks: int = 0 # disk: O_DIRECT refused by the file system, buffered I/O used instead
@@ -164,8 +156,6 @@ class Tier(abc.ABC):
         self._stats = StoreStats()
         self._stats_lock = threading.Lock()
         self._closed = False
-        self.choose_victims: ChooseVictims | None = None
-        self.on_evicted: OnEvicted | None = None
 
     # --- the protocol ---------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -250,17 +240,17 @@ class Tier(abc.ABC):
         return checked, views
 
 
-class LruIndex:
-    """Key -> stored size in recency order with a byte budget: the capacity bookkeeping of G2 and G3.
+class CapacityIndex:
+    """Key -> stored size with a byte budget: what a local tier (G2, G3) holds and how full it is.
 
-    Space is reserved before a write and committed after it, so concurrent writers never overshoot.
-    Victims come from the manager's ``choose_victims`` hook when set, else least recently used first.
-    Not thread-safe on its own: the owning tier holds its lock around every call.
+    Space is reserved before a write and committed after it, so concurrent writers never overshoot. A tier
+    never chooses what to drop: the block manager does, and a write that does not fit is skipped. Not
+    thread-safe on its own: the owning tier holds its lock around every call.
     """
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        self._sizes: OrderedDict[int, int] = OrderedDict()
+        self._sizes: dict[int, int] = {}
         self._stored = 0
         self._reserved = 0
 
@@ -277,31 +267,8 @@ class LruIndex:
     def used_bytes(self) -> int:
         return self._stored + self._reserved
 
-    def size_of(self, key: int) -> int | None:
-        return self._sizes.get(key)
-
-    def touch(self, key: int) -> None:
-        if key in self._sizes:
-            self._sizes.move_to_end(key)
-
-    def victims_for(self, nbytes: int, choose: ChooseVictims | None) -> list[int] | None:
-        """Keys to drop so that ``nbytes`` more fit, or None when they cannot fit at all."""
-        if nbytes > self.capacity_bytes:
-            return None
-        need = self.used_bytes + nbytes - self.capacity_bytes
-        if need <= 0:
-            return []
-        candidates = choose(need) if choose is not None else iter(self._sizes)
-        victims, freed = [], 0
-        for key in candidates:
-            size = self._sizes.get(key)
-            if size is None or key in victims:
-                continue
-            victims.append(key)
-            freed += size
-            if freed >= need:
-                return victims
-        return None
+    def fits(self, nbytes: int) -> bool:
+        return self.used_bytes + nbytes <= self.capacity_bytes
 
     def reserve(self, nbytes: int) -> None:
         self._reserved += nbytes
@@ -328,7 +295,7 @@ class LocalTier(Tier):
     """A tier whose index lives in this process (G2, G3): membership and deletes under one lock."""
 
     _lock: threading.Lock
-    _index: LruIndex
+    _index: CapacityIndex
 
     @abc.abstractmethod
     def _holds_locked(self, key: int) -> bool: ...
@@ -353,6 +320,12 @@ class LocalTier(Tier):
             self._count(deletes=sum(out))
             self._gauges_locked()
             return out
+
+    def held_keys(self) -> list[int]:
+        """Every chunk this tier holds (a disk's rebuilt index after a restart): what a manager adopts."""
+        with self._lock:
+            self._check_open()
+            return [k for k in self._index.keys() if self._holds_locked(k)]
 
     def clear(self) -> int:
         """Drop every chunk held (writes in flight still land); how many were dropped."""

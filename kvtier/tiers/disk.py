@@ -36,7 +36,7 @@ from kvtier.chunk import HEADER_BYTES, ChunkError, ChunkHeader
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
 from kvtier.tiers import fileio
-from kvtier.tiers.base import Buffer, LruIndex, LocalTier, buffer_address, check_key, gather, then
+from kvtier.tiers.base import Buffer, CapacityIndex, LocalTier, buffer_address, check_key, gather, then
 from kvtier.tiers.fileio import PAGE
 from kvtier.tiers.slabs import ExtentAllocator, SlabFiles, slab_files
 
@@ -89,7 +89,7 @@ class DiskTier(LocalTier):
         self.fsync = fsync
         self.max_pending_bytes = max_pending_bytes
         self._lock = threading.Lock()
-        self._index = LruIndex(capacity_bytes)
+        self._index = CapacityIndex(capacity_bytes)
         self._slabs: SlabFiles | None = None          # geometry: known from chunk_bytes, the disk, or the first put
         self._extents: ExtentAllocator | None = None
         self._where: dict[int, tuple[int, int]] = {}  # key -> (extent, payload bytes)
@@ -155,22 +155,18 @@ class DiskTier(LocalTier):
         checked, views = self._check_batch(keys, payloads, writable=False)
         out: list[bool] = [True] * len(checked)
         writes: list[tuple[int, int, int, memoryview]] = []  # (row, key, extent, payload)
-        evicted: list[int] = []
         with self._lock:  # one lock round trip reserves the whole batch
             for row, (key, view) in enumerate(zip(checked, views)):
                 if key in self._index or key in self._writing:
-                    self._index.touch(key)
                     continue
                 if self._slabs is None:
                     self._set_geometry_locked(extent_bytes_for(len(view)))
                 size = self._slabs.extent_bytes
                 extent = None
-                if len(view) <= size - PAGE and self._pending_bytes + size <= self.max_pending_bytes:
-                    victims = self._index.victims_for(size, self.choose_victims)
-                    for victim in victims or ():
-                        self._drop_locked(victim)
-                    evicted += victims or ()
-                    extent = None if victims is None else self._extents.alloc()  # None: victims still being read
+                # full (the manager evicts, never this tier), or every free extent still being read: skipped
+                if len(view) <= size - PAGE and self._pending_bytes + size <= self.max_pending_bytes \
+                        and self._index.fits(size):
+                    extent = self._extents.alloc()
                 if extent is None:
                     self._warn_if_too_big(len(view), size)
                     self._count(put_skipped=1)
@@ -180,9 +176,6 @@ class DiskTier(LocalTier):
                 self._writing.add(key)
                 self._pending_bytes += size
                 writes.append((row, key, extent, view))
-        if evicted:
-            self._count(evictions=len(evicted))
-            self._notify_evicted(evicted)
         groups = [writes[g::self._threads] for g in range(min(self._threads, len(writes)))]
         futures = [self._pool.submit(self._write_group, group) for group in groups]
 
@@ -298,7 +291,6 @@ class DiskTier(LocalTier):
     def _read_one(self, key: int, buf: memoryview) -> int | None:
         with self._lock:
             extent, n = self._where.get(key, (-1, 0))
-            self._index.touch(key)
             if extent < 0 or n > len(buf):
                 extent = -1
             else:
@@ -402,14 +394,9 @@ class DiskTier(LocalTier):
     def _forget(self, key: int, extent: int) -> None:
         """Drop a damaged ``key`` unless it was meanwhile dropped and stored again in another extent."""
         with self._lock:
-            dropped = self._where.get(key, (-1, 0))[0] == extent and self._drop_locked(key)
+            if self._where.get(key, (-1, 0))[0] == extent:
+                self._drop_locked(key)
             self._gauges_locked()
-        if dropped:
-            self._notify_evicted([key])
-
-    def _notify_evicted(self, keys: list[int]) -> None:
-        if self.on_evicted is not None:
-            self.on_evicted(keys)
 
     def _gauges_locked(self) -> None:
         self._set_gauges(used_bytes=self._index.used_bytes, entries=len(self._index))

@@ -20,7 +20,7 @@ import torch
 
 from kvtier.config import KvtierConfig
 from kvtier.hashing import Namespace
-from kvtier.tiers.base import Buffer, LruIndex, LocalTier, TierClosedError, check_key, completed
+from kvtier.tiers.base import Buffer, CapacityIndex, LocalTier, TierClosedError, check_key, completed
 
 PAGE = 4096
 
@@ -206,7 +206,7 @@ class HostTier(LocalTier):
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
         self._reserved: dict[int, _Entry] = {}   # slots being written in place (see ``reserve``)
-        self._index = LruIndex(pool.capacity_bytes)
+        self._index = CapacityIndex(pool.capacity_bytes)
         self._set_gauges(capacity_bytes=pool.capacity_bytes)
 
     @classmethod
@@ -234,7 +234,6 @@ class HostTier(LocalTier):
     def _put_one(self, key: int, payload: memoryview) -> bool:
         with self._lock:
             if key in self._entries:
-                self._index.touch(key)
                 return True
         slot_view = self.reserve(key, len(payload))
         if slot_view is None:
@@ -255,21 +254,13 @@ class HostTier(LocalTier):
             self._check_open()
             if key in self._entries or key in self._reserved:
                 return None
-            victims = self._index.victims_for(slot_bytes, self.choose_victims)
-            if victims is None:
-                self._count(put_skipped=1)
-                return None
-            for victim in victims:
-                self._drop_locked(victim)
-            slots = self.pool.try_alloc(1)  # None only when others share the pool and took the slots
+            # None when full (the manager evicts, never this tier) or when others share the pool and took the slots
+            slots = self.pool.try_alloc(1) if self._index.fits(slot_bytes) else None
             if slots is None:
-                self._count(put_skipped=1, evictions=len(victims))
+                self._count(put_skipped=1)
                 return None
             self._index.reserve(slot_bytes)
             self._reserved[key] = _Entry(slots[0], nbytes)
-            self._count(evictions=len(victims))
-        if victims and self.on_evicted is not None:
-            self.on_evicted(victims)
         return self.pool.view(slots[0])[:nbytes]
 
     def writing(self, key: int) -> bool:
@@ -335,7 +326,6 @@ class HostTier(LocalTier):
             entry = self._entries.get(key)
             if entry is not None:
                 entry.readers += 1
-                self._index.touch(key)
         if entry is None:
             yield None
             return

@@ -29,12 +29,11 @@ class RankedTier(Tier):
         self.name = tiers[0].name
         self.ranks = list(tiers)
         self.parts = list(parts)
-        for tier in self.ranks:  # a rank that lost its part lost the chunk
-            tier.on_evicted = self._rank_dropped
 
-    def _rank_dropped(self, keys: list[int]) -> None:
-        if self.on_evicted is not None:
-            self.on_evicted(keys)
+    def held_keys(self) -> list[int]:
+        """The chunks every rank holds whole (a local tier's index per rank); empty for tiers with none."""
+        per_rank = [set(getattr(tier, "held_keys", list)()) for tier in self.ranks]
+        return sorted(set.intersection(*per_rank))
 
     def _split(self, views: Sequence[Buffer]) -> list[list[torch.Tensor]]:
         """For each rank, the views at the same offsets in its part."""

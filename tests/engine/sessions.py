@@ -69,8 +69,9 @@ def make_rig(tmp: Path, *, host_chunks: int = 64, disk: bool = False, remote_url
     slot = -(-layout.block_bytes * CHUNK_BLOCKS // 4096) * 4096
     # tests of late reads set their own deadline; elsewhere a loaded CI machine must not turn hits into misses
     config.setdefault("lower_tier_deadline_ms", 5000.0)
+    config.setdefault("disk_capacity_bytes", 64 * 2**20)
     cfg = KvtierConfig(block_size=BLOCK, chunk_blocks=CHUNK_BLOCKS, host_capacity_bytes=(host_chunks + 4) * slot,
-                       disk_path=str(tmp / "disk") if disk else "", disk_capacity_bytes=64 * 2**20,
-                       remote_url=remote_url, admission_min_hits=0, **config)
+                       disk_path=str(tmp / "disk") if disk else "", remote_url=remote_url, admission_min_hits=0,
+                       **config)
     engine = KvtierEngine(cfg, layout, Namespace("tiny", "float32", layout.name), events=events)
     return Rig(model, engine, reference, recompute, rig_pool)

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from kvtier.cascade import G3
 from kvtier.engine import EngineRequest
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE, AllBlocksCleared, BlockRemoved, BlockStored, EventPublisher, \
     EventSubscriber
@@ -333,7 +334,6 @@ def test_release_tells_the_policy_why_the_response_stopped(tmp_path, monkeypatch
 
 def test_a_restore_from_g3_reads_all_its_chunks_in_one_batch(tmp_path, monkeypatch):
     """``lookup`` starts every hit chunk's read at once: one batched get, not one round trip per chunk."""
-    from kvtier.cascade import G3
 
     rig = make_rig(tmp_path, disk=True, write_through=True)
     with rig.engine:
@@ -407,3 +407,24 @@ def test_release_settles_reads_no_load_waited_for(tmp_path):
         assert len(rig.engine.held_chunks()["G2"]) == len(PROMPT) // CHUNK_TOKENS
         got, hooks = rig.call(rig.runner(), FOLLOW_UP)
         assert hooks.hit_tokens["G2"] == REUSABLE and rig.same_as_reference(FOLLOW_UP, got)
+
+
+def test_a_new_engine_adopts_the_disk_an_earlier_one_filled_and_keeps_what_fits(tmp_path):
+    """Tiers never evict on their own, so the manager's record starts with what the disk holds: chunks an earlier
+    process wrote hit at once, and those beyond the manager's capacity are deleted rather than filling it for good."""
+    first = make_rig(tmp_path, disk=True, write_through=True)
+    with first.engine:
+        first.call(first.runner(), PROMPT)
+        first.engine.drain()
+    again = make_rig(tmp_path, disk=True, write_through=True)
+    with again.engine:
+        assert again.engine.held_chunks()["G3"] == set(again.engine.chunk_keys(PROMPT))
+        got, hooks = again.call(again.runner(), FOLLOW_UP)
+        assert hooks.hit_tokens["G3"] == REUSABLE and again.same_as_reference(FOLLOW_UP, got)
+        disk = again.engine.tiers[G3]
+        per_chunk = disk.capacity_bytes // disk.capacity_chunks
+    spare = 4  # the engine's spare host slots, which the manager also leaves free on disk
+    small = make_rig(tmp_path, disk=True, disk_capacity_bytes=(spare + 3) * per_chunk)
+    with small.engine:
+        kept = small.engine.held_chunks()["G3"]
+        assert len(kept) == 3 and set(small.engine.tiers[G3].held_keys()) == kept

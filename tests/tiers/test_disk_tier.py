@@ -303,20 +303,15 @@ def test_writes_beyond_the_pending_limit_are_skipped(tmp_path: Path, monkeypatch
         assert t.stats().put_skipped == 1
 
 
-def test_capacity_evicts_lru_or_the_managers_choice(tmp_path: Path) -> None:
+def test_a_full_disk_skips_writes_and_never_evicts_on_its_own(tmp_path: Path) -> None:
     size = extent_bytes_for(4096)
     with DiskTier(NS, tmp_path, 3 * size) as t:
-        evicted: list[int] = []
-        t.on_evicted = evicted.extend
-        for key in (1, 2, 3):  # one by one: within a batch, recency follows completion order
-            t.put([key], [bytes(4096)])
-        t.get([1], [bytearray(4096)])  # 1 is now recently used
-        assert t.put([4], [bytes(4096)]) == [True] and evicted == [2]
-        t.choose_victims = lambda need: [4]
-        assert t.put([5], [bytes(4096)]) == [True] and evicted == [2, 4]
-        assert t.contains([1, 2, 3, 4, 5]) == [True, False, True, False, True]
+        assert t.put([1, 2, 3], [bytes(4096)] * 3) == [True] * 3
+        assert t.put([4], [bytes(4096)]) == [False]  # the manager decides what leaves, not the tier
+        assert t.contains([1, 2, 3, 4]) == [True, True, True, False] and sorted(t.held_keys()) == [1, 2, 3]
+        assert t.delete([2]) == [True] and t.put([4], [bytes(4096)]) == [True]
         assert t.put([9], [bytes(4 * 4096)]) == [False]  # larger than an extent
-        assert t.stats().used_bytes == 3 * size and t.stats().evictions == 2
+        assert t.stats().used_bytes == 3 * size and t.stats().put_skipped == 2
 
 
 def test_rebuild_respects_a_smaller_capacity(tmp_path: Path) -> None:

@@ -119,24 +119,21 @@ def test_create_close_cycles_do_not_leak_memory() -> None:
     assert rss_bytes() - base < 16 << 20
 
 
-def test_host_tier_round_trip_eviction_and_hooks() -> None:
+def test_host_tier_round_trip_and_a_full_tier_skips_writes() -> None:
     pool = HostPool(3 * 8192, 8192, pin=False)
     tier = HostTier(NS, pool)
-    evicted: list[int] = []
-    tier.on_evicted = evicted.extend
     data = payloads([100, 8192, 5000, 1])
     assert tier.put([1, 2, 3], data[:3]) == [True, True, True]
     bufs = [bytearray(8192) for _ in range(3)]
     assert tier.get([1, 2, 3], bufs) == [100, 8192, 5000]
     assert all(bytes(b[:len(d)]) == d.tobytes() for b, d in zip(bufs, data))
-    assert tier.put([4], data[3:]) == [True]  # full: least recently used (1) goes
-    assert evicted == [1] and tier.contains([1, 2, 3, 4]) == [False, True, True, True]
-    tier.choose_victims = lambda need: [3]
-    assert tier.put([5], [data[0]]) == [True] and evicted == [1, 3]
+    assert tier.put([4], data[3:]) == [False]  # full: the manager decides what leaves, not the tier
+    assert tier.contains([1, 2, 3, 4]) == [True, True, True, False]
+    assert tier.delete([1]) == [True] and tier.put([5], [data[0]]) == [True]
     assert tier.get([1, 99], [bytearray(10), bytearray(10)]) == [None, None]
     assert tier.get([2], [bytearray(10)]) == [None]  # buffer too small: a miss
     s = tier.stats()
-    assert (s.puts, s.hits, s.misses, s.evictions, s.entries) == (5, 3, 3, 2, 3)
+    assert (s.puts, s.hits, s.misses, s.put_skipped, s.entries) == (4, 3, 3, 1, 3)
     with pytest.raises(ValueError, match="exceeds"):
         tier.put([6], [bytes(8193)])
     tier.close()

@@ -44,7 +44,7 @@ from vllm.v1.kv_offload.base import (
     RequestOffloadingContext,
 )
 
-from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade, spare_slots, uncount
+from kvtier.cascade import G2, G4, TIER_NAMES, Cascade, spare_slots, uncount
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU
 from kvtier.hashing import Namespace
@@ -308,13 +308,11 @@ class KvtierOffloadingManager(OffloadingManager):
         return LookupResult.HIT_PENDING
 
     def _find_below(self, key: int) -> int | object | None:
-        """A chunk this manager never placed may still be below: on the disk an earlier process wrote (its
-        index is rebuilt at start), or in Redis, written by another process or machine. Found, it is recorded
-        in the manager (no write) and answered like any chunk held there. The disk's index is in memory; Redis
-        is asked on a probe thread, waited for ``PROBE_WAIT_S`` here, then across steps (``_PROBING``: vLLM
-        asks again) until ``lower_tier_deadline_ms``, so a slow Redis never stalls the scheduler."""
-        if G3 in self.tiers and self.cascade.guarded(G3, "contains", lambda: self.tiers[G3].contains([key])[0], False):
-            return self.cascade.index[G3] if self.manager.adopt([key], self.cascade.index[G3]) else None
+        """A chunk this manager never placed may still be in Redis, written by another process or machine (what
+        an earlier process left on disk the cascade adopted at start). Found, it is recorded in the manager (no
+        write) and answered like any chunk held there. Redis is asked on a probe thread, waited for
+        ``PROBE_WAIT_S`` here, then across steps (``_PROBING``: vLLM asks again) until
+        ``lower_tier_deadline_ms``, so a slow Redis never stalls the scheduler."""
         if G4 not in self.tiers:
             return None
         probe = self._probes.get(key)
