@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
@@ -26,6 +26,7 @@ import torch
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE
 from kvtier.manager import Manager, TierSpec
+from kvtier.manager.core import StorePlan
 from kvtier.metrics import EngineMetrics
 from kvtier.tiers.base import Tier, guarded
 from kvtier.tiers.host import HostTier
@@ -95,8 +96,8 @@ class Cascade:
         if G4 in lower:
             specs.append(TierSpec("G4", UNBOUNDED, config.admission_min_hits))
         # manager tier index -> G-number (G3 may be absent while G4 is present)
-        self.gnum = [G1, G2] + sorted(g for g in self.tiers if g > G2)
-        self.index = {g: i for i, g in enumerate(self.gnum)}
+        self._gnum = [G1, G2] + sorted(g for g in self.tiers if g > G2)
+        self._index = {g: i for i, g in enumerate(self._gnum)}
         self.manager = Manager(specs, config.policy, write_through=config.write_through,
                                pin_budget_frac=config.pin_budget_frac, pin_lease_s=config.pin_lease_s,
                                block_bytes=unit, listener=self)
@@ -115,28 +116,54 @@ class Cascade:
             if g == G2 or held_keys is None:
                 continue
             keys = held_keys()
-            kept = set(self.manager.adopt(keys, self.index[g]))
+            kept = set(self.adopt(keys, g))
             extra = [k for k in keys if k not in kept]
             if extra:
                 tier.delete(extra)
 
-    # --- the manager's view, by G-number -----------------------------------------------------------------------
+    # --- the manager's view and decisions, by G-number: the one tier id its users see -------------------------
+    def prefix_hits(self, keys: Sequence[int]) -> dict[int, int]:
+        """Under the lock: the leading ``keys`` some tier holds (the prefix rule), counted per G-number, each
+        key under the deepest tier the prefix up to it needs."""
+        hits, prev, out = self.manager.lookup(keys), 0, {}
+        for i, total in enumerate(hits):
+            if self._gnum[i] != G1:
+                out[self._gnum[i]] = total - prev
+            prev = total
+        return out
+
+    def prepare_store(self, keys: Sequence[int], session: Hashable = None) -> StorePlan:
+        """Under the lock: G2 room for ``keys`` (see ``Manager.prepare_store``); then ``reserve_slot`` each."""
+        return self.manager.prepare_store(keys, self._index[G2], session=session)
+
+    def touch(self, keys: Sequence[int]) -> None:
+        """Under the lock: a use of chunks G2 serves."""
+        self.manager.touch(keys, self._index[G2])
+
+    def discard(self, keys: Iterable[int], g: int) -> None:
+        """Under the lock: forget ``keys`` in tier ``g`` and free their bytes there."""
+        self.manager.discard(keys, self._index[g])
+
+    def adopt(self, keys: Sequence[int], g: int) -> list[int]:
+        """Under the lock: record chunks tier ``g`` holds that this process never placed (no write)."""
+        return self.manager.adopt(keys, self._index[g])
+
     def where(self, key: int) -> int | None:
         """Under the lock: the G-number of the fastest tier holding ``key``, or None."""
         i = self.manager.locate(key)
-        return None if i is None else self.gnum[i]
+        return None if i is None else self._gnum[i]
 
     def held(self, g: int) -> dict[int, int]:
         """Under the lock: the chunks tier ``g`` holds (key -> bytes), the manager's record itself."""
-        return self.manager.tiers[self.index[g]].sizes
+        return self.manager.tiers[self._index[g]].sizes
 
     def writing(self, g: int) -> dict[int, int]:
         """Under the lock: the chunks reserved in tier ``g`` whose bytes are not written yet."""
-        return self.manager.tiers[self.index[g]].pending
+        return self.manager.tiers[self._index[g]].pending
 
     def stats(self, g: int) -> dict[str, float]:
         """Under the lock: tier ``g``'s counters in the manager's view, plus the ``chunks`` it holds."""
-        return {**self.manager.stats()[self.index[g]], "chunks": len(self.held(g))}
+        return {**self.manager.stats()[self._index[g]], "chunks": len(self.held(g))}
 
     def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
         """Run ``fn`` on the mover, after every demotion queued so far."""
@@ -149,7 +176,7 @@ class Cascade:
     # --- manager listener: demotions and evictions ---------------------------------------------------------------
     def on_demote(self, src: int, dst: int, keys: list[int]) -> None:
         """Called under the lock, before ``src`` frees the keys: queue the copies for the mover."""
-        g_src, g_dst = self.gnum[src], self.gnum[dst]
+        g_src, g_dst = self._gnum[src], self._gnum[dst]
         self.metrics.demotions.labels(TIER_NAMES[g_src], TIER_NAMES[g_dst]).inc(len(keys))
         newly_stored = [k for k in keys if not self._in_storage(k, exclude=dst)]
         self.events.stored(newly_stored, MEDIUM_STORAGE)
@@ -163,7 +190,7 @@ class Cascade:
 
     def on_evict(self, tier: int, keys: list[int]) -> None:
         """Called under the lock after the manager forgot ``keys`` in ``tier``: free the bytes."""
-        g = self.gnum[tier]
+        g = self._gnum[tier]
         if g == G1:
             return
         self.metrics.evictions.labels(TIER_NAMES[g]).inc(len(keys))
@@ -220,7 +247,7 @@ class Cascade:
     def complete_store(self, key: int, ok: bool) -> None:
         """A G2 store or promotion the manager planned ended: record the chunk in G2 (``ok``) or drop it."""
         with self.lock:
-            self.manager.complete_store([key], self.index[G2], ok=ok)
+            self.manager.complete_store([key], self._index[G2], ok=ok)
             if ok:
                 self.events.stored([key], MEDIUM_CPU)
             else:
@@ -232,7 +259,7 @@ class Cascade:
         read that missed a chunk still being written there proves nothing: that one stays."""
         with self.lock:
             if not self.closed:
-                self.manager.discard([k for k in keys if (k, g) not in self._landing], self.index[g])
+                self.discard([k for k in keys if (k, g) not in self._landing], g)
 
     def demotions_in_flight(self) -> int:
         """Under the lock: demotions the manager lists below whose bytes are not written yet."""
@@ -247,11 +274,11 @@ class Cascade:
         return guarded(f"{TIER_NAMES[g]} {op}", call, default, self.metrics.errors.labels(TIER_NAMES[g], op).inc)
 
     def _in_storage(self, key: int, exclude: int | None = None) -> bool:
-        return any(key in self.manager.tiers[i].sizes for g, i in self.index.items() if g > G2 and i != exclude)
+        return any(key in self.manager.tiers[i].sizes for g, i in self._index.items() if g > G2 and i != exclude)
 
     def set_gauges(self) -> None:
         """Each tier's resident bytes, from the manager's record."""
-        for g, i in self.index.items():
+        for g, i in self._index.items():
             if g > G1:
                 self.metrics.resident_bytes.labels(TIER_NAMES[g]).set(self.manager.tiers[i].used)
 
@@ -259,7 +286,7 @@ class Cascade:
     def reserve_promotion(self, key: int) -> torch.Tensor | None:
         """Under the lock: a G2 reservation and slot for a chunk held below, or None when G2 has no room.
         The caller reads the chunk into the slot, then calls ``settle_promotion``."""
-        promoted = key in self.manager.prepare_store([key], self.index[G2]).store
+        promoted = key in self.manager.prepare_store([key], self._index[G2]).store
         slot = self.reserve_slot(key) if promoted else None
         if slot is None and promoted:
             self.complete_store(key, ok=False)

@@ -30,7 +30,7 @@ from functools import partial
 import torch
 
 from kvtier import kernels
-from kvtier.cascade import G1, G2, G3, G4, TIER_NAMES, Cascade
+from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE, EventPublisher
 from kvtier.hashing import Namespace, block_hashes
@@ -210,18 +210,15 @@ class KvtierEngine:
         with self._lock:
             state = self._state(request_id)
             keys = state.chunk_keys if max_chunks is None else state.chunk_keys[:max_chunks]
-            hits = self.manager.lookup(keys)  # cumulative, per manager tier
-            held = hits[-1]
+            hits = self.cascade.prefix_hits(keys)
+            held = sum(hits.values())
             fresh = [k for k in keys[:held] if k not in state.acquired]
             self.manager.acquire(fresh)
             state.acquired += fresh
-            out, prev = {}, 0
-            for i, total in enumerate(hits):
-                g = self.cascade.gnum[i]
-                if g > G1:
-                    out[TIER_NAMES[g]] = (total - prev) * self.chunk_tokens
-                    self.metrics.lookups.labels(TIER_NAMES[g], "hit").inc(total - prev)
-                prev = total
+            out = {}
+            for g, count in hits.items():
+                out[TIER_NAMES[g]] = count * self.chunk_tokens
+                self.metrics.lookups.labels(TIER_NAMES[g], "hit").inc(count)
             self.metrics.lookups.labels("none", "miss").inc(len(keys) - held)
             unread = [k for k in keys[:held] if k not in state.promotions]
         reads = self._start_promotions(unread)
@@ -237,10 +234,10 @@ class KvtierEngine:
             state = self._state(request_id)
             key = self._chunk_key(state, chunk_index)
             read = state.promotions.pop(key, None)
-            where = self.manager.locate(key)
+            where = self.cascade.where(key)
             if read is None and where is None:
                 return False
-            tier = self.cascade.gnum[where] if read is None else read.tier
+            tier = where if read is None else read.tier
         ok = self._load_from_host(key, block_ids, state) if tier == G2 else \
             self._load_from_below(key, tier, read, block_ids, state)
         if ok:
@@ -255,7 +252,7 @@ class KvtierEngine:
             state = self._state(request_id)
             key = self._chunk_key(state, chunk_index)
             self._chunks.remember(key, state, chunk_index, self.chunk_blocks)
-            plan = self.manager.prepare_store([key], self.cascade.index[G2], session=state.request.session)
+            plan = self.cascade.prepare_store([key], session=state.request.session)
             if key not in plan.store:
                 self._chunks.forgotten([key])  # kept only while some tier holds the chunk
                 return False
@@ -302,7 +299,7 @@ class KvtierEngine:
             self.manager.end_request(state.request.session, stop_reason=stop_reason)
             self._apply_retention(state)
             self.cascade.set_gauges()
-            below = [k for k in state.chunk_keys if (w := self.manager.locate(k)) is not None and self.cascade.gnum[w] > G2]
+            below = [k for k in state.chunk_keys if (w := self.cascade.where(k)) is not None and w > G2]
         if below and (state.request.hints.prefetch or state.request.hints.next_call_delay_s):
             self.prefetch(below)
         return dict(state.hit_tokens)
@@ -332,7 +329,7 @@ class KvtierEngine:
             raise ValueError(f"no tier {tier!r} in this engine; it has {[TIER_NAMES[g] for g in sorted(self.tiers)]}")
         with self._lock:
             keys = [k for k in self.cascade.held(g) if self.manager.entry(k).readers == 0]
-            self.manager.discard(keys, self.cascade.index[g])
+            self.cascade.discard(keys, g)
             self.cascade.set_gauges()
         return len(keys)
 
@@ -367,7 +364,7 @@ class KvtierEngine:
             return False
         self._scatter(slot, block_ids, state, lambda: hold.__exit__(None, None, None))
         with self._lock:
-            self.manager.touch([key], self.cascade.index[G2])
+            self.cascade.touch([key])
         return True
 
     def _load_from_below(self, key: int, tier: int, read: _Read | None, block_ids: Sequence[int],
@@ -400,9 +397,9 @@ class KvtierEngine:
         batches: dict[int, dict[int, torch.Tensor]] = {}
         with self._lock:
             for key in keys:
-                where = self.manager.locate(key)
-                if where is not None and self.cascade.gnum[where] > G2 and (slot := self.cascade.reserve_promotion(key)) is not None:
-                    batches.setdefault(self.cascade.gnum[where], {})[key] = slot
+                where = self.cascade.where(key)
+                if where is not None and where > G2 and (slot := self.cascade.reserve_promotion(key)) is not None:
+                    batches.setdefault(where, {})[key] = slot
         reads: dict[int, _Read] = {}
         for tier, slots in batches.items():
             reads.update(self._read(tier, list(slots), list(slots.values())))

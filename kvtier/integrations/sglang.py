@@ -160,7 +160,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         cascade.drain()
         with self.lock:
             for g in cascade.tiers:
-                cascade.manager.discard(list(cascade.held(g)), cascade.index[g])
+                cascade.discard(list(cascade.held(g)), g)
         cascade.drain()
         for g, tier in cascade.tiers.items():
             cascade.guarded(g, "clear", tier.clear, 0)
@@ -304,7 +304,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
             with self.lock:
                 writing = cascade.writing(G2)
                 todo = [k for k in dict.fromkeys(ks) if cascade.where(k) is None and k not in writing]
-                plan = cascade.manager.prepare_store(todo, cascade.index[G2]) if todo else None
+                plan = cascade.prepare_store(todo) if todo else None
                 reserved = {k: cascade.reserve_slot(k) for k in (plan.store if plan else ())}
             for key in [k for k, slot in reserved.items() if slot is None]:
                 cascade.complete_store(key, ok=False)
@@ -343,7 +343,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
             found.append(view)
         if found:
             with self.lock:
-                cascade.manager.touch(ks[:len(found)], cascade.index[G2])
+                cascade.touch(ks[:len(found)])
         return found
 
     def _promote(self, key: int) -> bool:
@@ -377,7 +377,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         if remote is None or not cascade.guarded(G4, "contains", lambda: remote.contains([key])[0], False):
             return None
         with self.lock:
-            if cascade.where(key) is not None or cascade.manager.adopt([key], cascade.index[G4]):
+            if cascade.where(key) is not None or cascade.adopt([key], G4):
                 return cascade.where(key)
         return None
 

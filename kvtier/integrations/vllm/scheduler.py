@@ -188,7 +188,6 @@ class KvtierOffloadingManager(OffloadingManager):
                                lock=self._lock, events=self)
         # the cascade's, named here for this manager's own calls and for callers that inspect it
         self.manager, self.host, self.tiers = self.cascade.manager, self.cascade.host, self.cascade.tiers
-        self._g2 = self.cascade.index[G2]
 
     @property
     def lock(self):
@@ -238,12 +237,11 @@ class KvtierOffloadingManager(OffloadingManager):
     def _prefetch(self, keys: list[int]) -> None:
         """Start promoting the chunks held only in G3/G4, in order, while G2 has room."""
         for k in keys:
-            where = self.manager.locate(k)
-            if where is None or self.cascade.gnum[where] == G2 or k in self._promotions or \
-                    self.cascade.is_landing(k, self.cascade.gnum[where]):
+            where = self.cascade.where(k)
+            if where is None or where == G2 or k in self._promotions or self.cascade.is_landing(k, where):
                 continue
             offload_key = self._offload_key.get(k)
-            if offload_key is not None and not self._promote(offload_key, k, self.cascade.gnum[where], deadline=None):
+            if offload_key is not None and not self._promote(offload_key, k, where, deadline=None):
                 return
 
     def _apply_hints(self, ctx: ReqContext) -> None:
@@ -261,19 +259,19 @@ class KvtierOffloadingManager(OffloadingManager):
         (k,) = self._keys([key], req_context)
         if k in self._fenced_readers or k in self._fenced_stores:
             return LookupResult.MISS  # in use by a job vLLM dropped at a reset: gone once it is flushed
-        where = self.manager.locate(k)
+        where = self.cascade.where(k)
         if where is None and k not in self._promotions and k not in self.cascade.writing(G2):
             where = self._find_below(k)
             if where is _PROBING:
                 return LookupResult.HIT_PENDING
-        if where == self._g2:
+        if where == G2:
             self._protect(req_context.req_id, k)
             return LookupResult.HIT
-        if where is not None and self.cascade.is_landing(k, self.cascade.gnum[where]):  # just demoted, not written below yet
+        if where is not None and self.cascade.is_landing(k, where):  # just demoted, not written below yet
             now = time.monotonic()
             if now <= self._landing_waits.setdefault(k, now + self.config.lower_tier_deadline_ms / 1000):
                 return LookupResult.HIT_PENDING
-            self.metrics.recomputed.labels(TIER_NAMES[self.cascade.gnum[where]]).inc()
+            self.metrics.recomputed.labels(TIER_NAMES[where]).inc()
             return LookupResult.MISS  # a slow or backed-up write: recompute rather than wait on it
         self._landing_waits.pop(k, None)
         promotion = self._promotions.get(k)
@@ -298,10 +296,10 @@ class KvtierOffloadingManager(OffloadingManager):
             self._short_of_slots.add(req_context.req_id)
             return LookupResult.RETRY
         deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
-        if where is None or not self._promote(key, k, self.cascade.gnum[where], deadline):
+        if where is None or not self._promote(key, k, where, deadline):
             self.metrics.lookups.labels("none", "miss").inc()
             return LookupResult.MISS
-        self.metrics.lookups.labels(TIER_NAMES[self.cascade.gnum[where]], "hit").inc()
+        self.metrics.lookups.labels(TIER_NAMES[where], "hit").inc()
         # held for this request from now: landed before vLLM asks again, it must not make room for a chunk
         # this same request promotes next (a pass that reaches it late would promote it again: thrashing)
         self._protect(req_context.req_id, k)
@@ -334,7 +332,7 @@ class KvtierOffloadingManager(OffloadingManager):
         del self._probes[key]
         if not self.cascade.guarded(G4, "contains", lambda: future.result()[0], False):
             return None
-        return self.cascade.index[G4] if self.manager.adopt([key], self.cascade.index[G4]) else None
+        return G4 if self.cascade.adopt([key], G4) else None
 
     def _protect(self, req_id: str, key: int) -> None:
         protected = self._protected.setdefault(req_id, set())
@@ -393,7 +391,7 @@ class KvtierOffloadingManager(OffloadingManager):
         self.manager.acquire(ks)
         self._job_readers.update(ks)
         self._unprotect(req_context.req_id)
-        self.manager.touch(ks, self._g2)
+        self.cascade.touch(ks)
         for k in ks:
             source = TIER_NAMES[self._promoted_from.pop(k, G2)]
             self._stats.increase_counter(LOADED_TOKENS, self.chunk_tokens, (source,))
@@ -401,7 +399,7 @@ class KvtierOffloadingManager(OffloadingManager):
 
     @_locked
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        self.manager.touch(self._keys(keys, req_context), self._g2)
+        self.cascade.touch(self._keys(keys, req_context))
 
     @_locked
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
@@ -421,7 +419,7 @@ class KvtierOffloadingManager(OffloadingManager):
         self._evicted_now = []
         self.manager.acquire(held)  # vLLM: keys passed in must not be evicted by this call
         try:
-            plan = self.manager.prepare_store(ks, self._g2, session=state.hints.session_id if state else None)
+            plan = self.cascade.prepare_store(ks, session=state.hints.session_id if state else None)
         finally:
             self.manager.release(held)
         evicted, self._evicted_now = self._evicted_now, []
@@ -440,8 +438,8 @@ class KvtierOffloadingManager(OffloadingManager):
             for key, view in zip(plan.store, views):
                 if view is not None:
                     self.host.abort(key)
-            self.manager.complete_store(plan.store, self._g2, ok=False)
-            self.forgotten(plan.store)
+            for key in plan.store:
+                self.cascade.complete_store(key, ok=False)
             self._stats.increase_counter(REFUSED_STORES, len(plan.store), ("busy",))
             return None
         slots = [self.host.slot_offset(view) // self.host.pool.slot_bytes for view in views]
@@ -549,7 +547,7 @@ class KvtierOffloadingManager(OffloadingManager):
         for g in self.tiers:
             held = self.cascade.held(g)
             candidates = list(held) if keys is None else [k for k in keys if k in held]
-            self.manager.discard([k for k in candidates if self.manager.entry(k).readers == 0], self.cascade.index[g])
+            self.cascade.discard([k for k in candidates if self.manager.entry(k).readers == 0], g)
 
     def config_info(self) -> Sequence[dict[str, Any]]:
         return ({"kvtier_host_chunks": self.num_slots, "kvtier_policy": self.config.policy,
