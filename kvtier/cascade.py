@@ -182,9 +182,7 @@ class Cascade:
         self.events.stored(newly_stored, MEDIUM_STORAGE)
         self._landing.update((k, g_dst) for k in keys)
         if g_src == G2:  # hold the slots now: the entries are dropped right after this call
-            holds = [(k, self.host.borrow(k)) for k in keys]
-            views = [(k, cm, cm.__enter__()) for k, cm in holds]
-            self._mover.submit(self._write_down, views, g_dst)
+            self._mover.submit(self._write_down, [(k, self.host.hold(k)) for k in keys], g_dst)
         else:
             self._mover.submit(self._move_down, keys, g_src, g_dst)
 
@@ -203,16 +201,17 @@ class Cascade:
         self.events.forgotten(keys)
 
     # --- the mover ------------------------------------------------------------------------------------------------
-    def _write_down(self, held: list, g_dst: int) -> None:
+    def _write_down(self, held: list[tuple[int, tuple[torch.Tensor, Callable[[], None]] | None]], g_dst: int) -> None:
         """Mover: write G2 slots (held since ``on_demote``) into G3/G4, then let the slots go."""
-        keys = [k for k, _, view in held if view is not None]
-        lost = [k for k, _, view in held if view is None]  # not in G2 after all: nothing to write
+        keys = [k for k, hold in held if hold is not None]
+        lost = [k for k, hold in held if hold is None]  # not in G2 after all: nothing to write
         try:
-            views = [view for _, _, view in held if view is not None]
+            views = [hold[0] for _, hold in held if hold is not None]
             results = self.guarded(g_dst, "put", lambda: self.tiers[g_dst].put(keys, views), [False] * len(keys))
         finally:
-            for _, cm, _ in held:
-                cm.__exit__(None, None, None)
+            for _, hold in held:
+                if hold is not None:
+                    hold[1]()
         self._after_put(keys + lost, results + [False] * len(lost), g_dst)
 
     def _move_down(self, keys: list[int], g_src: int, g_dst: int) -> None:

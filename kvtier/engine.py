@@ -356,13 +356,12 @@ class KvtierEngine:
 
     # --- moving bytes ----------------------------------------------------------------------------------------------
     def _load_from_host(self, key: int, block_ids: Sequence[int], state: _RequestState) -> bool:
-        hold = self.host.borrow(key)
-        slot = hold.__enter__()
-        if slot is None:
-            hold.__exit__(None, None, None)
+        held = self.host.hold(key)
+        if held is None:
             self.cascade.lost([key], G2)
             return False
-        self._scatter(slot, block_ids, state, lambda: hold.__exit__(None, None, None))
+        slot, let_go = held
+        self._scatter(slot, block_ids, state, let_go)
         with self._lock:
             self.cascade.touch([key])
         return True
@@ -504,7 +503,8 @@ class KvtierEngine:
     def _settle_reads(self, reads: dict[int, _Read]) -> int:
         """Mover: promotions no load waits for land in G2 (or are given up, see ``_await_read``); how many
         came up."""
-        return sum(self._await_read(key, read, partial(self.cascade.settle_promotion, key)) for key, read in reads.items())
+        settle = self.cascade.settle_promotion
+        return sum(self._await_read(key, read, partial(settle, key)) for key, read in reads.items())
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def _apply_retention(self, state: _RequestState) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -316,26 +316,36 @@ class HostTier(LocalTier):
 
     @contextlib.contextmanager
     def borrow(self, key: int) -> Iterator[torch.Tensor | None]:
-        """Zero-copy access to a stored chunk (e.g. as the source of a disk write); None when absent.
+        """Zero-copy access to a stored chunk for the length of a ``with`` block; None when absent."""
+        held = self.hold(key)
+        if held is None:
+            yield None
+            return
+        view, let_go = held
+        try:
+            yield view
+        finally:
+            let_go()
 
-        The slot is not reused until the block exits, even if the entry is deleted meanwhile.
-        """
+    def hold(self, key: int) -> tuple[torch.Tensor, Callable[[], None]] | None:
+        """Zero-copy access to a stored chunk across threads or calls (a disk write's source, a load still on
+        the GPU's side stream): its slot view and the call that lets it go, once. The slot is not reused before
+        that, even if the entry is deleted meanwhile. None when absent."""
         key = check_key(key)
         with self._lock:
             self._check_open()
             entry = self._entries.get(key)
-            if entry is not None:
-                entry.readers += 1
-        if entry is None:
-            yield None
-            return
-        try:
-            yield self.pool.view(entry.slot)[:entry.nbytes]
-        finally:
+            if entry is None:
+                return None
+            entry.readers += 1
+
+        def let_go() -> None:
             with self._lock:
                 entry.readers -= 1
                 if entry.dropped and entry.readers == 0 and not self._closed:
                     self.pool.free([entry.slot])
+
+        return self.pool.view(entry.slot)[:entry.nbytes], let_go
 
     def _holds_locked(self, key: int) -> bool:
         return key in self._entries
