@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import torch
@@ -67,6 +68,23 @@ class ChunkEvents(Protocol):
     def forgotten(self, keys: list[int]) -> None:
         """``keys`` may have left their last tier: drop what the owner keeps per chunk if no tier holds it."""
 
+    def promoted(self, key: int, g: int, ok: bool) -> None:
+        """A promotion of ``key`` from tier ``g`` ended: the chunk is in G2 (``ok``), or was forgotten below."""
+
+
+@dataclass(eq=False)
+class Promotion:
+    """A chunk being read from G3/G4 into its reserved G2 slot. It settles itself when the read ends (the chunk
+    enters G2, or is forgotten where it was damaged or lost); a waiter only decides how long it waits."""
+
+    key: int
+    tier: int                      # the G-number it is read from
+    epoch: int                     # ``Cascade.reset`` calls before it started: a read from before one is never served
+    deadline: float | None         # ``time.monotonic()`` a waiter gives up at; None (a prefetch) until one waits
+    landed: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False               # set before ``landed``: the chunk is in G2
+    late: bool = False             # a waiter gave up on it (counted as recomputed); it still lands for later use
+
 
 class Cascade:
     """G2 and the tiers below under one manager; see the module docstring."""
@@ -105,6 +123,9 @@ class Cascade:
         self._landing: Counter[tuple[int, int]] = Counter()
         self._landed = threading.Condition(self.lock)  # notified when a demotion's write ended (its slot is free)
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
+        self._promotions: dict[int, Promotion] = {}
+        self._epoch = 0
+        self.deadline_s = config.lower_tier_deadline_ms / 1000  # how long a request waits for a lower tier
         self._adopt_what_lower_tiers_hold()
 
     def _adopt_what_lower_tiers_hold(self) -> None:
@@ -170,8 +191,12 @@ class Cascade:
         return self._mover.submit(fn, *args)
 
     def drain(self, timeout_s: float = 30.0) -> None:
-        """Wait until every queued demotion, eviction and prefetch has run."""
+        """Wait until every queued demotion, eviction and prefetch has run and every promotion has landed."""
         self._mover.submit(lambda: None).result(timeout=timeout_s)
+        with self.lock:
+            in_flight = list(self._promotions.values())
+        for promotion in in_flight:
+            promotion.landed.wait(timeout_s)
 
     # --- manager listener: demotions and evictions ---------------------------------------------------------------
     def on_demote(self, src: int, dst: int, keys: list[int]) -> None:
@@ -281,10 +306,105 @@ class Cascade:
             if g > G1:
                 self.metrics.resident_bytes.labels(TIER_NAMES[g]).set(self.manager.tiers[i].used)
 
-    # --- promotion -------------------------------------------------------------------------------------------------
-    def reserve_promotion(self, key: int) -> torch.Tensor | None:
+    # --- promotion: start, poll or wait with a deadline, reset epochs ----------------------------------------------
+    def promote(self, keys: Sequence[int], *, wait: bool = True) -> dict[int, Promotion]:
+        """Start reading the chunks among ``keys`` held only below G2 (not already coming up, not still being
+        written there) into reserved G2 slots, each tier's share in one batched read; chunks G2 has no room for
+        are left out. ``wait``: a request waits for them, so the deadline counts from now; else (a prefetch) from
+        the first waiter. Returns the promotions started."""
+        deadline = time.monotonic() + self.deadline_s if wait else None
+        started: dict[int, Promotion] = {}
+        batches: dict[int, dict[int, torch.Tensor]] = {}
+        with self.lock:
+            for key in keys:
+                g = self.where(key)
+                if g is None or g == G2 or key in self._promotions or self.is_landing(key, g):
+                    continue
+                slot = self._reserve_promotion(key)
+                if slot is not None:
+                    started[key] = self._promotions[key] = Promotion(key, g, self._epoch, deadline)
+                    batches.setdefault(g, {})[key] = slot
+        for g, slots in batches.items():
+            try:
+                futures = self.tiers[g].get_rows_async(list(slots), list(slots.values()))
+            except Exception as exc:  # noqa: BLE001 - a tier raising here fails the batch's reads (misses)
+                futures = [Future() for _ in slots]
+                for future in futures:
+                    future.set_exception(exc)
+            for key, future in zip(slots, futures):
+                future.add_done_callback(lambda f, p=started[key]: self._read_ended(p, f))
+        return started
+
+    def promotion(self, key: int) -> Promotion | None:
+        """Under the lock: the promotion of ``key`` in flight, if any."""
+        return self._promotions.get(key)
+
+    def promotions_in_flight(self) -> int:
+        with self.lock:
+            return len(self._promotions)
+
+    def current(self, promotion: Promotion) -> bool:
+        """Under the lock: started after the last ``reset`` (a read from before one is never served)."""
+        return promotion.epoch == self._epoch
+
+    def in_time(self, promotion: Promotion) -> bool:
+        """Under the lock, for a caller that polls (vLLM asks again next step): whether it is still worth waiting
+        for; the deadline starts now for a prefetch no one waited for yet."""
+        if promotion.deadline is None:
+            promotion.deadline = time.monotonic() + self.deadline_s
+        if not promotion.late and time.monotonic() > promotion.deadline:
+            self._give_up(promotion)
+        return not promotion.late
+
+    def await_promotion(self, promotion: Promotion) -> bool:
+        """Wait for a promotion until its deadline (from now for a prefetch): True when its chunk is in G2. A late
+        one is a miss for this waiter and still lands for later requests."""
+        with self.lock:
+            if promotion.deadline is None:
+                promotion.deadline = time.monotonic() + self.deadline_s
+        if promotion.landed.wait(max(0.0, promotion.deadline - time.monotonic())):
+            return promotion.ok
+        with self.lock:
+            if not promotion.late:
+                self._give_up(promotion)
+        return False
+
+    def reset(self) -> None:
+        """Under the lock: promotions in flight now are never served (their reads land and are dropped)."""
+        self._epoch += 1
+
+    def _give_up(self, promotion: Promotion) -> None:
+        promotion.late = True
+        self.metrics.recomputed.labels(TIER_NAMES[promotion.tier]).inc()
+
+    def _read_ended(self, promotion: Promotion, future: Future[int | None]) -> None:
+        """A promotion's read ended (on a tier's I/O thread): the chunk enters G2, or is forgotten where it was
+        damaged or lost; a read from before a reset is given up and its chunk forgotten wherever no reader holds
+        it."""
+        key, g = promotion.key, promotion.tier
+        ok = self.guarded(g, "get", future.result, None) == self.chunk_bytes
+        with self.lock:
+            del self._promotions[key]
+            stale = not self.current(promotion)
+            if not self.closed:
+                self._settle_promotion(key, ok and not stale)
+                if stale:
+                    if self.manager.entry(key) is not None and self.manager.entry(key).readers == 0:
+                        for tier in [t for t in self.tiers if key in self.held(t)]:
+                            self.discard([key], tier)
+                elif ok:
+                    self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[g]}").inc(self.chunk_bytes)
+                else:
+                    self.metrics.errors.labels(TIER_NAMES[g], "get").inc()
+                    self.lost([key], g)
+                if not stale:
+                    self.events.promoted(key, g, ok)
+            promotion.ok = ok and not stale and not self.closed
+        promotion.landed.set()
+
+    def _reserve_promotion(self, key: int) -> torch.Tensor | None:
         """Under the lock: a G2 reservation and slot for a chunk held below, or None when G2 has no room.
-        The caller reads the chunk into the slot, then calls ``settle_promotion``."""
+        ``promote`` reads the chunk into the slot, then ``_read_ended`` settles it."""
         promoted = key in self.manager.prepare_store([key], self._index[G2]).store
         slot = self.reserve_slot(key) if promoted else None
         if slot is None and promoted:
@@ -304,7 +424,7 @@ class Cascade:
             self._landed.wait(left)
         return slot
 
-    def settle_promotion(self, key: int, ok: bool) -> None:
+    def _settle_promotion(self, key: int, ok: bool) -> None:
         """The read into the reserved slot of ``key`` ended: publish the chunk in G2, or give the slot back."""
         (self.host.commit if ok else self.host.abort)(key)
         self.complete_store(key, ok=ok)

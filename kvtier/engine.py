@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -30,7 +29,7 @@ from functools import partial
 import torch
 
 from kvtier import kernels
-from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade
+from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade, Promotion
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE, EventPublisher
 from kvtier.hashing import Namespace, block_hashes
@@ -71,17 +70,7 @@ class _RequestState:
     layer_ready: dict[int, torch.cuda.Event] = field(default_factory=dict)   # GPU: latest load per layer
     stores_done: list[torch.cuda.Event] = field(default_factory=list)       # GPU: offloads reading G1
     after_loads: list[Callable[[], None]] = field(default_factory=list)      # slot releases once loads land
-    promotions: dict[int, _Read] = field(default_factory=dict)               # reads lookup started, not loaded
-
-
-@dataclass(frozen=True)
-class _Read:
-    """One chunk's read in a batched lower-tier ``get_rows_async``, issued at ``issued`` (``time.monotonic``),
-    which is where its deadline counts from."""
-
-    future: Future[int | None]
-    tier: int
-    issued: float
+    promotions: dict[int, Promotion] = field(default_factory=dict)          # started by lookup, not loaded yet
 
 
 @dataclass(frozen=True)
@@ -134,6 +123,9 @@ class _ChunkEvents:
         for key in keys:
             if not self.held(key):
                 self.meta.pop(key, None)
+
+    def promoted(self, key: int, g: int, ok: bool) -> None:
+        """A promoted chunk's arrival in G2 is published as ``stored``; nothing more to say."""
 
 
 class KvtierEngine:
@@ -221,9 +213,9 @@ class KvtierEngine:
                 self.metrics.lookups.labels(TIER_NAMES[g], "hit").inc(count)
             self.metrics.lookups.labels("none", "miss").inc(len(keys) - held)
             unread = [k for k in keys[:held] if k not in state.promotions]
-        reads = self._start_promotions(unread)
+        started = self.cascade.promote(unread)
         with self._lock:
-            state.promotions.update(reads)
+            state.promotions.update(started)
         return out
 
     def load(self, request_id: str, chunk_index: int, block_ids: Sequence[int]) -> bool:
@@ -292,8 +284,6 @@ class KvtierEngine:
             if state is None:
                 raise ValueError(f"unknown request {request_id!r}")
         self._settle_transfers(state)
-        if state.promotions:  # read for loads that never came: they land in G2 as a prefetch would
-            self.cascade.submit(self._settle_reads, state.promotions)
         with self._lock:
             self.manager.release(state.acquired)
             self.manager.end_request(state.request.session, stop_reason=stop_reason)
@@ -366,77 +356,40 @@ class KvtierEngine:
             self.cascade.touch([key])
         return True
 
-    def _load_from_below(self, key: int, tier: int, read: _Read | None, block_ids: Sequence[int],
+    def _load_from_below(self, key: int, tier: int, promotion: Promotion | None, block_ids: Sequence[int],
                          state: _RequestState) -> bool:
-        """Wait for the chunk's read into a G2 slot (started by ``lookup``, else now), then load it from there;
-        when G2 has no room for it, read through a spare slot without promoting."""
-        read = read or self._start_promotions([key]).get(key)
-        if read is None:
+        """Wait for the chunk's promotion into G2 (started by ``lookup``, else now) until its deadline, then
+        load it from there; when G2 has no room for it, read through a spare slot without promoting."""
+        promotion = promotion or self.cascade.promote([key]).get(key)
+        if promotion is None:
             return self._load_through_spare(key, tier, block_ids, state)
-        if not self._await_read(key, read, partial(self.cascade.settle_promotion, key)):
-            return False
-        self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[tier]}").inc(self.chunk_bytes)
-        return self._load_from_host(key, block_ids, state)
+        return self.cascade.await_promotion(promotion) and self._load_from_host(key, block_ids, state)
 
     def _load_through_spare(self, key: int, tier: int, block_ids: Sequence[int], state: _RequestState) -> bool:
+        """G2 has no room to promote the chunk: read it into a spare slot, load it from there, let the slot go
+        (a read past ``lower_tier_deadline_ms`` is a miss and lets the slot go when it ends)."""
         slots = self.host.pool.try_alloc(1)
         if slots is None:
             return False
         view = self.host.pool.view(slots[0])[:self.chunk_bytes]
-        read = self._read(tier, [key], [view])[key]
-        if not self._await_read(key, read, lambda ok: None if ok else self.host.pool.free(slots)):
-            return False
-        self._scatter(view, block_ids, state, lambda: self.host.pool.free(slots))
-        return True
-
-    def _start_promotions(self, keys: Sequence[int]) -> dict[int, _Read]:
-        """Promote the chunks among ``keys`` held only below G2: reserve their G2 slots, then read each tier's
-        share with one batched ``get_rows_async`` (the tiers read a batch concurrently). Chunks G2 has no
-        room for are left out. Each read must end in ``_await_read`` with ``_settle_promotion``."""
-        batches: dict[int, dict[int, torch.Tensor]] = {}
-        with self._lock:
-            for key in keys:
-                where = self.cascade.where(key)
-                if where is not None and where > G2 and (slot := self.cascade.reserve_promotion(key)) is not None:
-                    batches.setdefault(where, {})[key] = slot
-        reads: dict[int, _Read] = {}
-        for tier, slots in batches.items():
-            reads.update(self._read(tier, list(slots), list(slots.values())))
-        return reads
-
-    def _read(self, tier: int, keys: list[int], views: list[torch.Tensor]) -> dict[int, _Read]:
-        """One batched read from a lower tier into ``views``, a future per chunk; a tier raising here fails
-        every read (misses)."""
-        issued = time.monotonic()
+        free = partial(self.host.pool.free, slots)
         try:
-            futures = self.tiers[tier].get_rows_async(keys, views)
-        except Exception as exc:  # noqa: BLE001 - the reservations must still be settled
-            futures = [Future() for _ in keys]
-            for future in futures:
-                future.set_exception(exc)
-        return {key: _Read(future, tier, issued) for key, future in zip(keys, futures)}
-
-    def _await_read(self, key: int, read: _Read, settle: Callable[[bool], None]) -> bool:
-        """Wait for chunk ``key``'s read until ``lower_tier_deadline_ms`` after it was issued. A read past the
-        deadline is a miss: ``settle(False)`` runs when the read finally completes, so the buffer is never
-        reused while being written; a damaged or missing chunk is forgotten in its tier and settled at once.
-        ``settle(True)`` only on success."""
-        left = self.config.lower_tier_deadline_ms / 1000 - (time.monotonic() - read.issued)
-        try:
-            size = read.future.result(timeout=max(left, 0.0))
+            read = self.tiers[tier].get_rows_async([key], [view])[0]
+            size = read.result(timeout=self.cascade.deadline_s)
         except FutureTimeout:
-            self.metrics.recomputed.labels(TIER_NAMES[read.tier]).inc()
-            read.future.add_done_callback(lambda _f: settle(False))
+            self.metrics.recomputed.labels(TIER_NAMES[tier]).inc()
+            read.add_done_callback(lambda _f: free())  # the slot is written until the read ends
             return False
         except Exception:  # noqa: BLE001 - tiers should not raise; if one does, it is a miss
-            log.exception("kvtier: %s get failed", TIER_NAMES[read.tier])
+            log.exception("kvtier: %s get failed", TIER_NAMES[tier])
             size = None
-        ok = size == self.chunk_bytes
-        settle(ok)
-        if not ok:
-            self.metrics.errors.labels(TIER_NAMES[read.tier], "get").inc()
-            self.cascade.lost([key], read.tier)
-        return ok
+        if size != self.chunk_bytes:
+            free()
+            self.metrics.errors.labels(TIER_NAMES[tier], "get").inc()
+            self.cascade.lost([key], tier)
+            return False
+        self._scatter(view, block_ids, state, free)
+        return True
 
     def _scatter(self, slot: torch.Tensor, block_ids: Sequence[int], state: _RequestState,
                  release_slot: Callable[[], None]) -> None:
@@ -498,13 +451,8 @@ class KvtierEngine:
         self.cascade.complete_store(key, ok=True)
 
     def _prefetch(self, keys: list[int]) -> int:
-        return self._settle_reads(self._start_promotions(keys))
-
-    def _settle_reads(self, reads: dict[int, _Read]) -> int:
-        """Mover: promotions no load waits for land in G2 (or are given up, see ``_await_read``); how many
-        came up."""
-        settle = self.cascade.settle_promotion
-        return sum(self._await_read(key, read, partial(settle, key)) for key, read in reads.items())
+        """Mover: promote the chunks held only below G2; how many came up by the deadline."""
+        return sum(self.cascade.await_promotion(p) for p in self.cascade.promote(keys, wait=False).values())
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def _apply_retention(self, state: _RequestState) -> None:

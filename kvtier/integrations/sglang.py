@@ -191,15 +191,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
         return report
 
     def _prefetch(self, ks: list[int]) -> int:
-        """Mover: promote the pages held only below G2, in order, until one does not come up; how many did."""
-        count = 0
-        for key in ks:
-            with self.lock:
-                g = self.cascade.where(key)
-            if g is None or (g != G2 and not self._promote(key)):
-                break
-            count += g != G2
-        return count
+        """Mover: promote the pages held only below G2; how many came up by the deadline."""
+        return sum(self.cascade.await_promotion(p) for p in self.cascade.promote(ks, wait=False).values())
 
     # --- zero-copy interface ---------------------------------------------------------------------------------
     def _pages(self, host_indices: torch.Tensor, n: int) -> torch.Tensor:
@@ -347,26 +340,18 @@ class KvtierHiCacheStorage(HiCacheStorage):
         return found
 
     def _promote(self, key: int) -> bool:
-        """Read a page held only in G3/G4 straight into a reserved host slot (one I/O, no staging copy)."""
+        """Bring a page held only in G3/G4 up into a host slot (one I/O, no staging copy), waiting for it up to
+        ``lower_tier_deadline_ms``; True when it is in G2."""
         cascade = self.cascade
         with self.lock:
             g = cascade.where(key)
-        if g is None:
+            promotion = cascade.promotion(key)
+        if g is None and promotion is None:
             g = self._find_below(key)
-        if g is None or g == G2:
-            return g == G2
-        with self.lock:
-            slot = cascade.reserve_promotion(key)
-        if slot is None:
-            return False
-        got = cascade.guarded(g, "get", lambda: cascade.tiers[g].get([key], [slot]), [None])[0]
-        ok = got == self.layout.block_bytes
-        cascade.settle_promotion(key, ok)
-        if ok:
-            self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[g]}").inc(len(slot))
-        else:
-            cascade.lost([key], g)
-        return ok
+        if g == G2:
+            return True
+        promotion = promotion or cascade.promote([key]).get(key)
+        return promotion is not None and cascade.await_promotion(promotion)
 
     def _find_below(self, key: int) -> int | None:
         """A page this process never placed may still be in Redis, written by another rank or machine (what an
@@ -417,6 +402,9 @@ class _NoEvents:
         pass
 
     def forgotten(self, keys: list[int]) -> None:
+        pass
+
+    def promoted(self, key: int, g: int, ok: bool) -> None:
         pass
 
 

@@ -178,15 +178,16 @@ def keys_of(backend, keys):
     return [backend._key(k) for k in keys]
 
 
-def test_a_page_being_promoted_counts_as_stored(backends):
+def test_a_page_being_written_into_g2_counts_as_stored(backends):
     pool = make_host_pool("mha", "page_first")
     backend = backends(pool, KVTIER)
     keys, src, _ = stored_pages(pool, 1, seed=12)
     (key,) = keys_of(backend, keys)
-    with backend.lock:  # a read on the prefetch thread has reserved the page's G2 slot
-        assert backend.cascade.reserve_promotion(key) is not None
+    with backend.lock:  # another thread (a promotion, a store) has reserved the page's G2 slot
+        assert key in backend.cascade.prepare_store([key]).store and backend.cascade.reserve_slot(key) is not None
     assert backend.batch_set_v1(keys, src) == [True] and backend.batch_exists(keys) == 1
-    backend.cascade.settle_promotion(key, ok=False)
+    backend.cascade.host.abort(key)
+    backend.cascade.complete_store(key, ok=False)
 
 
 def test_hybrid_sidecar_pools_fail_the_attach(backends):

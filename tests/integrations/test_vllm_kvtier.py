@@ -737,7 +737,8 @@ def test_random_sessions_with_preemption_aborts_and_resets_load_only_their_own_b
     m = h.manager
     with m.lock:
         m.manager.check_invariants()
-        assert not m._protected and not m._job_readers and not m._promotions and not m.cascade.demotions_in_flight()
+        assert not m._protected and not m._job_readers
+        assert not m.cascade.promotions_in_flight() and not m.cascade.demotions_in_flight()
         assert not m._fenced_readers and not m._fenced_stores
         assert not m.manager._busy
         assert not any(t.pending for t in m.manager.tiers)

@@ -123,17 +123,6 @@ class _RequestHints:
         return out
 
 
-@dataclass
-class _Promotion:
-    """A chunk being read from G3/G4 into its reserved G2 slot. A prefetch has no deadline until a lookup
-    waits for it."""
-
-    tier: int
-    deadline: float | None
-    epoch: int                 # reset_cache calls before it started: a read from before a reset is stale
-    late: bool = False
-
-
 class KvtierOffloadingManager(OffloadingManager):
     """vLLM's scheduler-side view of kvtier's tiers: G2 slots in the shared region, then G3 and G4.
 
@@ -155,7 +144,6 @@ class KvtierOffloadingManager(OffloadingManager):
         self._closed = False
         self._regions = list(regions)
         self._offload_key: dict[int, OffloadKey] = {}   # chunks some tier holds or is writing
-        self._promotions: dict[int, _Promotion] = {}
         # readers this manager holds: chunks answered HIT, per request, until its load (or store, or end) is
         # planned, so a later promotion cannot evict them; and the readers of vLLM's load jobs
         self._protected: dict[str, set[int]] = {}
@@ -163,7 +151,6 @@ class KvtierOffloadingManager(OffloadingManager):
         # jobs in flight at a reset_cache that vLLM will never complete: their chunks until on_reset_flushed
         self._fenced_readers: Counter[int] = Counter()
         self._fenced_stores: set[int] = set()
-        self._epoch = 0
         self._steps_since_reset: int | None = None  # vLLM 0.32: schedule ends since a reset not yet flushed
         self._landing_waits: dict[int, float] = {}  # deadline of lookups waiting for a demotion's write
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
@@ -238,10 +225,11 @@ class KvtierOffloadingManager(OffloadingManager):
         """Start promoting the chunks held only in G3/G4, in order, while G2 has room."""
         for k in keys:
             where = self.cascade.where(k)
-            if where is None or where == G2 or k in self._promotions or self.cascade.is_landing(k, where):
+            if where is None or where == G2 or self.cascade.promotion(k) is not None or \
+                    self.cascade.is_landing(k, where):
                 continue
             offload_key = self._offload_key.get(k)
-            if offload_key is not None and not self._promote(offload_key, k, where, deadline=None):
+            if offload_key is not None and not self._promote(offload_key, k, wait=False):
                 return
 
     def _apply_hints(self, ctx: ReqContext) -> None:
@@ -260,7 +248,7 @@ class KvtierOffloadingManager(OffloadingManager):
         if k in self._fenced_readers or k in self._fenced_stores:
             return LookupResult.MISS  # in use by a job vLLM dropped at a reset: gone once it is flushed
         where = self.cascade.where(k)
-        if where is None and k not in self._promotions and k not in self.cascade.writing(G2):
+        if where is None and self.cascade.promotion(k) is None and k not in self.cascade.writing(G2):
             where = self._find_below(k)
             if where is _PROBING:
                 return LookupResult.HIT_PENDING
@@ -274,16 +262,11 @@ class KvtierOffloadingManager(OffloadingManager):
             self.metrics.recomputed.labels(TIER_NAMES[where]).inc()
             return LookupResult.MISS  # a slow or backed-up write: recompute rather than wait on it
         self._landing_waits.pop(k, None)
-        promotion = self._promotions.get(k)
-        if promotion is not None and promotion.epoch != self._epoch:
-            return LookupResult.MISS  # read from before a reset: it is forgotten when it lands
+        promotion = self.cascade.promotion(k)
         if promotion is not None:
-            if promotion.deadline is None:  # a prefetch: the clock starts now that a request waits for it
-                promotion.deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
-            if not promotion.late and time.monotonic() > promotion.deadline:
-                promotion.late = True  # vLLM recomputes; the read still lands in G2 for later requests
-                self.metrics.recomputed.labels(TIER_NAMES[promotion.tier]).inc()
-            if promotion.late:
+            # a read from before a reset (forgotten when it lands), or a late one (vLLM recomputes; it still
+            # lands in G2 for later requests): a miss
+            if not self.cascade.current(promotion) or not self.cascade.in_time(promotion):
                 return LookupResult.MISS
             self._protect(req_context.req_id, k)
             return LookupResult.HIT_PENDING
@@ -295,8 +278,7 @@ class KvtierOffloadingManager(OffloadingManager):
             # chunk past the prefix G2 can hold takes a slot and is then evicted for the chunks before it
             self._short_of_slots.add(req_context.req_id)
             return LookupResult.RETRY
-        deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
-        if where is None or not self._promote(key, k, where, deadline):
+        if where is None or not self._promote(key, k, wait=True):
             self.metrics.lookups.labels("none", "miss").inc()
             return LookupResult.MISS
         self.metrics.lookups.labels(TIER_NAMES[where], "hit").inc()
@@ -343,41 +325,11 @@ class KvtierOffloadingManager(OffloadingManager):
     def _unprotect(self, req_id: str) -> None:
         self.manager.release(self._protected.pop(req_id, ()))
 
-    def _promote(self, offload_key: OffloadKey, key: int, tier: int, deadline: float | None) -> bool:
-        """Start reading a chunk held only in ``tier`` into a reserved G2 slot; False when G2 has no room."""
-        slot = self.cascade.reserve_promotion(key)
-        if slot is None:
-            return False
-        self._offload_key[key] = offload_key
-        promotion = _Promotion(tier, deadline, self._epoch)
-        self._promotions[key] = promotion
-        future = self.cascade.guarded(tier, "get", lambda: self.tiers[tier].get_async([key], [slot]), None)
-        if future is None:
-            self._promoted(key, promotion, None)
-        else:
-            future.add_done_callback(lambda f: self._promoted(key, promotion, f))
-        return True
-
-    def _promoted(self, key: int, promotion: _Promotion, future) -> None:
-        """A promotion's read ended (on a tier's I/O thread): publish the chunk in G2, or forget it below."""
-        size = self.cascade.guarded(promotion.tier, "get", lambda: future.result()[0], None) if future else None
-        ok = size == self.chunk_bytes
-        with self._lock:
-            del self._promotions[key]
-            if self._closed:
-                return
-            if promotion.epoch != self._epoch:  # started before a reset: its bytes must not be served
-                self.cascade.settle_promotion(key, False)
-                self._discard_unused([key])
-                return
-            self.cascade.settle_promotion(key, ok)
-            self._stats.increase_counter(PROMOTED_CHUNKS, 1, (TIER_NAMES[promotion.tier], "ok" if ok else "failed"))
-            if ok:
-                self._promoted_from[key] = promotion.tier
-                self.metrics.bytes_moved.labels(f"promote_{TIER_NAMES[promotion.tier]}").inc(self.chunk_bytes)
-            else:
-                self.metrics.errors.labels(TIER_NAMES[promotion.tier], "get").inc()
-                self.cascade.lost([key], promotion.tier)
+    def _promote(self, offload_key: OffloadKey, key: int, wait: bool) -> bool:
+        """Start reading a chunk held only below into a reserved G2 slot (``wait``: a lookup waits for it, so its
+        deadline runs from now; else a prefetch's runs from the first lookup); False when G2 has no room."""
+        self._offload_key[key] = offload_key  # its events name vLLM's key
+        return key in self.cascade.promote([key], wait=wait)
 
     def _slot(self, key: int) -> int:
         with self.host.borrow(key) as view:
@@ -449,7 +401,7 @@ class KvtierOffloadingManager(OffloadingManager):
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
         pending = self.cascade.writing(G2)
         for k in self._keys(keys, req_context):
-            if k in pending and k not in self._promotions:
+            if k in pending and self.cascade.promotion(k) is None:
                 (self.host.commit if success else self.host.abort)(k)
                 self.cascade.complete_store(k, ok=success)
         if success:
@@ -474,6 +426,11 @@ class KvtierOffloadingManager(OffloadingManager):
             self._events.append(OffloadingEvent(keys=offload_keys, removed=removed,
                                                 medium=Medium.STORAGE if storage else Medium.CPU,
                                                 removal_expected=storage and not removed))
+
+    def promoted(self, key: int, g: int, ok: bool) -> None:
+        self._stats.increase_counter(PROMOTED_CHUNKS, 1, (TIER_NAMES[g], "ok" if ok else "failed"))
+        if ok:
+            self._promoted_from[key] = g
 
     def forgotten(self, keys: list[int]) -> None:
         for key in keys:
@@ -500,7 +457,7 @@ class KvtierOffloadingManager(OffloadingManager):
     # --- housekeeping -------------------------------------------------------------------------------------------
     @_locked
     def has_pending_work(self) -> bool:
-        return bool(self._promotions)
+        return self.cascade.promotions_in_flight() > 0
 
     @_locked
     def reset_cache(self) -> None:
@@ -509,12 +466,12 @@ class KvtierOffloadingManager(OffloadingManager):
         dropped with their slots once the workers reported those jobs (``on_reset_flushed``)."""
         for req_id in list(self._protected):
             self._unprotect(req_id)
-        self._epoch += 1
+        self.cascade.reset()
         self._landing_waits.clear()
         self._probes.clear()
         self._fenced_readers.update(self._job_readers)
         self._job_readers.clear()
-        self._fenced_stores |= {k for k in self.cascade.writing(G2) if k not in self._promotions}
+        self._fenced_stores |= {k for k in self.cascade.writing(G2) if self.cascade.promotion(k) is None}
         self._discard_unused()
         if not VLLM_REPORTS_RESET_FLUSHED:
             self._steps_since_reset = 0
@@ -566,9 +523,6 @@ class KvtierOffloadingManager(OffloadingManager):
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until queued demotions and deletions ran and promotions landed (tests, shutdown)."""
         self.cascade.drain(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while self._promotions and time.monotonic() < deadline:
-            time.sleep(0.001)
 
     def shutdown(self) -> None:
         """Finish queued demotions, close the tiers, unmap the shared region (vLLM calls this without the lock)."""
