@@ -57,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     pool = PagedKVPool(config, -(-longest // BLOCK), BLOCK, device)
     layout = paired_kv_layout(pool.per_layer_views())
     chunk_bytes = layout.block_bytes * chunk_blocks
-    Runner(model, pool, chunk_blocks, prefix_caching=False).generate(list(range(2 * chunk_tokens)), 1)  # warm-up
     rows = []
     lowers = ["G3"] + (["G4"] if args.redis_url else [])
     with tempfile.TemporaryDirectory(prefix="kvtier-restore-") as disk:
@@ -70,6 +69,15 @@ def run(args: argparse.Namespace) -> int:
                 write_through=True, admission_min_hits=0, lower_tier_deadline_ms=60_000)
             return KvtierEngine(engine_config, layout, Namespace(config.model_id, config.dtype, layout.name))
 
+        with engine_over("G3") as engine:  # warm-up: the model, and the transfer kernels' first store and load
+            warm = list(range(2 * chunk_tokens))
+            for phase in ("store", "load"):
+                pool.reset_prefix_cache()
+                hooks = EngineHooks(engine, EngineRequest(f"warm-{phase}", warm))
+                Runner(model, pool, chunk_blocks).generate(warm, 1, kv_hooks=hooks)
+                engine.drain()
+            engine.clear("G3")
+            engine.clear("G2")
         for n, lower in tqdm([(n, lower) for n in lengths for lower in lowers], desc="contexts", unit="ctx"):
             prompt = torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
             recompute = Runner(model, pool, chunk_blocks, prefix_caching=False).generate(prompt, 1)
