@@ -108,7 +108,7 @@ class Cascade:
         specs = [TierSpec("G1", 0), TierSpec("G2", (host.pool.num_slots - spare_host_slots) * unit)]
         if G3 in lower:
             # counted in the chunks the disk really holds (an extent is a header page plus the payload), so the
-            # manager evicts (and demotes to G4) before the disk tier would drop chunks on its own
+            # manager evicts (and demotes to G4) before the disk is full: a full disk skips the write
             specs.append(TierSpec("G3", max(1, lower[G3].capacity_chunks - spare_host_slots) * unit,
                                   config.admission_min_hits))
         if G4 in lower:
