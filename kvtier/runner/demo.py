@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
 def demo_config(model_config: ModelConfig, disk: str, config_path: str | None = None,
                 **overrides: object) -> KvtierConfig:
     """The demo's sizes, then the configuration file, ``KVTIER_*`` and ``overrides`` on top. G2 holds about
-    a third of the session so it spills to G3; with a remote tier and the demo's own G3, G3 is as small as G2
-    and written through, so G4 serves what G3 lost."""
+    a third of the session so it spills to G3; with a remote tier and the demo's own G3, G3 is a little larger
+    than G2 and written through, so G4 serves what G3 lost."""
     chunk_tokens = 16 * 16
     token_bytes = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
         torch.empty(0, dtype=model_config.torch_dtype).element_size()
@@ -134,8 +134,11 @@ def demo_config(model_config: ModelConfig, disk: str, config_path: str | None = 
                         disk_capacity_bytes=64 * chunk_tokens * token_bytes, admission_min_hits=0)
     config = KvtierConfig.load(config_path, base=base, **overrides)
     if config.remote_url and config.disk_capacity_bytes == base.disk_capacity_bytes:
-        # a G3 as small as G2 and every chunk written through to G4: what falls out of G3 comes back from G4
-        config = dataclasses.replace(config, disk_capacity_bytes=config.host_capacity_bytes, write_through=True)
+        # G3 a few chunks larger than G2 (no larger: what falls out of G3 comes back from G4), every chunk written
+        # through; as small as G2 in bytes it held fewer chunks than G2 (an extent adds a header page), so it
+        # served nothing G2 did not already hold
+        config = dataclasses.replace(config, disk_capacity_bytes=int(1.25 * config.host_capacity_bytes),
+                                     write_through=True)
     return config
 
 
