@@ -40,11 +40,11 @@ def test_lfu_keeps_frequent():
     assert held(m) == {1, 2}
 
 
-def test_lru_loses_the_head_and_lineage_the_leaf():
+def test_lru_loses_the_leaf_and_root_first_lru_the_head():
     # capacity 3; a 3-block context, then one unrelated block, then the context again
     reqs = [[1, 2, 3], [9], [1, 2, 3]]
-    assert run("lru", 3, reqs)[0] == [0, 0, 0]          # block 1 (the head) went: nothing hits
-    assert run("lineage", 3, reqs)[0] == [0, 0, 2]      # block 3 (the leaf) went: 2 prefix hits
+    assert run("lru", 3, reqs)[0] == [0, 0, 2]          # block 3 (the leaf) went: 2 prefix hits (vLLM's order)
+    assert run("lru-root", 3, reqs)[0] == [0, 0, 0]     # block 1 (the head) went: nothing hits
 
 
 def test_arc_keeps_frequently_used_over_a_scan():
@@ -108,13 +108,14 @@ def test_agent_learns_how_soon_sessions_return_after_each_stop_reason():
 
 def test_agent_keeps_resident_session_instead_of_thrashing():
     # capacity fits one context: B (predicted back later than A) must not push A out; LRU swaps them every call
+    # (root-first LRU keeps nothing; leaf-first LRU keeps one block of each)
     reqs = [[1, 2, 3], [5, 6, 7], [1, 2, 3], [5, 6, 7], [1, 2, 3]]
     sessions = ["A", "B", "A", "B", "A"]
     times = [0.0, 1.0, 10.0, 11.0, 20.0]
     agent, m = run("agent", 4, reqs, sessions, times)
     lru, _ = run("lru", 4, reqs, sessions, times)
     assert agent == [0, 0, 3, 1, 3] and {1, 2, 3} <= held(m)
-    assert lru == [0, 0, 0, 0, 0]
+    assert lru == [0, 0, 1, 1, 1] and sum(agent) > sum(lru)
 
 
 def test_unknown_policy_is_a_clear_error():

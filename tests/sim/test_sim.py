@@ -28,7 +28,7 @@ def test_prefix_rule_and_capacity_definitions():
     assert replay(trace, "lru", 10).hit_rate == pytest.approx(3 / 6)
     assert trace.infinite_cache_hit_rate() == pytest.approx(3 / 6)
     trace = make_trace([[1, 2, 3], [7, 8], [1, 2, 3]])
-    result = replay(trace, "lineage", 4)
+    result = replay(trace, "lru", 4)
     assert result.hit_blocks == 2   # leaf 3 went first (capacity 4: blocks 7, 8 displaced 2 of 1, 2, 3)
     assert capacity_from_frac(trace, 0.5) == 2   # 5 unique blocks
 
