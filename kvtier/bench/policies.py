@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.bench.common import machine_line, pyplot, shared_file, write_json
-from kvtier.manager import Manager, TierSpec
+from kvtier.manager import TierSpec
+from kvtier.sim.manager import ReplayManager
 from kvtier.manager.policies import NextUseOracle
 from kvtier.sim.cli import max_gap_arg
 from kvtier.sim.mooncake import load_mooncake
@@ -30,7 +31,7 @@ def measure_ops(policy: str, requests: int = 2000, blocks: int = 2000, sessions:
     growing context (90% hits), capacity for a third of the working set so eviction runs constantly."""
     rng = np.random.default_rng(0)
     contexts = [list(range(s * 10_000_000, s * 10_000_000 + blocks - 200)) for s in range(sessions)]
-    manager = Manager([TierSpec("G1", sessions * blocks // 3)], policy=policy)
+    manager = ReplayManager([TierSpec("G1", sessions * blocks // 3)], policy=policy)
     reqs = []
     for i in range(requests):
         s = int(rng.integers(sessions))

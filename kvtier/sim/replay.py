@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from kvtier.manager import Manager, TierSpec
+from kvtier.manager import TierSpec
+from kvtier.sim.manager import ReplayManager
 from kvtier.manager.policies import NextUseOracle
 from kvtier.sim.trace import STOP_REASONS, Trace
 
@@ -61,7 +62,7 @@ def replay(trace: Trace, policy: str, capacity_blocks: int, *, tier_multipliers:
         if len(specs) > 1:
             raise ValueError("belady is a single-tier bound")
         kwargs["oracle"] = oracle if oracle is not None else NextUseOracle(trace.keys, trace.offsets)
-    manager = Manager(specs, policy=policy, policy_kwargs=kwargs, block_bytes=block_bytes)
+    manager = ReplayManager(specs, policy=policy, policy_kwargs=kwargs, block_bytes=block_bytes)
     belady = manager.tiers[0].policy if policy == "belady" else None
     keys_all, offsets = trace.keys, trace.offsets.tolist()
     sessions, times = trace.sessions.tolist(), trace.times.tolist()

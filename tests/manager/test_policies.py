@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 
-from kvtier.manager import Manager, TierSpec
+from kvtier.manager import TierSpec
+from kvtier.sim.manager import ReplayManager
 from kvtier.manager.policies import POLICIES, NextUseOracle, make_policy
 
 
 def run(policy, capacity, requests, sessions=None, times=None, **kwargs):
-    m = Manager([TierSpec("G1", capacity)], policy=policy,
+    m = ReplayManager([TierSpec("G1", capacity)], policy=policy,
                 policy_kwargs={k: v for k, v in kwargs.items() if k in ("oracle", "bypass")})
     hits = []
     for i, keys in enumerate(requests):
@@ -81,7 +82,7 @@ def test_agent_evicts_stale_branch_then_furthest_session():
 
 def test_agent_prefers_hinted_delay():
     from kvtier.hints import AgentHints
-    m = Manager([TierSpec("G1", 4)], policy="agent")
+    m = ReplayManager([TierSpec("G1", 4)], policy="agent")
     m.access([1, 2], session="A", now=0.0, hints=AgentHints(next_call_delay_s=1.0))
     m.access([3, 4], session="B", now=0.5, hints=AgentHints(next_call_delay_s=500.0))
     m.access([9], session="C", now=0.9)
@@ -90,7 +91,7 @@ def test_agent_prefers_hinted_delay():
 
 def test_agent_learns_how_soon_sessions_return_after_each_stop_reason():
     # history: after a tool call sessions came back within 2 s, after an ended turn only after 60 s
-    m = Manager([TierSpec("G1", 4)], policy="agent")
+    m = ReplayManager([TierSpec("G1", 4)], policy="agent")
     for i, (stop, gap) in enumerate([("tool_use", 2.0), ("end_turn", 60.0)] * 3):
         sid = f"past{i}"
         m.access([100 + i], session=sid, now=0.0)
@@ -174,7 +175,7 @@ def test_every_policy_respects_capacity_and_busy(name):
     kwargs = {}
     if name == "belady":
         kwargs = dict(oracle=NextUseOracle(flat, offsets), oracle_range=list(zip(offsets[:-1], offsets[1:])))
-    m = Manager([TierSpec("G1", 6)], policy=name,
+    m = ReplayManager([TierSpec("G1", 6)], policy=name,
                 policy_kwargs={k: v for k, v in kwargs.items() if k == "oracle"})
     for i, r in enumerate(reqs):
         if name == "belady":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvtier.errors import UsageError
-from kvtier.manager import Manager
+from kvtier.sim.manager import ReplayManager
 from kvtier.sim import cli
 from kvtier.sim.mooncake import load_mooncake
 from kvtier.sim.replay import capacity_from_frac, replay
@@ -80,9 +80,10 @@ def test_mooncake_loader_honours_session_ids(tmp_path):
         load_mooncake(path)
 
 
-def weka_tar(tmp_path):
+def weka_tar(tmp_path, scope="local", duplicate=False):
     sessions = [
         {"id": "trace_0000", "models": ["m1"], "block_size": 64, "tool_tokens": 64, "system_tokens": 64,
+         "hash_id_scope": scope,
          "requests": [
              {"t": 0.0, "type": "s", "model": "m1", "in": 200, "out": 5, "hash_ids": [1, 2, 3], "api_time": 1.0,
               "stop": "tool_use"},
@@ -91,10 +92,13 @@ def weka_tar(tmp_path):
              {"t": 20.0, "type": "n", "model": "m1", "in": 260, "out": 5, "hash_ids": [1, 2, 3, 4],
               "api_time": 2.0, "stop": "end_turn", "unknown_field": 1}]},
         {"id": "trace_0001", "models": ["m1"], "block_size": 64, "tool_tokens": 0, "system_tokens": 0,
+         "hash_id_scope": scope,
          "requests": [{"t": 0.0, "type": "s", "model": "m1", "in": 64, "out": 1, "hash_ids": [1]},
                       {"t": 5.0, "type": "s", "model": "m1", "in": 128, "out": 1, "hash_ids": [1, 2]}]},
     ]
-    path = tmp_path / "w.tar.xz"
+    if duplicate:   # the proxy's repeat of the request before it
+        sessions[1]["requests"].append(dict(sessions[1]["requests"][-1], t=5.5))
+    path = tmp_path / f"w_{scope}{'_dup' if duplicate else ''}.tar.xz"
     with tarfile.open(path, "w:xz") as tar:
         for s in sessions:
             raw = json.dumps(s).encode()
@@ -126,8 +130,8 @@ def test_weka_loader_places_sessions_and_keys(tmp_path, monkeypatch):
 def test_replay_tells_the_policy_each_response_end_in_time_order(monkeypatch):
     """Ends are delivered once the clock passes them, before the next arrival, never from the future."""
     calls = []
-    monkeypatch.setattr(Manager, "end_request", lambda self, session, now, stop: calls.append((session, now, stop)))
-    monkeypatch.setattr(Manager, "access", lambda self, keys, session, now: calls.append(("arrive", now)) or [0])
+    monkeypatch.setattr(ReplayManager, "end_request", lambda self, session, now, stop: calls.append((session, now, stop)))
+    monkeypatch.setattr(ReplayManager, "access", lambda self, keys, session, now: calls.append(("arrive", now)) or [0])
     trace = Trace(name="t", source="test", block_tokens=1, keys=np.arange(3), offsets=np.arange(4),
                   times=np.array([0.0, 1.0, 5.0]), sessions=np.array([7, 8, 7]), prefix_blocks=np.zeros(3, int),
                   ends=np.array([4.0, 2.0, 9.0]), stop_reasons=np.array([1, 2, 0]))
@@ -171,3 +175,30 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys):
     args = parser.parse_args(["--format", "weka", "--trace", str(tmp_path / "missing.tar.xz")])
     with pytest.raises(UsageError, match="trace not found"):  # kvtier's main prints it as one line
         cli.run(args)
+
+
+def test_weka_global_scope_shares_blocks_across_sessions(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path / "cache"))
+    local = load_weka(weka_tar(tmp_path, "local"), slots=1, seed=0)
+    shared = load_weka(weka_tar(tmp_path, "global"), slots=1, seed=0)
+    assert local.unique_blocks() == 4 + 1 + 2
+    assert shared.unique_blocks() == 4 + 1          # m1's ids 1, 2 are the same blocks in both sessions
+    assert "global" in shared.name and "local" in local.name
+    assert "w_global" in shared.name                # the label comes from the file
+
+
+def test_weka_drops_proxy_duplicates_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path / "cache"))
+    path = weka_tar(tmp_path, duplicate=True)
+    trace = load_weka(path, slots=1, seed=0)
+    assert trace.num_requests == 5 and trace.dropped_duplicates == 1
+    kept = load_weka(path, slots=1, seed=0, keep_duplicates=True)
+    assert kept.num_requests == 6 and kept.dropped_duplicates == 0
+
+
+def test_weka_halves_are_disjoint_and_cover_the_sessions(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path / "cache"))
+    path = weka_tar(tmp_path)
+    halves = [load_weka(path, slots=1, seed=0, half=h) for h in (0, 1)]
+    assert sum(h.num_requests for h in halves) == load_weka(path, slots=1, seed=0).num_requests
+    assert {h.num_requests for h in halves} == {3, 2}
