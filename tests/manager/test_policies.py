@@ -61,6 +61,12 @@ def test_s3fifo_drops_one_hit_wonders_first():
     assert run("fifo", 10, reqs)[0][-1] == 0
 
 
+def test_lirs_keeps_part_of_a_loop_larger_than_the_cache():
+    loop = [[k] for k in range(1, 8)] * 6           # 7 blocks cycling through a cache of 5
+    assert sum(run("lru", 5, loop)[0]) == 0         # LRU evicts each block just before its reuse
+    assert sum(run("lirs", 5, loop)[0]) >= 3 * 4   # LIRS keeps its LIR blocks resident across the loop
+
+
 def test_tinylfu_rejects_rare_newcomers():
     reqs = [[1], [1], [1], [2], [2], [2], [7], [1], [2]]
     hits, m = run("tinylfu", 2, reqs)
@@ -186,7 +192,7 @@ def test_every_policy_respects_capacity_and_busy(name):
 
 
 def test_policy_batch_matches_single_calls():
-    for name in ("lru", "fifo", "lfu", "arc", "s3fifo", "agent"):
+    for name in ("lru", "fifo", "lfu", "arc", "s3fifo", "lirs", "agent"):
         a, b = make_policy(name, 8), make_policy(name, 8)
         for key in range(5):
             a.insert(key)
