@@ -12,17 +12,34 @@ from collections.abc import Hashable, Sequence
 
 from kvtier.hints import AgentHints
 from kvtier.manager import Manager
+from kvtier.manager.core import FIRST_COLD_TIER
 from kvtier.manager.policies import Key
+from kvtier.manager.tier import EPHEMERAL
+from kvtier.sim.admission import Admission
 
 
 class ReplayManager(Manager):
-    """``Manager`` plus ``access``: a whole request at once (trace replay, policy tests and benchmarks)."""
+    """``Manager`` plus ``access``: a whole request at once (trace replay, policy tests and benchmarks), and
+    an optional ``admission`` rule in front of G3 and below, to measure rules the manager does not have."""
+
+    def __init__(self, *args, admission: Admission | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.admission = admission
+
+    def _store(self, ti: int, keys: Sequence[Key], *args, **kwargs) -> Sequence[Key]:
+        if self.admission is not None and ti >= FIRST_COLD_TIER and not kwargs.get("adopted"):
+            state, lane = self.tiers[ti], self._lane
+            keys = self.admission.admit([k for k in keys if k not in state.sizes and k not in state.pending
+                                         and lane.get(k) != EPHEMERAL], state)
+        return super()._store(ti, keys, *args, **kwargs)
 
     def access(self, keys: Sequence[Key], session: Hashable = None, now: float | None = None,
                hints: AgentHints | None = None) -> list[int]:
         """Run one request synchronously: count prefix hits per tier, promote hits from lower tiers into G1,
         store the misses into G1 and touch every block. Returns ``lookup``'s per-tier prefix hits."""
         self.begin_request(session, now, hints)
+        if self.admission is not None:
+            self.admission.record(keys)
         t0 = self.tiers[0]
         members = t0.sizes
         unit = self.block_bytes

@@ -169,9 +169,24 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys):
                               "--tiers", "2,4"])
     assert cli.run(args) == 0
     data = json.loads(out.read_text())
-    assert set(data) >= {"policy", "capacity_blocks", "hit_rate", "lru_hit_rate", "belady_hit_rate", "tiers"}
-    assert set(data["tiers"]) == {"G1", "G2", "G3"}
-    assert data["lru_hit_rate"] <= data["belady_hit_rate"]
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert set(rows) == {"agent", "lru", "belady"} and "w_local" in data["trace"]
+    assert set(rows["agent"]["tiers"]) == {"G1", "G2", "G3"}
+    assert rows["lru"]["hit_rate"] <= rows["belady"]["hit_rate"]
+
+
+def test_cli_plots_the_capacities_asked_for(tmp_path, monkeypatch):
+    import argparse
+    seen = {}
+    monkeypatch.setattr("kvtier.sim.plot.plot_sweep", lambda path, fracs, curves, title: seen.update(
+        fracs=fracs, curves=curves))
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--format", "synthetic", "--regime", "shared-prefix", "--capacity-frac",
+                              "0.02,0.01", "--plot", str(tmp_path / "p.png"), "--no-progress"])
+    assert cli.run(args) == 0
+    assert len(seen["fracs"]) == 2 and seen["fracs"][0] < seen["fracs"][1]
+    assert set(seen["curves"]) == {"agent", "lru", "belady"}
     args = parser.parse_args(["--format", "weka", "--trace", str(tmp_path / "missing.tar.xz")])
     with pytest.raises(UsageError, match="trace not found"):  # kvtier's main prints it as one line
         cli.run(args)
