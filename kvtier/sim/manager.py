@@ -88,4 +88,8 @@ class ReplayManager(Manager):
         t0.policy.touch_request(touched, set(new) if new else ())
         if self.write_through and len(self.tiers) > 1 and new:
             self._store(1, [k for k in new if k not in lane], self._busy)
+        elif len(new) < len(missing) and len(self.tiers) > 1:
+            # what G1's policy declined was computed all the same: it goes to G2, as an engine would store it
+            kept = set(new)
+            self._store(1, [k for k in missing if k not in kept and k not in lane], self._busy)
         return hits
