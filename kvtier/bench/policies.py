@@ -162,9 +162,9 @@ def _choices(kind: str, known) -> Callable[[str], list[str]]:
     return parse
 
 
-regimes_arg = _choices("regime", list(REGIMES))
+regimes_arg = _choices("regime", REGIMES)
 policies_arg = _choices("policy", [p for p in POLICIES if p != BOUND])
-admission_arg = _choices("admission rule", list(ADMISSION_RULES))
+admission_arg = _choices("admission rule", ADMISSION_RULES)
 
 
 def run(args: argparse.Namespace) -> int:
