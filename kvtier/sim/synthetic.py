@@ -3,7 +3,8 @@
 What it models: one system prompt and tool-definition prefix shared by every session (and a smaller one
 shared by subagents); contexts that grow call by call (each call re-sends the previous input, the visible part
 of the previous output and a tool result); tool calls with log-normal delays and occasional long user pauses;
-reasoning output that is stored but never re-sent (an ephemeral tail); subagents that run their own short
+reasoning output that is stored but never re-sent (an ephemeral tail); when each response ends and why (a
+tool call, or the end of a turn before a user pause or the session's end: what a server sees); subagents that run their own short
 sessions while the parent waits. Sessions run back to back in ``slots`` concurrent slots. Blocks are ids:
 a block id stands for the whole prefix up to it, as a chained hash would, and ids are global (the shared
 prefix is one set of blocks across sessions, as in Weka traces with ``hash_id_scope: "global"``).
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvtier.sim.trace import Trace
+from kvtier.sim.trace import STOP_REASONS, Trace
 
 SOURCE = "kvtier synthetic agentic-coding generator"
+_TOOL_USE, _END_TURN = STOP_REASONS.index("tool_use"), STOP_REASONS.index("end_turn")
 
 
 @dataclass(frozen=True)
@@ -77,23 +79,28 @@ def generate(spec: SyntheticSpec = SyntheticSpec(), seed: int = 0, regime: str =
     system = list(range(spec.system_blocks))
     sub_system = list(range(spec.system_blocks, spec.system_blocks + spec.subagent_system_blocks))
     ids = _Ids(spec.system_blocks + spec.subagent_system_blocks)
-    requests: list[tuple[float, int, list[int], int, int]] = []  # (t, session, blocks, prefix, reasoning)
+    # (t, session, blocks, prefix, reasoning, response end, stop reason)
+    requests: list[tuple[float, int, list[int], int, int, float, int]] = []
     session_counter = [0]
 
     def run_session(t: float, prefix: list[int], calls: int) -> float:
         sid = session_counter[0]
         session_counter[0] += 1
         context = prefix + ids.take(1 + int(rng.poisson(2)))   # first user message
-        for _ in range(calls):
+        for call in range(calls):
             reasoning = spec.reasoning_blocks if rng.random() < spec.reasoning_prob else 0
             visible = ids.take(spec.output_blocks)
             thought = ids.take(reasoning)
-            requests.append((t, sid, context + visible + thought, len(prefix), reasoning))
             api_time = 1.0 + 0.02 * len(context) + 2.0 * (reasoning + spec.output_blocks)
-            t += api_time
-            if prefix is system and rng.random() < spec.subagent_prob:
+            start, t = t, t + api_time
+            subagent = prefix is system and rng.random() < spec.subagent_prob
+            pause = not subagent and rng.random() < spec.user_pause_prob
+            # the response ends in a tool call (a subagent is one) unless a person answers next
+            stop = _END_TURN if pause or call == calls - 1 else _TOOL_USE
+            requests.append((start, sid, context + visible + thought, len(prefix), reasoning, t, stop))
+            if subagent:
                 t = run_session(t, sub_system, spec.subagent_calls)
-            elif rng.random() < spec.user_pause_prob:
+            elif pause:
                 t += rng.exponential(spec.user_pause_s)
             else:
                 t += rng.lognormal(np.log(spec.tool_delay_s), spec.tool_delay_sigma)
@@ -115,4 +122,5 @@ def generate(spec: SyntheticSpec = SyntheticSpec(), seed: int = 0, regime: str =
                  offsets=offsets, times=np.asarray([r[0] for r in requests]),
                  sessions=np.asarray([r[1] for r in requests], np.int32),
                  prefix_blocks=np.asarray([r[3] for r in requests], np.int32),
-                 ephemeral_tail=np.asarray([r[4] for r in requests], np.int32))
+                 ephemeral_tail=np.asarray([r[4] for r in requests], np.int32),
+                 ends=np.asarray([r[5] for r in requests]), stop_reasons=np.asarray([r[6] for r in requests], np.int8))
