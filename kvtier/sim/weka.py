@@ -177,7 +177,7 @@ def place_sessions(parsed: dict[str, np.ndarray], slots: int, seed: int,
     dropped = 0
     if not keep_duplicates and "duplicate" in parsed:
         dropped = int(parsed["duplicate"].sum())
-        parsed = _drop_requests(parsed, parsed["duplicate"])
+        parsed = _merge_duplicates(parsed)
     session = parsed["session"]
     n_sessions = int(session.max()) + 1 if len(session) else 0
     order = np.random.default_rng(seed).permutation(n_sessions)
@@ -237,10 +237,18 @@ def place_sessions(parsed: dict[str, np.ndarray], slots: int, seed: int,
                  stop_reasons=parsed["stop"][req_ids])
 
 
-def _drop_requests(parsed: dict[str, np.ndarray], drop: np.ndarray) -> dict[str, np.ndarray]:
-    """The parsed columns without the requests where ``drop`` is set (their hash ids included)."""
-    keep = ~drop
-    out = {k: v[keep] for k, v in parsed.items() if k != "hash_ids"}
+def _merge_duplicates(parsed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The parsed columns without the capture's duplicates, each folded into the request it repeats: that
+    request keeps its arrival and takes the latest end, and the duplicate's stop reason where it had none
+    (the proxy records the reason on one copy only)."""
+    dup = parsed["duplicate"]
+    rows = np.arange(len(dup))
+    target = np.maximum.accumulate(np.where(dup, 0, rows))[dup]   # the request each duplicate repeats
+    end, stop = parsed["end"].copy(), parsed["stop"].copy()
+    np.maximum.at(end, target, parsed["end"][dup])
+    stop[target] = np.where(stop[target] == 0, parsed["stop"][dup], stop[target])
+    keep = ~dup
+    out = {k: v[keep] for k, v in dict(parsed, end=end, stop=stop).items() if k != "hash_ids"}
     out["hash_ids"] = parsed["hash_ids"][np.repeat(keep, parsed["nblocks"])]
     return out
 

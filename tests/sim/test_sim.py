@@ -96,8 +96,8 @@ def weka_tar(tmp_path, scope="local", duplicate=False):
          "requests": [{"t": 0.0, "type": "s", "model": "m1", "in": 64, "out": 1, "hash_ids": [1]},
                       {"t": 5.0, "type": "s", "model": "m1", "in": 128, "out": 1, "hash_ids": [1, 2]}]},
     ]
-    if duplicate:   # the proxy's repeat of the request before it
-        sessions[1]["requests"].append(dict(sessions[1]["requests"][-1], t=5.5))
+    if duplicate:   # the proxy's repeat of the request before it, which alone records why the response stopped
+        sessions[1]["requests"].append(dict(sessions[1]["requests"][-1], t=5.5, api_time=1.0, stop="tool_use"))
     path = tmp_path / f"w_{scope}{'_dup' if duplicate else ''}.tar.xz"
     with tarfile.open(path, "w:xz") as tar:
         for s in sessions:
@@ -207,6 +207,10 @@ def test_weka_drops_proxy_duplicates_unless_asked(tmp_path, monkeypatch):
     path = weka_tar(tmp_path, duplicate=True)
     trace = load_weka(path, slots=1, seed=0)
     assert trace.num_requests == 5 and trace.dropped_duplicates == 1
+    # folded into the request it repeats: that one keeps its arrival and takes the stop reason and the end
+    last = int(np.argmax(trace.times))
+    assert trace.times[last] == trace.times.max() and trace.ends[last] == pytest.approx(trace.times[last] + 1.5)
+    assert STOP_REASONS[trace.stop_reasons[last]] == "tool_use"
     kept = load_weka(path, slots=1, seed=0, keep_duplicates=True)
     assert kept.num_requests == 6 and kept.dropped_duplicates == 0
 
