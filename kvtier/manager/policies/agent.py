@@ -6,9 +6,11 @@ What it uses, all of it known to a real server at request time:
 - the client's ``next_call_delay_s`` hint when one is sent (e.g. "a tool call is running");
 - when each response ended and why (``end_request``: the server produced it, so it knows): after a tool call
   the client comes back in seconds, after an ended turn a person answers first;
+- which blocks more than one session has used (seen as requests arrive);
 - statistics learned online: each session's past gaps between calls (a geometric mean, by stop reason when
-  ends are reported), and all sessions'.
-It never sees a trace's future. On the Weka traces a session's next call is not predictable much better than
+  ends are reported), all sessions', and the gap between uses of shared blocks.
+No constant in it is fitted to a trace (the defaults below only seed what is learned). It never sees a
+trace's future. On the Weka traces a session's next call is not predictable much better than
 that (the log-spread of the gap after a tool call stays about 1.06 whatever the server conditions on), which is
 what keeps this policy below Belady at the smallest capacities; see issue 4's note.
 
