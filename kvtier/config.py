@@ -98,7 +98,8 @@ class KvtierConfig:
     policy: str = "agent"
     pin_budget_frac: float = 0.5              # share of each tier that pins may hold
     pin_lease_s: float = 600.0
-    admission_min_hits: int = 2               # G3/G4 admission: seen at least this often
+    admission_min_hits: int = 1               # G3/G4 admission: seen at least this often (1: whatever G2 evicts;
+                                              # agent contexts are re-read once, after G2 let them go)
     write_through: bool = False
     # --- engine -------------------------------------------------------------------------------------------
     lower_tier_deadline_ms: float = 200.0     # wait no longer than this for G3/G4; recompute instead
