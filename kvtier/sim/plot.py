@@ -36,7 +36,7 @@ def plot_sweep(path: str, fractions: Sequence[float], curves: Mapping[str, Seque
         ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(xs))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(xs, [f"{x:g}%" for x in xs])
+    ax.set_xticks(xs, [f"{x:.3g}%" for x in xs])
     ax.set_xlabel("capacity (% of the trace's unique blocks)" + ("; shaded: cliff" if cliffs else ""))
     ax.set_ylabel("prefix hit rate")
     ax.set_ylim(0, 1)
