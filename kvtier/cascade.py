@@ -28,12 +28,12 @@ from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE
 from kvtier.manager import Manager, TierSpec
 from kvtier.manager.core import StorePlan
+from kvtier.manager.tier import TIER_NAMES
 from kvtier.metrics import EngineMetrics
 from kvtier.tiers.base import Tier, guarded
 from kvtier.tiers.host import HostTier
 
 G1, G2, G3, G4 = 0, 1, 2, 3
-TIER_NAMES = ("G1", "G2", "G3", "G4")
 UNBOUNDED = 2**62  # G4's size is the server's business (maxmemory); its evictions surface as misses
 T = TypeVar("T")
 

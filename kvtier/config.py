@@ -74,7 +74,8 @@ class KvtierConfig:
     policy: PolicyName = "agent"
     pin_budget_frac: Fraction = 0.5           # share of each tier that pins may hold
     pin_lease_s: NonNegativeFloat = 600.0
-    admission_min_hits: NonNegativeInt = 2    # G3/G4 admission: seen at least this often
+    admission_min_hits: NonNegativeInt = 1    # G3/G4 admission: seen at least this often (1: whatever G2 evicts;
+                                              # agent contexts are re-read once, after G2 let them go)
     write_through: Flag = False
     # --- engine -------------------------------------------------------------------------------------------
     lower_tier_deadline_ms: NonNegativeFloat = 200.0  # wait no longer than this for G3/G4; recompute instead

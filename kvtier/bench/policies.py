@@ -1,9 +1,18 @@
-"""Which eviction policy keeps the most prefix hits, and how fast is the manager?
+"""Which eviction policy keeps the most prefix hits on agent traffic, and at what cost in lower-tier writes?
 
-Sweeps G1 capacities (fractions of each trace's unique blocks) over policies on the Weka v8 Claude Code
-traces (N session slots, seeded placement) and the Mooncake control traces, next to LRU (the baseline) and
-Belady's MIN (the offline bound), and measures the manager's block operations per second on one core.
-Prints a table with ratios, writes --json and a --plot PNG.
+Dev set (so that no policy is tuned to one trace): the Weka v8 Claude Code sessions split into two seeded
+halves of their sessions (``v8-tune`` is what the default was developed on, ``v8-heldout`` is only reported),
+both Mooncake traces (chat, the control case) and the synthetic generator's regimes (``kvtier.sim.synthetic``;
+global hash ids with a shared system prompt and tools prefix). Every policy at every capacity on every trace
+runs in its own process (``--jobs``), next to leaf-first LRU (the baseline: what vLLM's prefix cache does),
+Belady's MIN (the offline bound) and the infinite cache. Cliff capacities are those where leaf-first LRU hits
+less than half of what an infinite cache hits.
+
+Per trace: a table (hit rate, x LRU, x Belady), ``--json``'s path with ``-<trace>`` before its suffix, and
+the same for ``--plot``'s PNG; ``--json`` itself holds every trace. Then, at
+each trace's first cliff capacity with G2 = 4x and G3 = 16x G1, the blocks each policy writes into G2 and G3
+and the reads per write (write once, read many; NVIDIA Dynamo reports 11.7 on agent traffic), and for the
+default policy the G3 admission rules side by side (hits against G3 writes).
 
 Traces: callanjfox/kv-cache-tester@c9b3da5 (Apache-2.0); kvcache-ai/Mooncake FAST25-release (Apache-2.0).
 """
@@ -11,26 +20,59 @@ Traces: callanjfox/kv-cache-tester@c9b3da5 (Apache-2.0); kvcache-ai/Mooncake FAS
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from kvtier.bench.common import machine_line, pyplot, shared_file, write_json
-from kvtier.manager import Manager, TierSpec
-from kvtier.manager.policies import NextUseOracle
-from kvtier.sim.cli import max_gap_arg
+from kvtier.bench.common import machine_line, print_table, shared_file, write_json
+from kvtier.command_options import output_path, positive_int
+from kvtier.manager import TierSpec
+from kvtier.manager.policies import POLICIES, NextUseOracle
+from kvtier.sim.admission import ADMISSION_RULES
+from kvtier.sim.cli import fractions_arg, max_gap_arg
+from kvtier.sim.manager import ReplayManager
 from kvtier.sim.mooncake import load_mooncake
+from kvtier.sim.plot import plot_sweep
 from kvtier.sim.replay import capacity_from_frac, replay
+from kvtier.sim.synthetic import REGIMES, generate
+from kvtier.sim.trace import Trace
 from kvtier.sim.weka import DEFAULT_MAX_GAP_S, load_weka
+
+BASELINE, BOUND, DEFAULT = "lru", "belady", "agent"
+TIERS = (4.0, 16.0)   # G2, G3 as multiples of G1 for the write-amplification runs
+
+_TRACES: dict[str, Trace] = {}            # filled before the worker processes fork
+_ORACLES: dict[str, NextUseOracle] = {}   # built once per worker and trace
+
+
+@dataclass(frozen=True)
+class Job:
+    trace: str
+    policy: str
+    frac: float
+    tiers: tuple[float, ...] = ()
+    admission: str = ""
+
+    @property
+    def cost(self) -> int:
+        """Rough run time, to start the longest jobs first."""
+        return _TRACES[self.trace].num_accesses * (3 if self.tiers else 1)
 
 
 def measure_ops(policy: str, requests: int = 2000, blocks: int = 2000, sessions: int = 32) -> dict[str, float]:
-    """Block operations per second of ``Manager.access`` on one tier: agent-like requests that re-send a
+    """Block operations per second of a whole-request replay on one tier: agent-like requests that re-send a
     growing context (90% hits), capacity for a third of the working set so eviction runs constantly."""
     rng = np.random.default_rng(0)
     contexts = [list(range(s * 10_000_000, s * 10_000_000 + blocks - 200)) for s in range(sessions)]
-    manager = Manager([TierSpec("G1", sessions * blocks // 3)], policy=policy)
+    manager = ReplayManager([TierSpec("G1", sessions * blocks // 3)], policy=policy)
     reqs = []
     for i in range(requests):
         s = int(rng.integers(sessions))
@@ -41,94 +83,193 @@ def measure_ops(policy: str, requests: int = 2000, blocks: int = 2000, sessions:
     for t, (s, keys) in enumerate(reqs):
         manager.access(keys, session=s, now=float(t))
     wall = time.perf_counter() - start
-    keys = reqs[-1][1]
-    start = time.perf_counter()
-    for _ in range(200):
-        manager.lookup(keys)
-    lookup_wall = time.perf_counter() - start
-    return {"policy": policy, "access_block_ops_per_s": total / wall,
-            "lookup_block_ops_per_s": 200 * len(keys) / lookup_wall}
+    return {"policy": policy, "access_block_ops_per_s": total / wall}
 
 
-def sweep(trace, name: str, policies: list[str], fracs: list[float], progress: bool) -> list[dict]:
-    oracle = NextUseOracle(trace.keys, trace.offsets) if "belady" in policies else None
-    rows = []
-    for frac in fracs:
-        cap = capacity_from_frac(trace, frac)
-        results = {p: replay(trace, p, cap, oracle=oracle, progress=progress) for p in policies}
-        for p, r in results.items():
-            rows.append({"trace": name, "frac": frac, "capacity_blocks": cap, "policy": p, "hit_rate": r.hit_rate,
-                         "vs_lru": r.hit_rate / results["lru"].hit_rate if results["lru"].hit_rate else None,
-                         "vs_belady": r.hit_rate / results["belady"].hit_rate
-                         if "belady" in results and results["belady"].hit_rate else None,
-                         "wall_s": r.wall_s, "block_ops_per_s": r.block_ops_per_s})
-            print(f"{name:<28} {100 * frac:>5.1f}% {cap:>8} {p:<8} {r.hit_rate:>7.4f} "
-                  f"{rows[-1]['vs_lru'] or 0:>7.3f} {rows[-1]['vs_belady'] or 0:>8.3f} {r.wall_s:>7.1f}s", flush=True)
-    return rows
+def run_job(job: Job) -> dict:
+    trace = _TRACES[job.trace]
+    oracle = None
+    if job.policy == BOUND:
+        oracle = _ORACLES.get(job.trace) or _ORACLES.setdefault(job.trace, NextUseOracle(trace.keys, trace.offsets))
+    cap = capacity_from_frac(trace, job.frac)
+    result = replay(trace, job.policy, cap, oracle=oracle, tier_multipliers=job.tiers,
+                    admission=job.admission or None)
+    row = {"trace": job.trace, "policy": job.policy, "frac": job.frac, "capacity_blocks": cap,
+           "hit_rate": result.hit_rate, "wall_s": result.wall_s}
+    if job.tiers:
+        lower = [t for name, t in result.tiers.items() if name != "G1"]
+        row.update(tiers=list(job.tiers), admission=job.admission,
+                   any_tier_hit_rate=sum(t["hit_blocks"] for t in result.tiers.values()) / trace.num_accesses,
+                   writes={name: t["writes"] for name, t in result.tiers.items()},
+                   reads={name: t["reads"] for name, t in result.tiers.items()},
+                   lower_tier_read_write_ratio=sum(t["reads"] for t in lower) / max(1, sum(t["writes"] for t in lower)))
+    return row
+
+
+def load_dev_set(args: argparse.Namespace) -> dict[str, Callable[[], Trace]]:
+    """The traces by name, each loaded when asked for."""
+    loaders: dict[str, Callable[[], Trace]] = {}
+    if not args.skip_weka:
+        for half, name in ((0, "v8-tune"), (1, "v8-heldout")):
+            loaders[name] = lambda half=half: load_weka(args.weka, slots=args.slots, seed=args.seed, half=half,
+                                                        max_sessions=args.max_sessions, max_gap=args.max_gap,
+                                                        keep_duplicates=args.keep_duplicates,
+                                                        progress=not args.no_progress)
+    for path in args.mooncake:
+        loaders[Path(path).stem] = lambda path=path: load_mooncake(path)
+    for regime in args.regimes:
+        loaders[f"synthetic-{regime}"] = lambda regime=regime: generate(REGIMES[regime], args.seed, regime)
+    return loaders
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="60 Weka sessions, capacities 1%% and 5%%")
+    ap.add_argument("--quick", action="store_true",
+                    help="60 Weka sessions per half, two synthetic regimes, capacities 1%% and 5%%")
     ap.add_argument("--weka", default=str(shared_file("traces/weka_kvcachetester_v8_c9b3da5_traces.tar.xz")),
-                    help="the Weka kv-cache-tester trace (.tar.xz)")
+                    help="the Weka kv-cache-tester trace (.tar.xz), split into a tuning and a held-out half")
     ap.add_argument("--mooncake", nargs="*", default=[str(shared_file("traces/mooncake_conversation_trace.jsonl")),
                                                       str(shared_file("traces/mooncake_synthetic_trace.jsonl"))],
                     help="Mooncake traces (.jsonl)")
-    ap.add_argument("--slots", type=int, default=32, help="concurrent Weka session slots")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the Weka session placement")
+    ap.add_argument("--regimes", type=regimes_arg, default=list(REGIMES),
+                    help=f"synthetic regimes, comma-separated (default all: {','.join(REGIMES)}; '' for none)")
+    ap.add_argument("--slots", type=positive_int, default=32, help="concurrent Weka session slots")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the Weka placement and split, and the generator")
     ap.add_argument("--max-gap", type=max_gap_arg, default=DEFAULT_MAX_GAP_S,
                     help="cap on the gap between a Weka session's requests, seconds, or 'none' (recorded clock)")
-    ap.add_argument("--max-sessions", type=int, default=None, help="subsample Weka sessions")
-    ap.add_argument("--fracs", default="0.005,0.01,0.02,0.05", help="G1 capacities, fractions of unique blocks")
-    ap.add_argument("--policies", default="agent,lru,lineage,s3fifo,arc,belady", help="policies to sweep")
-    ap.add_argument("--skip-weka", action="store_true", help="only the Mooncake traces")
-    ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--plot", help="write a PNG of hit rate against capacity per trace here")
+    ap.add_argument("--max-sessions", type=positive_int, default=None, help="subsample each Weka half")
+    ap.add_argument("--keep-duplicates", action="store_true", help="keep the Weka capture's duplicate requests")
+    ap.add_argument("--fracs", type=fractions_arg, default=[0.005, 0.01, 0.02, 0.05, 0.1],
+                    help="G1 capacities, fractions of each trace's unique blocks, comma-separated")
+    ap.add_argument("--policies", type=policies_arg, default=["agent", "lru", "lru-root", "lirs", "arc", "s3fifo"],
+                    help="online policies to sweep (leaf-first LRU and Belady always run)")
+    ap.add_argument("--admission", type=admission_arg, default=list(ADMISSION_RULES),
+                    help=f"G3 admission rules to compare for the default policy ({','.join(ADMISSION_RULES)})")
+    ap.add_argument("--skip-weka", action="store_true", help="no Weka halves")
+    ap.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                    help="parallel processes (default: the core count)")
+    ap.add_argument("--json", type=output_path, help="write every trace's rows here, and each trace's beside it")
+    ap.add_argument("--plot", type=output_path, help="write each trace's PNG beside this path (-<trace>.png)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _choices(kind: str, known) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {', '.join(unknown)}; choose from {', '.join(known)}")
+        return names
+    return parse
+
+
+regimes_arg = _choices("regime", REGIMES)
+policies_arg = _choices("policy", [p for p in POLICIES if p != BOUND])
+admission_arg = _choices("admission rule", ADMISSION_RULES)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.max_sessions = args.max_sessions or 60
-        args.fracs = "0.01,0.05"
-    fracs = [float(x) for x in args.fracs.split(",")]
-    policies = list(dict.fromkeys(["lru", "belady"] + args.policies.split(",")))
-    print(f"{machine_line()}; one core used")
-    ops = [measure_ops(p) for p in ("lru", "agent", "lineage")]
-    print(f"{'policy':<8} {'access blocks/s':>16} {'lookup blocks/s':>16}")
-    for o in ops:
-        print(f"{o['policy']:<8} {o['access_block_ops_per_s']:>16,.0f} {o['lookup_block_ops_per_s']:>16,.0f}")
-    print(f"{'trace':<28} {'cap':>6} {'blocks':>8} {'policy':<8} {'hit':>7} {'/LRU':>7} {'/Belady':>8} {'wall':>8}")
-    rows: list[dict] = []
-    traces = []
-    if not args.skip_weka:
+        args.fracs = [0.01, 0.05]
+        args.regimes = args.regimes[:2]
+    policies = list(dict.fromkeys([DEFAULT, BASELINE, *args.policies, BOUND]))
+    print(f"{machine_line()}; {args.jobs} worker processes")
+    for name, load in load_dev_set(args).items():
         t0 = time.perf_counter()
-        weka = load_weka(args.weka, slots=args.slots, seed=args.seed, max_sessions=args.max_sessions,
-                         max_gap=args.max_gap)
-        print(f"weka: {weka.num_requests} requests, {weka.num_accesses} blocks, {weka.unique_blocks()} unique, "
-              f"infinite-cache hit rate {weka.infinite_cache_hit_rate():.4f}, load {time.perf_counter() - t0:.1f}s")
-        traces.append((f"weka-v8 {args.slots} slots gap<={args.max_gap}", weka))
-    for path in args.mooncake:
-        traces.append((Path(path).stem, load_mooncake(path)))
-    for name, trace in traces:
-        rows += sweep(trace, name, policies, fracs, not args.no_progress)
-    write_json(args.json, {"machine": machine_line(), "ops": ops, "rows": rows, "slots": args.slots,
-                           "seed": args.seed, "max_gap": args.max_gap})
-    if args.plot:
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(traces), figsize=(6 * len(traces), 4.5), squeeze=False)
-        for ax, (name, _) in zip(axes[0], traces):
-            for p in policies:
-                pts = [(r["frac"], r["hit_rate"]) for r in rows if r["trace"] == name and r["policy"] == p]
-                ax.plot([100 * f for f, _ in pts], [h for _, h in pts], marker="o", label=p,
-                        linestyle="--" if p == "belady" else "-")
-            ax.set_xscale("log")
-            ax.set_xlabel("G1 capacity (% of unique blocks)")
-            ax.set_ylabel("prefix hit rate")
-            ax.set_title(name)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
+        _TRACES[name] = load()
+        trace = _TRACES[name]
+        print(f"{name}: {trace.name}; {trace.num_requests} requests ({trace.dropped_duplicates} duplicates "
+              f"dropped), {trace.num_accesses} blocks, {trace.unique_blocks()} unique, loaded in "
+              f"{time.perf_counter() - t0:.0f} s; source: {trace.source}", flush=True)
+    infinite = {name: t.infinite_cache_hit_rate() for name, t in _TRACES.items()}
+    jobs = [Job(t, p, f) for t in _TRACES for p in policies for f in args.fracs]
+    rows = _run_all(jobs, args)
+    cliffs = {name: [f for f in args.fracs if _rate(rows, name, BASELINE, f) < 0.5 * infinite[name]]
+              for name in _TRACES}
+    # write once, read many and G3 admission: at each trace's first cliff capacity (else its smallest)
+    at = {name: (cliffs[name] or args.fracs)[:1][0] for name in _TRACES}
+    tier_jobs = [Job(t, p, at[t], TIERS) for t in _TRACES for p in policies if p != BOUND]
+    tier_jobs += [Job(t, DEFAULT, at[t], TIERS, rule) for t in _TRACES for rule in args.admission]
+    tier_rows = _run_all(tier_jobs, args)
+    summary = {"machine": machine_line(), "seed": args.seed, "slots": args.slots, "max_gap": args.max_gap,
+               "traces": {}, "ops": [measure_ops(p) for p in (BASELINE, DEFAULT)]}
+    for name, trace in _TRACES.items():
+        mine = [r for r in rows if r["trace"] == name]
+        for r in mine:
+            r["vs_lru"] = r["hit_rate"] / max(1e-12, _rate(rows, name, BASELINE, r["frac"]))
+            r["vs_belady"] = r["hit_rate"] / max(1e-12, _rate(rows, name, BOUND, r["frac"]))
+        checks = _targets(mine, cliffs[name], policies)
+        report = {"trace": trace.name, "source": trace.source, "infinite_cache_hit_rate": infinite[name],
+                  "unique_blocks": trace.unique_blocks(), "cliff_fracs": cliffs[name], "rows": mine,
+                  "tiers": [r for r in tier_rows if r["trace"] == name], "targets": checks}
+        summary["traces"][name] = report
+        _print_trace(name, report, policies, args.fracs)
+        if args.json:
+            write_json(_beside(args.json, name), report)
+        if args.plot:
+            plot_sweep(_beside(args.plot, name), args.fracs,
+                       {p: [_rate(rows, name, p, f) for f in args.fracs] for p in policies},
+                       title=f"{name} (infinite cache {infinite[name]:.3f})", cliffs=cliffs[name])
+    write_json(args.json, summary)
     return 0
 
+
+def _beside(path: str, trace: str) -> str:
+    """``out/x.json`` -> ``out/x-<trace>.json``."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', trace)}{p.suffix}"))
+
+
+def _run_all(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
+    jobs = sorted(jobs, key=lambda j: j.cost, reverse=True)
+    bar = tqdm(total=len(jobs), desc="replays", unit="replay", disable=args.no_progress)
+    rows = []
+    if args.jobs == 1:
+        for job in jobs:
+            rows.append(run_job(job))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
+            for done in as_completed([pool.submit(run_job, job) for job in jobs]):
+                rows.append(done.result())
+                bar.update()
+    bar.close()
+    return rows
+
+
+def _rate(rows: list[dict], trace: str, policy: str, frac: float) -> float:
+    return next(r["hit_rate"] for r in rows if r["trace"] == trace and r["policy"] == policy and r["frac"] == frac)
+
+
+def _targets(rows: list[dict], cliffs: list[float], policies: list[str]) -> dict[str, bool]:
+    """Issue 15's bars for the default policy on one trace."""
+    def rate(p: str, f: float) -> float:
+        return next(r["hit_rate"] for r in rows if r["policy"] == p and r["frac"] == f)
+    others = [p for p in policies if p not in (DEFAULT, BOUND)]
+    fracs = sorted({r["frac"] for r in rows})
+    return {"cliff_0.8_of_belady": all(rate(DEFAULT, f) >= 0.8 * rate(BOUND, f) for f in cliffs),
+            "cliff_beats_every_online": all(rate(DEFAULT, f) >= rate(p, f) for f in cliffs for p in others),
+            "never_below_lru": all(rate(DEFAULT, f) >= rate(BASELINE, f) for f in fracs)}
+
+
+def _print_trace(name: str, report: dict, policies: list[str], fracs: list[float]) -> None:
+    rows = report["rows"]
+    table = []
+    for p in policies:
+        line = {"policy": p}
+        for f in fracs:
+            r = next(r for r in rows if r["policy"] == p and r["frac"] == f)
+            line[f"{100 * f:g}%"] = f"{r['hit_rate']:.4f} {r['vs_lru']:.2f}xL {r['vs_belady']:.2f}xB"
+        table.append(line)
+    cliffs = ", ".join(f"{100 * f:g}%" for f in report["cliff_fracs"]) or "none"
+    print_table(table, ["policy", *[f"{100 * f:g}%" for f in fracs]],
+                f"{name}: hit rate, x leaf-first LRU, x Belady (infinite cache {report['infinite_cache_hit_rate']:.4f}; "
+                f"cliff capacities: {cliffs})")
+    tiers = [{"policy": r["policy"] + (f" admit={r['admission']}" if r["admission"] else ""),
+              "G1 hit": r["hit_rate"], "any-tier hit": r["any_tier_hit_rate"],
+              "G2 writes": r["writes"].get("G2", 0), "G3 writes": r["writes"].get("G3", 0),
+              "G2+G3 reads/write": r["lower_tier_read_write_ratio"]} for r in report["tiers"]]
+    if tiers:
+        print_table(tiers, list(tiers[0]), f"{name}: G2 = {TIERS[0]:g}x, G3 = {TIERS[1]:g}x G1 at "
+                                           f"{100 * report['tiers'][0]['frac']:g}%")
+    print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in report["targets"].items()), flush=True)

@@ -131,7 +131,7 @@ class Manager:
     def __contains__(self, key: Key) -> bool:
         return self.locate(key) is not None
 
-    # --- a whole request (simulator, reference runner) ----------------------------------------------------------
+    # --- request context ---------------------------------------------------------------------------------------
     def begin_request(self, session: Hashable = None, now: float | None = None,
                       hints: AgentHints | None = None) -> float:
         now = self._clock() if now is None else now
@@ -148,61 +148,6 @@ class Manager:
         now = self._clock() if now is None else now
         for tier in self.tiers:
             tier.policy.end_request(session, now, stop_reason)
-
-    def access(self, keys: Sequence[Key], session: Hashable = None, now: float | None = None,
-               hints: AgentHints | None = None) -> list[int]:
-        """Run one request synchronously: count prefix hits per tier, promote hits from lower tiers into G1,
-        store the misses into G1 and touch every block. Returns ``lookup``'s per-tier prefix hits."""
-        self.begin_request(session, now, hints)
-        t0 = self.tiers[0]
-        members = t0.sizes
-        unit = self.block_bytes
-        if len(self.tiers) == 1:
-            h = 0
-            for key in keys:
-                if key not in members:
-                    break
-                h += 1
-            hits = [h]
-            missing = [key for key in keys[h:] if key not in members]
-            t0.stats.hit_blocks += h
-            t0.stats.hit_bytes += h * unit
-            t0.stats.reads += h
-            t0.stats.read_bytes += h * unit
-        else:
-            hits = self.lookup(keys)
-            prev = 0
-            for tier, h in zip(self.tiers, hits):
-                tier.stats.hit_blocks += h - prev
-                tier.stats.hit_bytes += (h - prev) * unit
-                prev = h
-            missing = [key for key in keys if key not in members]
-            self._session_of.update(dict.fromkeys(keys, session))
-            for key in keys[:hits[-1]]:
-                stats = self.tiers[self.locate(key)].stats
-                stats.reads += 1
-                stats.read_bytes += unit
-        if t0.pending and missing:
-            missing = [key for key in missing if key not in t0.pending]
-        if self._track_freq:
-            freq = self._freq
-            for key in keys:
-                freq[key] = freq.get(key, 0) + 1
-        new: Sequence[Key] = ()
-        if missing:
-            protect = set(keys)
-            if self._busy:
-                protect.update(self._busy)
-            new = self._store(0, missing, protect)
-        lane = self._lane
-        if len(new) == len(missing) and not lane and not t0.pending:
-            touched = keys
-        else:
-            touched = [k for k in keys if k in members and k not in lane]
-        t0.policy.touch_request(touched, set(new) if new else ())
-        if self.write_through and len(self.tiers) > 1 and new:
-            self._store(1, [k for k in new if k not in lane], self._busy)
-        return hits
 
     # --- engine / connector API ----------------------------------------------------------------------------------
     def touch(self, keys: Sequence[Key], tier: int = 0) -> None:

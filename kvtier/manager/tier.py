@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from kvtier.manager.policies import Key, Policy
 from kvtier.manager.policies.base import pop_front
 
+TIER_NAMES = ("G1", "G2", "G3", "G4")  # a tier's G-number is its index here
 NORMAL, EPHEMERAL, LOW, HIGH, PINNED = 0, 1, 2, 3, 4
 LANE_NAMES = {NORMAL: "normal", EPHEMERAL: "ephemeral", LOW: "low", HIGH: "high", PINNED: "pinned"}
 

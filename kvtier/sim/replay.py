@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from kvtier.manager import Manager, TierSpec
+from kvtier.config import KvtierConfig
+from kvtier.manager import TierSpec
 from kvtier.manager.policies import NextUseOracle
+from kvtier.manager.tier import TIER_NAMES
+from kvtier.sim.admission import ADMISSION_RULES
+from kvtier.sim.manager import ReplayManager
 from kvtier.sim.trace import STOP_REASONS, Trace
-
-TIER_NAMES = ("G1", "G2", "G3", "G4")
 
 
 @dataclass
@@ -44,24 +46,27 @@ def capacity_from_frac(trace: Trace, frac: float) -> int:
 
 
 def replay(trace: Trace, policy: str, capacity_blocks: int, *, tier_multipliers: Sequence[float] = (),
-           admission_min_hits: int = 2, oracle: NextUseOracle | None = None, block_bytes: int = 1,
+           admission: str | None = None, oracle: NextUseOracle | None = None, block_bytes: int = 1,
            use_hints: bool = True, progress: bool = False) -> ReplayResult:
     """Replay ``trace`` with G1 = ``capacity_blocks`` and optional lower tiers of ``m * capacity`` blocks
-    (G3 and G4 behind an admission filter). Returns G1's prefix hit rate and per-tier statistics."""
+    (G3 and G4 behind the ``admission`` rule, a name in ``ADMISSION_RULES``; default: the configuration's
+    ``admission_min_hits``). Returns G1's prefix hit rate and per-tier statistics."""
+    min_hits, rule = ADMISSION_RULES[admission] if admission else (KvtierConfig.admission_min_hits, None)
     if capacity_blocks <= 0:
         raise ValueError(f"capacity must be positive, got {capacity_blocks}")
     if len(tier_multipliers) > 3:
         raise ValueError("at most three lower tiers (G2, G3, G4)")
     specs = [TierSpec("G1", capacity_blocks * block_bytes)]
     for i, mult in enumerate(tier_multipliers, start=1):
-        specs.append(TierSpec(TIER_NAMES[i], int(capacity_blocks * mult) * block_bytes,
-                              admission_min_hits if i >= 2 else 0))
+        specs.append(TierSpec(TIER_NAMES[i], int(capacity_blocks * mult) * block_bytes, min_hits if i >= 2 else 0))
     kwargs = {}
     if policy == "belady":
         if len(specs) > 1:
             raise ValueError("belady is a single-tier bound")
         kwargs["oracle"] = oracle if oracle is not None else NextUseOracle(trace.keys, trace.offsets)
-    manager = Manager(specs, policy=policy, policy_kwargs=kwargs, block_bytes=block_bytes)
+    lowest = int(capacity_blocks * tier_multipliers[-1]) if len(tier_multipliers) >= 2 else 0
+    manager = ReplayManager(specs, policy=policy, policy_kwargs=kwargs, block_bytes=block_bytes,
+                            admission=rule(lowest) if rule is not None and lowest else None)
     belady = manager.tiers[0].policy if policy == "belady" else None
     keys_all, offsets = trace.keys, trace.offsets.tolist()
     sessions, times = trace.sessions.tolist(), trace.times.tolist()

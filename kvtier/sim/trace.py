@@ -34,6 +34,7 @@ class Trace:
     ephemeral_tail: np.ndarray | None = None   # trailing blocks of each request that are reasoning output
     ends: np.ndarray | None = None             # response end time of each request (same clock as times)
     stop_reasons: np.ndarray | None = None     # index into STOP_REASONS per request
+    dropped_duplicates: int = 0                # requests the loader dropped as the capture's duplicates
 
     def __post_init__(self) -> None:
         n = len(self.times)

@@ -2,8 +2,13 @@
 
 One JSON per session; sessions carry no absolute start time, so the replay places them into N concurrent
 slots: sessions in a seeded random order, each slot starting its next session when its last one ends.
-Subagent requests nest under a marker and their ``t`` is relative to it. Blocks are keyed by
-(session, model, hash id): scope is local to a session and KV is never shared across models.
+Subagent requests nest under a marker and their ``t`` is relative to it. KV is never shared across models;
+each file's ``hash_id_scope`` says whether its hash ids are shared across sessions: "global" ids are one
+block wherever they occur (common system prompts and tools), "local" ones (v8) are keyed by session.
+
+Proxy duplicates: the capture repeats some requests (same model and hash ids as the session's previous
+request: the proxy's streaming / non-streaming artefact). A server would see one request, so the replay drops
+consecutive duplicates by default and says how many (``Trace.dropped_duplicates``).
 
 Session clock: a session's requests (subagents' included) keep their recorded order, but every gap between
 consecutive requests is capped at ``max_gap`` seconds (60 by default, kv-cache-tester's own ``--max-delay``).
@@ -12,8 +17,8 @@ session and the cache only ever sees a few working ones. Capped, the slots are 3
 what the reference figures in ``shared/README.md`` describe (LRU about 0.38 and Belady about 0.72 at 1%).
 ``max_gap=None`` keeps the recorded clock.
 
-Parsing 441 MB of JSON takes a while, so the parsed form is cached as ``.npz`` next to the unpacked files
-(``~/.cache/kvtier/`` by default); the ``.tar.xz`` is read directly.
+Parsing 441 MB of JSON takes minutes, so it shows a progress bar and the parsed form is cached as ``.npz``
+(``$KVTIER_CACHE``, ``~/.cache/kvtier/`` by default); the ``.tar.xz`` is read directly.
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ import hashlib
 import heapq
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import numpy as np
+from tqdm import tqdm
 
 from kvtier.sim.trace import STOP_REASONS, Trace
 
-SOURCE = "callanjfox/kv-cache-tester@c9b3da5 traces/ (Apache-2.0), Claude Code sessions captured via proxy"
+SOURCE = "callanjfox/kv-cache-tester traces/ (Apache-2.0), Claude Code sessions captured via proxy"
+SCOPES = ("local", "global")
 WEKA_BLOCK_TOKENS = 64
 DEFAULT_MAX_GAP_S = 60.0
 
@@ -47,10 +55,11 @@ class _Request(msgspec.Struct):
     system_tokens: int = 0
 
 
-class _Session(msgspec.Struct):
+class _SessionFile(msgspec.Struct):
     id: str
     requests: list[_Request]
     block_size: int = WEKA_BLOCK_TOKENS
+    hash_id_scope: str = "local"
     tool_tokens: int = 0
     system_tokens: int = 0
 
@@ -59,14 +68,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVTIER_CACHE", Path.home() / ".cache" / "kvtier"))
 
 
-def _flatten(session: _Session, sid: int, models: dict[str, int], agents: dict[tuple[int, str], int],
+def _flatten(session: _SessionFile, sid: int, models: dict[str, int], agents: dict[tuple[int, str], int],
              out: dict[str, list]) -> None:
+    if session.hash_id_scope not in SCOPES:
+        raise ValueError(f"{session.id}: hash_id_scope must be one of {SCOPES}, got {session.hash_id_scope!r}")
+    scope = SCOPES.index(session.hash_id_scope)
+    previous: list = [None, None]   # the session's previous request: (model, hash ids)
+
     def walk(requests: list[_Request], t0: float, agent: str, prefix_tokens: int) -> None:
         for r in requests:
             if r.type == "subagent":
                 walk(r.requests, t0 + r.t, r.agent_id or f"sub{len(agents)}", r.system_tokens + r.tool_tokens)
                 continue
+            out["duplicate"].append([r.model, r.hash_ids] == previous)
+            previous[:] = [r.model, r.hash_ids]
             out["session"].append(sid)
+            out["scope"].append(scope)
             out["t"].append(t0 + r.t)
             out["end"].append(t0 + r.t + (r.api_time or 0.0))
             out["stop"].append(STOP_REASONS.index(r.stop) if r.stop in STOP_REASONS else 0)
@@ -79,24 +96,28 @@ def _flatten(session: _Session, sid: int, models: dict[str, int], agents: dict[t
     walk(session.requests, 0.0, "", session.system_tokens + session.tool_tokens)
 
 
-def parse_sessions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def parse_sessions(path: str | os.PathLike[str], progress: bool = True) -> dict[str, np.ndarray]:
     """Parse a directory of ``trace_*.json`` files or the ``.tar.xz`` holding them (cached as .npz)."""
     path = Path(path)
     stat = path.stat()
-    tag = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v2".encode()).hexdigest()[:16]
+    tag = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v3".encode()).hexdigest()[:16]
     cached = cache_dir() / f"weka_{tag}.npz"
     if cached.exists():
         with np.load(cached) as data:
             return {k: data[k] for k in data.files}
-    decoder = msgspec.json.Decoder(_Session)
-    out: dict[str, list] = {k: [] for k in ("session", "t", "end", "stop", "model", "agent", "prefix_tokens",
-                                             "nblocks", "hash_ids")}
+    decoder = msgspec.json.Decoder(_SessionFile)
+    out: dict[str, list] = {k: [] for k in ("session", "scope", "duplicate", "t", "end", "stop", "model", "agent",
+                                             "prefix_tokens", "nblocks", "hash_ids")}
     models: dict[str, int] = {}
     agents: dict[tuple[int, str], int] = {}
-    for sid, raw in enumerate(_json_files(path)):
-        _flatten(decoder.decode(raw), sid, models, agents, out)
+    files = _json_files(path)
+    bar = tqdm(files, total=len(files), desc=f"parsing {path.name} (cached after this)", unit="session",
+               disable=not progress, mininterval=1.0)
+    for sid, read in enumerate(bar):
+        _flatten(decoder.decode(read()), sid, models, agents, out)
     arrays = {
-        "session": np.asarray(out["session"], np.int32), "t": np.asarray(out["t"], np.float64),
+        "session": np.asarray(out["session"], np.int32), "scope": np.asarray(out["scope"], np.int8),
+        "duplicate": np.asarray(out["duplicate"], bool), "t": np.asarray(out["t"], np.float64),
         "end": np.asarray(out["end"], np.float64), "stop": np.asarray(out["stop"], np.int8), "model": np.asarray(out["model"], np.int32),
         "agent": np.asarray(out["agent"], np.int32), "prefix_tokens": np.asarray(out["prefix_tokens"], np.int64),
         "nblocks": np.asarray(out["nblocks"], np.int64), "hash_ids": np.asarray(out["hash_ids"], np.int64),
@@ -108,18 +129,14 @@ def parse_sessions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _json_files(path: Path):
+def _json_files(path: Path) -> list[Callable[[], bytes]]:
+    """One reader per session file, in name order (a list, so the progress bar knows the total)."""
     if path.is_dir():
-        for f in sorted(path.rglob("trace_*.json")):
-            yield f.read_bytes()
-        return
-    with tarfile.open(path, "r:*") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")
-                          and Path(m.name).name.startswith("trace_")), key=lambda m: m.name)
-        for m in members:
-            handle = tar.extractfile(m)
-            if handle is not None:
-                yield handle.read()
+        return [f.read_bytes for f in sorted(path.rglob("trace_*.json"))]
+    tar = tarfile.open(path, "r:*")
+    members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")
+                      and Path(m.name).name.startswith("trace_")), key=lambda m: m.name)
+    return [lambda m=m: tar.extractfile(m).read() for m in members]
 
 
 def session_clock(parsed: dict[str, np.ndarray], max_gap: float | None) -> np.ndarray:
@@ -147,14 +164,26 @@ def session_clock(parsed: dict[str, np.ndarray], max_gap: float | None) -> np.nd
 
 
 def place_sessions(parsed: dict[str, np.ndarray], slots: int, seed: int,
-                   max_sessions: int | None = None, max_gap: float | None = DEFAULT_MAX_GAP_S) -> Trace:
+                   max_sessions: int | None = None, max_gap: float | None = DEFAULT_MAX_GAP_S, *,
+                   label: str = "weka", keep_duplicates: bool = False, half: int | None = None) -> Trace:
     """Place sessions into ``slots`` concurrent slots (seeded order) on the ``session_clock`` and build the
-    replayable trace. A slot is free again when its session's last response ends."""
+    replayable trace. A slot is free again when its session's last response ends. ``half`` (0 or 1) keeps
+    one of two disjoint halves of the sessions (a seeded split, so a policy can be tuned on one half and
+    reported on the other)."""
     if slots <= 0:
         raise ValueError(f"slots must be positive, got {slots}")
+    if half not in (None, 0, 1):
+        raise ValueError(f"half must be 0, 1 or None, got {half}")
+    dropped = 0
+    if not keep_duplicates and "duplicate" in parsed:
+        dropped = int(parsed["duplicate"].sum())
+        parsed = _merge_duplicates(parsed)
     session = parsed["session"]
     n_sessions = int(session.max()) + 1 if len(session) else 0
     order = np.random.default_rng(seed).permutation(n_sessions)
+    if half is not None:
+        order = np.sort(order[half::2])   # the other half's sessions never appear
+        order = order[np.random.default_rng(seed).permutation(len(order))]
     if max_sessions is not None:
         order = order[:max_sessions]
     clock = session_clock(parsed, max_gap)
@@ -174,9 +203,11 @@ def place_sessions(parsed: dict[str, np.ndarray], slots: int, seed: int,
     np.cumsum(parsed["nblocks"], out=offsets[1:])
     req_of_block = np.repeat(np.arange(len(session)), parsed["nblocks"])
     n_models = int(parsed["model"].max()) + 1 if len(session) else 1
-    space = session.astype(np.int64) * n_models + parsed["model"]
+    # key space: one per model for global hash ids, one per (session, model) for local ones
+    local = parsed["scope"] == SCOPES.index("local")
+    space = parsed["model"] + np.where(local, (session.astype(np.int64) + 1) * n_models, 0)
     hash_ids = parsed["hash_ids"]
-    width = np.zeros(n_sessions * n_models, np.int64)
+    width = np.zeros((n_sessions + 1) * n_models, np.int64)
     np.maximum.at(width, space[req_of_block], hash_ids + 1)
     base = np.concatenate(([0], np.cumsum(width)[:-1]))
     keys = base[space[req_of_block]] + hash_ids
@@ -196,13 +227,43 @@ def place_sessions(parsed: dict[str, np.ndarray], slots: int, seed: int,
     model = parsed["model"][req_ids]
     sessions = np.unique(agent.astype(np.int64) * n_models + model, return_inverse=True)[1]
     prefix_blocks = parsed["prefix_tokens"][req_ids] // WEKA_BLOCK_TOKENS
-    return Trace(name=f"weka-v8 slots={slots} seed={seed} max_gap={max_gap}", source=SOURCE, block_tokens=WEKA_BLOCK_TOKENS,
+    scopes = "+".join(SCOPES[s] for s in np.unique(parsed["scope"][req_ids]))
+    return Trace(name=f"{label} ({scopes} hash ids) slots={slots} seed={seed} max_gap={max_gap}"
+                      + ("" if half is None else f" half={half}"),
+                 source=SOURCE, block_tokens=WEKA_BLOCK_TOKENS, dropped_duplicates=dropped,
                  keys=keys.astype(np.int64 if keys.max(initial=0) >= 2**31 else np.int32),
                  offsets=new_offsets, times=times[by_arrival], sessions=sessions.astype(np.int32),
                  prefix_blocks=prefix_blocks.astype(np.int32), ends=ends[by_arrival],
                  stop_reasons=parsed["stop"][req_ids])
 
 
+def _merge_duplicates(parsed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The parsed columns without the capture's duplicates, each folded into the request it repeats: that
+    request keeps its arrival and takes the latest end, and the duplicate's stop reason where it had none
+    (the proxy records the reason on one copy only)."""
+    dup = parsed["duplicate"]
+    rows = np.arange(len(dup))
+    target = np.maximum.accumulate(np.where(dup, 0, rows))[dup]   # the request each duplicate repeats
+    end, stop = parsed["end"].copy(), parsed["stop"].copy()
+    np.maximum.at(end, target, parsed["end"][dup])
+    stop[target] = np.where(stop[target] == 0, parsed["stop"][dup], stop[target])
+    keep = ~dup
+    out = {k: v[keep] for k, v in dict(parsed, end=end, stop=stop).items() if k != "hash_ids"}
+    out["hash_ids"] = parsed["hash_ids"][np.repeat(keep, parsed["nblocks"])]
+    return out
+
+
+def trace_label(path: str | os.PathLike[str]) -> str:
+    """The trace's name from its file: ``weka_kvcachetester_v8_c9b3da5_traces.tar.xz`` -> its stem."""
+    name = Path(path).name
+    for suffix in (".tar.xz", ".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
 def load_weka(path: str | os.PathLike[str], slots: int = 32, seed: int = 0,
-              max_sessions: int | None = None, max_gap: float | None = DEFAULT_MAX_GAP_S) -> Trace:
-    return place_sessions(parse_sessions(path), slots, seed, max_sessions, max_gap)
+              max_sessions: int | None = None, max_gap: float | None = DEFAULT_MAX_GAP_S, *,
+              keep_duplicates: bool = False, half: int | None = None, progress: bool = True) -> Trace:
+    return place_sessions(parse_sessions(path, progress), slots, seed, max_sessions, max_gap,
+                          label=trace_label(path), keep_duplicates=keep_duplicates, half=half)

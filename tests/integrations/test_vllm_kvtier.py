@@ -618,7 +618,7 @@ def test_data_parallel_engines_get_a_disk_directory_each(harness, tmp_path):
 
 
 def test_ephemeral_and_unadmitted_chunks_never_go_below_g2(harness, tmp_path):
-    h = harness(kvtier_spec(PREFIX_BLOCKS + SPARE_SLOTS, **disk(tmp_path)))  # admission_min_hits: 2
+    h = harness(kvtier_spec(PREFIX_BLOCKS + SPARE_SLOTS, admission_min_hits=2, **disk(tmp_path)))
     ephemeral = {"agent_hints": {"ephemeral": [{"start": 0, "end": len(PREFIX)}]}}
     h.add_request("a", PREFIX + [1], kv_transfer_params=ephemeral)
     h.run()

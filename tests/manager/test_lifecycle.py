@@ -4,7 +4,8 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvtier.manager import Manager, ManagerError, TierSpec
+from kvtier.manager import ManagerError, TierSpec
+from kvtier.sim.manager import ReplayManager
 from kvtier.manager.policies import ONLINE_POLICIES
 
 KEYS = st.integers(0, 24)
@@ -21,7 +22,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(policy=st.sampled_from(ONLINE_POLICIES), write_through=st.booleans())
     @precondition(lambda self: self.m is None)
     def create(self, policy, write_through):
-        self.m = Manager([TierSpec("G1", 5), TierSpec("G2", 7), TierSpec("G3", 9, admission_min_hits=2)],
+        self.m = ReplayManager([TierSpec("G1", 5), TierSpec("G2", 7), TierSpec("G3", 9, admission_min_hits=2)],
                          policy=policy, write_through=write_through, pin_budget_frac=0.4,
                          clock=lambda: self.now)
 

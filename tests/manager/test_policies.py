@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 
-from kvtier.manager import Manager, TierSpec
+from kvtier.manager import TierSpec
+from kvtier.sim.manager import ReplayManager
 from kvtier.manager.policies import POLICIES, NextUseOracle, make_policy
 
 
 def run(policy, capacity, requests, sessions=None, times=None, **kwargs):
-    m = Manager([TierSpec("G1", capacity)], policy=policy,
+    m = ReplayManager([TierSpec("G1", capacity)], policy=policy,
                 policy_kwargs={k: v for k, v in kwargs.items() if k in ("oracle", "bypass")})
     hits = []
     for i, keys in enumerate(requests):
@@ -40,11 +41,11 @@ def test_lfu_keeps_frequent():
     assert held(m) == {1, 2}
 
 
-def test_lru_loses_the_head_and_lineage_the_leaf():
+def test_lru_loses_the_leaf_and_root_first_lru_the_head():
     # capacity 3; a 3-block context, then one unrelated block, then the context again
     reqs = [[1, 2, 3], [9], [1, 2, 3]]
-    assert run("lru", 3, reqs)[0] == [0, 0, 0]          # block 1 (the head) went: nothing hits
-    assert run("lineage", 3, reqs)[0] == [0, 0, 2]      # block 3 (the leaf) went: 2 prefix hits
+    assert run("lru", 3, reqs)[0] == [0, 0, 2]          # block 3 (the leaf) went: 2 prefix hits (vLLM's order)
+    assert run("lru-root", 3, reqs)[0] == [0, 0, 0]     # block 1 (the head) went: nothing hits
 
 
 def test_arc_keeps_frequently_used_over_a_scan():
@@ -58,6 +59,12 @@ def test_s3fifo_drops_one_hit_wonders_first():
     reqs = [[1], [1]] + [[k] for k in range(10, 30)] + [[1]]
     assert run("s3fifo", 10, reqs)[0][-1] == 1
     assert run("fifo", 10, reqs)[0][-1] == 0
+
+
+def test_lirs_keeps_part_of_a_loop_larger_than_the_cache():
+    loop = [[k] for k in range(1, 8)] * 6           # 7 blocks cycling through a cache of 5
+    assert sum(run("lru", 5, loop)[0]) == 0         # LRU evicts each block just before its reuse
+    assert sum(run("lirs", 5, loop)[0]) >= 3 * 4   # LIRS keeps its LIR blocks resident across the loop
 
 
 def test_tinylfu_rejects_rare_newcomers():
@@ -81,7 +88,7 @@ def test_agent_evicts_stale_branch_then_furthest_session():
 
 def test_agent_prefers_hinted_delay():
     from kvtier.hints import AgentHints
-    m = Manager([TierSpec("G1", 4)], policy="agent")
+    m = ReplayManager([TierSpec("G1", 4)], policy="agent")
     m.access([1, 2], session="A", now=0.0, hints=AgentHints(next_call_delay_s=1.0))
     m.access([3, 4], session="B", now=0.5, hints=AgentHints(next_call_delay_s=500.0))
     m.access([9], session="C", now=0.9)
@@ -90,7 +97,7 @@ def test_agent_prefers_hinted_delay():
 
 def test_agent_learns_how_soon_sessions_return_after_each_stop_reason():
     # history: after a tool call sessions came back within 2 s, after an ended turn only after 60 s
-    m = Manager([TierSpec("G1", 4)], policy="agent")
+    m = ReplayManager([TierSpec("G1", 4)], policy="agent")
     for i, (stop, gap) in enumerate([("tool_use", 2.0), ("end_turn", 60.0)] * 3):
         sid = f"past{i}"
         m.access([100 + i], session=sid, now=0.0)
@@ -108,13 +115,14 @@ def test_agent_learns_how_soon_sessions_return_after_each_stop_reason():
 
 def test_agent_keeps_resident_session_instead_of_thrashing():
     # capacity fits one context: B (predicted back later than A) must not push A out; LRU swaps them every call
+    # (root-first LRU keeps nothing; leaf-first LRU keeps one block of each)
     reqs = [[1, 2, 3], [5, 6, 7], [1, 2, 3], [5, 6, 7], [1, 2, 3]]
     sessions = ["A", "B", "A", "B", "A"]
     times = [0.0, 1.0, 10.0, 11.0, 20.0]
     agent, m = run("agent", 4, reqs, sessions, times)
     lru, _ = run("lru", 4, reqs, sessions, times)
     assert agent == [0, 0, 3, 1, 3] and {1, 2, 3} <= held(m)
-    assert lru == [0, 0, 0, 0, 0]
+    assert lru == [0, 0, 1, 1, 1] and sum(agent) > sum(lru)
 
 
 def test_unknown_policy_is_a_clear_error():
@@ -173,7 +181,7 @@ def test_every_policy_respects_capacity_and_busy(name):
     kwargs = {}
     if name == "belady":
         kwargs = dict(oracle=NextUseOracle(flat, offsets), oracle_range=list(zip(offsets[:-1], offsets[1:])))
-    m = Manager([TierSpec("G1", 6)], policy=name,
+    m = ReplayManager([TierSpec("G1", 6)], policy=name,
                 policy_kwargs={k: v for k, v in kwargs.items() if k == "oracle"})
     for i, r in enumerate(reqs):
         if name == "belady":
@@ -184,7 +192,7 @@ def test_every_policy_respects_capacity_and_busy(name):
 
 
 def test_policy_batch_matches_single_calls():
-    for name in ("lru", "fifo", "lfu", "arc", "s3fifo", "agent"):
+    for name in ("lru", "fifo", "lfu", "arc", "s3fifo", "lirs", "agent"):
         a, b = make_policy(name, 8), make_policy(name, 8)
         for key in range(5):
             a.insert(key)

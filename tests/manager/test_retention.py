@@ -1,16 +1,17 @@
 import pytest
 
 from kvtier.hints import AgentHints, Pin, TokenRange
-from kvtier.manager import Manager, ManagerError, TierSpec
+from kvtier.manager import ManagerError, TierSpec
+from kvtier.sim.manager import ReplayManager
 
 
 def three_tiers(**kw):
-    return Manager([TierSpec("G1", 4), TierSpec("G2", 4), TierSpec("G3", 8, admission_min_hits=2)], policy="lru",
+    return ReplayManager([TierSpec("G1", 4), TierSpec("G2", 4), TierSpec("G3", 8, admission_min_hits=2)], policy="lru",
                    **kw)
 
 
 def test_pin_lease_expires_unless_renewed():
-    m = Manager([TierSpec("G1", 4)], policy="lru", pin_budget_frac=1.0)
+    m = ReplayManager([TierSpec("G1", 4)], policy="lru", pin_budget_frac=1.0)
     m.access([1], now=0.0)
     assert m.pin([1], lease_s=10, now=0.0).pinned == [1]
     for t in range(1, 6):
@@ -25,7 +26,7 @@ def test_pin_lease_expires_unless_renewed():
 
 
 def test_pin_budget_downgrades_and_reports():
-    m = Manager([TierSpec("G1", 4)], policy="lru", pin_budget_frac=0.5)
+    m = ReplayManager([TierSpec("G1", 4)], policy="lru", pin_budget_frac=0.5)
     m.access([1, 2, 3], now=0.0)
     report = m.pin([1, 2, 3, 99], lease_s=5, now=0.0)
     assert report.pinned == [1, 2] and report.downgraded == [3] and report.missing == [99]
@@ -34,7 +35,7 @@ def test_pin_budget_downgrades_and_reports():
 
 
 def test_priority_decays_to_default():
-    m = Manager([TierSpec("G1", 3)], policy="lru")
+    m = ReplayManager([TierSpec("G1", 3)], policy="lru")
     m.access([1], now=0.0)
     m.access([2], now=1.0)
     m.set_priority([1], 90, duration_s=5, now=1.0)
@@ -53,7 +54,7 @@ def test_priority_decays_to_default():
 
 
 def test_low_priority_goes_before_normal():
-    m = Manager([TierSpec("G1", 2)], policy="lru")
+    m = ReplayManager([TierSpec("G1", 2)], policy="lru")
     m.access([1], now=0.0)
     m.access([2], now=1.0)
     m.set_priority([2], 10, duration_s=100, now=1.0)
@@ -92,7 +93,7 @@ def test_demotion_cascade_admission_and_promotion():
 
 
 def test_write_through_and_dedup():
-    m = Manager([TierSpec("G1", 4), TierSpec("G2", 8)], policy="lru", write_through=True)
+    m = ReplayManager([TierSpec("G1", 4), TierSpec("G2", 8)], policy="lru", write_through=True)
     m.access([1, 2], now=0.0)
     assert set(m.tiers[1].sizes) == {1, 2}
     writes = m.tiers[1].stats.writes
@@ -110,7 +111,7 @@ def test_store_lifecycle_and_errors():
         def on_evict(self, tier, keys):
             events.append(("evict", tier, list(keys)))
 
-    m = Manager([TierSpec("G1", 2), TierSpec("G2", 4)], policy="lru", listener=Listener())
+    m = ReplayManager([TierSpec("G1", 2), TierSpec("G2", 4)], policy="lru", listener=Listener())
     plan = m.prepare_store([1, 2, 1])
     assert plan.store == [1, 2] and m.lookup([1]) == [0, 0]   # dedup; invisible until complete
     m.complete_store([1, 2])
@@ -134,7 +135,7 @@ def test_store_lifecycle_and_errors():
 
 
 def test_apply_hints_maps_blocks():
-    m = Manager([TierSpec("G1", 16)], policy="agent", pin_budget_frac=1.0)
+    m = ReplayManager([TierSpec("G1", 16)], policy="agent", pin_budget_frac=1.0)
     keys = list(range(100, 108))
     m.access(keys, session="s", now=0.0)
     hints = AgentHints(session_id="s", prefix_tokens=40, pins=[Pin(target="system_and_tools", lease_s=60)],
@@ -147,10 +148,10 @@ def test_apply_hints_maps_blocks():
 
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError):
-        Manager([])
+        ReplayManager([])
     with pytest.raises(ValueError):
         TierSpec("G1", -1)
-    m = Manager([TierSpec("G1", 4)])
+    m = ReplayManager([TierSpec("G1", 4)])
     with pytest.raises(ValueError):
         m.set_priority([1], 101, 1.0)
     with pytest.raises(ValueError):
@@ -170,7 +171,7 @@ def test_write_through_copies_a_stored_chunk_into_every_lower_tier():
         def on_evict(self, tier, keys):
             pass
 
-    m = Manager([TierSpec("G1", 0), TierSpec("G2", 4), TierSpec("G3", 8), TierSpec("G4", 16)], policy="lru",
+    m = ReplayManager([TierSpec("G1", 0), TierSpec("G2", 4), TierSpec("G3", 8), TierSpec("G4", 16)], policy="lru",
                 write_through=True, listener=Listener())
     plan = m.prepare_store([1, 2], 1)
     m.complete_store(plan.store, 1)

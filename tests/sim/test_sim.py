@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvtier.errors import UsageError
-from kvtier.manager import Manager
+from kvtier.sim.manager import ReplayManager
 from kvtier.sim import cli
 from kvtier.sim.mooncake import load_mooncake
 from kvtier.sim.replay import capacity_from_frac, replay
@@ -28,7 +28,7 @@ def test_prefix_rule_and_capacity_definitions():
     assert replay(trace, "lru", 10).hit_rate == pytest.approx(3 / 6)
     assert trace.infinite_cache_hit_rate() == pytest.approx(3 / 6)
     trace = make_trace([[1, 2, 3], [7, 8], [1, 2, 3]])
-    result = replay(trace, "lineage", 4)
+    result = replay(trace, "lru", 4)
     assert result.hit_blocks == 2   # leaf 3 went first (capacity 4: blocks 7, 8 displaced 2 of 1, 2, 3)
     assert capacity_from_frac(trace, 0.5) == 2   # 5 unique blocks
 
@@ -80,9 +80,10 @@ def test_mooncake_loader_honours_session_ids(tmp_path):
         load_mooncake(path)
 
 
-def weka_tar(tmp_path):
+def weka_tar(tmp_path, scope="local", duplicate=False):
     sessions = [
         {"id": "trace_0000", "models": ["m1"], "block_size": 64, "tool_tokens": 64, "system_tokens": 64,
+         "hash_id_scope": scope,
          "requests": [
              {"t": 0.0, "type": "s", "model": "m1", "in": 200, "out": 5, "hash_ids": [1, 2, 3], "api_time": 1.0,
               "stop": "tool_use"},
@@ -91,10 +92,13 @@ def weka_tar(tmp_path):
              {"t": 20.0, "type": "n", "model": "m1", "in": 260, "out": 5, "hash_ids": [1, 2, 3, 4],
               "api_time": 2.0, "stop": "end_turn", "unknown_field": 1}]},
         {"id": "trace_0001", "models": ["m1"], "block_size": 64, "tool_tokens": 0, "system_tokens": 0,
+         "hash_id_scope": scope,
          "requests": [{"t": 0.0, "type": "s", "model": "m1", "in": 64, "out": 1, "hash_ids": [1]},
                       {"t": 5.0, "type": "s", "model": "m1", "in": 128, "out": 1, "hash_ids": [1, 2]}]},
     ]
-    path = tmp_path / "w.tar.xz"
+    if duplicate:   # the proxy's repeat of the request before it, which alone records why the response stopped
+        sessions[1]["requests"].append(dict(sessions[1]["requests"][-1], t=5.5, api_time=1.0, stop="tool_use"))
+    path = tmp_path / f"w_{scope}{'_dup' if duplicate else ''}.tar.xz"
     with tarfile.open(path, "w:xz") as tar:
         for s in sessions:
             raw = json.dumps(s).encode()
@@ -126,8 +130,8 @@ def test_weka_loader_places_sessions_and_keys(tmp_path, monkeypatch):
 def test_replay_tells_the_policy_each_response_end_in_time_order(monkeypatch):
     """Ends are delivered once the clock passes them, before the next arrival, never from the future."""
     calls = []
-    monkeypatch.setattr(Manager, "end_request", lambda self, session, now, stop: calls.append((session, now, stop)))
-    monkeypatch.setattr(Manager, "access", lambda self, keys, session, now: calls.append(("arrive", now)) or [0])
+    monkeypatch.setattr(ReplayManager, "end_request", lambda self, session, now, stop: calls.append((session, now, stop)))
+    monkeypatch.setattr(ReplayManager, "access", lambda self, keys, session, now: calls.append(("arrive", now)) or [0])
     trace = Trace(name="t", source="test", block_tokens=1, keys=np.arange(3), offsets=np.arange(4),
                   times=np.array([0.0, 1.0, 5.0]), sessions=np.array([7, 8, 7]), prefix_blocks=np.zeros(3, int),
                   ends=np.array([4.0, 2.0, 9.0]), stop_reasons=np.array([1, 2, 0]))
@@ -165,9 +169,55 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys):
                               "--tiers", "2,4"])
     assert cli.run(args) == 0
     data = json.loads(out.read_text())
-    assert set(data) >= {"policy", "capacity_blocks", "hit_rate", "lru_hit_rate", "belady_hit_rate", "tiers"}
-    assert set(data["tiers"]) == {"G1", "G2", "G3"}
-    assert data["lru_hit_rate"] <= data["belady_hit_rate"]
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert set(rows) == {"agent", "lru", "belady"} and "w_local" in data["trace"]
+    assert set(rows["agent"]["tiers"]) == {"G1", "G2", "G3"}
+    assert rows["lru"]["hit_rate"] <= rows["belady"]["hit_rate"]
+
+
+def test_cli_plots_the_capacities_asked_for(tmp_path, monkeypatch):
+    import argparse
+    seen = {}
+    monkeypatch.setattr("kvtier.sim.plot.plot_sweep", lambda path, fracs, curves, title: seen.update(
+        fracs=fracs, curves=curves))
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--format", "synthetic", "--regime", "shared-prefix", "--capacity-frac",
+                              "0.02,0.01", "--plot", str(tmp_path / "p.png"), "--no-progress"])
+    assert cli.run(args) == 0
+    assert len(seen["fracs"]) == 2 and seen["fracs"][0] < seen["fracs"][1]
+    assert set(seen["curves"]) == {"agent", "lru", "belady"}
     args = parser.parse_args(["--format", "weka", "--trace", str(tmp_path / "missing.tar.xz")])
     with pytest.raises(UsageError, match="trace not found"):  # kvtier's main prints it as one line
         cli.run(args)
+
+
+def test_weka_global_scope_shares_blocks_across_sessions(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path / "cache"))
+    local = load_weka(weka_tar(tmp_path, "local"), slots=1, seed=0)
+    shared = load_weka(weka_tar(tmp_path, "global"), slots=1, seed=0)
+    assert local.unique_blocks() == 4 + 1 + 2
+    assert shared.unique_blocks() == 4 + 1          # m1's ids 1, 2 are the same blocks in both sessions
+    assert "global" in shared.name and "local" in local.name
+    assert "w_global" in shared.name                # the label comes from the file
+
+
+def test_weka_drops_proxy_duplicates_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path / "cache"))
+    path = weka_tar(tmp_path, duplicate=True)
+    trace = load_weka(path, slots=1, seed=0)
+    assert trace.num_requests == 5 and trace.dropped_duplicates == 1
+    # folded into the request it repeats: that one keeps its arrival and takes the stop reason and the end
+    last = int(np.argmax(trace.times))
+    assert trace.times[last] == trace.times.max() and trace.ends[last] == pytest.approx(trace.times[last] + 1.5)
+    assert STOP_REASONS[trace.stop_reasons[last]] == "tool_use"
+    kept = load_weka(path, slots=1, seed=0, keep_duplicates=True)
+    assert kept.num_requests == 6 and kept.dropped_duplicates == 0
+
+
+def test_weka_halves_are_disjoint_and_cover_the_sessions(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTIER_CACHE", str(tmp_path / "cache"))
+    path = weka_tar(tmp_path)
+    halves = [load_weka(path, slots=1, seed=0, half=h) for h in (0, 1)]
+    assert sum(h.num_requests for h in halves) == load_weka(path, slots=1, seed=0).num_requests
+    assert {h.num_requests for h in halves} == {3, 2}

@@ -10,13 +10,13 @@ from kvtier.manager.policies.base import Key, Policy
 from kvtier.manager.policies.belady import Belady, NextUseOracle
 from kvtier.manager.policies.fifo import FIFO
 from kvtier.manager.policies.lfu import LFU
-from kvtier.manager.policies.lineage import LeafFirst
-from kvtier.manager.policies.lru import LRU
+from kvtier.manager.policies.lirs import LIRS
+from kvtier.manager.policies.lru import LRU, RootFirstLRU
 from kvtier.manager.policies.s3fifo import S3FIFO
 from kvtier.manager.policies.tinylfu import TinyLFU
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in
-                                     (AgentAware, LRU, LFU, FIFO, ARC, S3FIFO, LeafFirst, TinyLFU, Belady)}
+                                     (AgentAware, LRU, RootFirstLRU, LFU, FIFO, ARC, S3FIFO, LIRS, TinyLFU, Belady)}
 ONLINE_POLICIES = tuple(name for name in POLICIES if name != "belady")
 
 
@@ -29,4 +29,4 @@ def make_policy(name: str, capacity: int, **kwargs: Any) -> Policy:
 
 
 __all__ = ["POLICIES", "ONLINE_POLICIES", "Key", "Policy", "NextUseOracle", "make_policy", "AgentAware",
-           "ARC", "Belady", "FIFO", "LFU", "LeafFirst", "LRU", "S3FIFO", "TinyLFU"]
+           "ARC", "Belady", "FIFO", "LFU", "LIRS", "LRU", "RootFirstLRU", "S3FIFO", "TinyLFU"]

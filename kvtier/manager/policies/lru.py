@@ -1,7 +1,10 @@
-"""Least recently used: the baseline every other policy is compared against.
+"""Least recently used, leaf-first: the baseline every other policy is compared against.
 
-A request touches its blocks in request order, so block 0 of a context becomes the least recent of that
-request; that is what plain LRU does and what the reference replays measure.
+A request touches its blocks from the last to the first, so within a context the deepest block (the leaf)
+is the least recent and goes first. That is what vLLM's prefix cache does (a finished request frees its
+blocks tail first), so it is the LRU its users run, and the stronger one under the prefix rule: losing a
+leaf costs one block, losing block 0 costs the whole context. ``lru-root`` touches in request order (block 0
+least recent), the textbook variant the older reference figures in ``shared/README.md`` were measured with.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class LRU(Policy):
     def access(self, key: Key) -> None:
         self._order.move_to_end(key)
 
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+    def _touch(self, keys: Sequence[Key], new: Collection[Key]) -> None:
         order = self._order
         move = order.move_to_end
         for key in keys:
@@ -34,6 +37,9 @@ class LRU(Policy):
                 order[key] = None
             else:
                 move(key)
+
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+        self._touch(keys[::-1], new)
 
     def remove(self, key: Key) -> None:
         del self._order[key]
@@ -46,3 +52,12 @@ class LRU(Policy):
 
     def __contains__(self, key: Key) -> bool:
         return key in self._order
+
+
+class RootFirstLRU(LRU):
+    """Request order: block 0 of a context becomes its least recent block (textbook LRU over blocks)."""
+
+    name = "lru-root"
+
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+        self._touch(keys, new)
