@@ -389,7 +389,8 @@ class Cascade:
             if not self.closed:
                 self._settle_promotion(key, ok and not stale)
                 if stale:
-                    if self.manager.entry(key) is not None and self.manager.entry(key).readers == 0:
+                    entry = self.manager.entry(key)
+                    if entry is not None and entry.readers == 0:
                         for tier in [t for t in self.tiers if key in self.held(t)]:
                             self.discard([key], tier)
                 elif ok:

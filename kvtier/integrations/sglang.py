@@ -293,6 +293,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         cascade = self.cascade
         if not self.storage_config.is_storage_writer:
             return [True] * len(ks)  # MLA replica: the writer rank stores the same bytes
+        row_of = {k: row for row, k in reversed(list(enumerate(ks)))}  # a key's first row, as list.index gives
         while True:
             with self.lock:
                 writing = cascade.writing(G2)
@@ -304,7 +305,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 del reserved[key]
             if not reserved:
                 break
-            rows = [ks.index(k) for k in reserved]
+            rows = [row_of[k] for k in reserved]
             try:
                 fill(rows, list(reserved.values()))
             except Exception:
