@@ -308,16 +308,17 @@ class Cascade:
 
     # --- promotion: start, poll or wait with a deadline, reset epochs ----------------------------------------------
     def promote(self, keys: Sequence[int], *, wait: bool = True) -> dict[int, Promotion]:
-        """Start reading the chunks among ``keys`` held only below G2 (not already coming up, not still being
-        written there) into reserved G2 slots, each tier's share in one batched read; chunks G2 has no room for
-        are left out. ``wait``: a request waits for them, so the deadline counts from now; else (a prefetch) from
-        the first waiter. Returns the promotions started."""
+        """Start reading the chunks among ``keys`` held only below G2 (not already coming up) into reserved G2
+        slots, each tier's share in one batched read; chunks G2 has no room for are left out. ``wait``: a request
+        waits for them, so the deadline counts from now, and a chunk just demoted is read once its write below
+        ended (until the deadline); else (a prefetch) that chunk is left out and the deadline counts from the
+        first waiter. Returns the promotions started."""
         deadline = time.monotonic() + self.deadline_s if wait else None
         started: dict[int, Promotion] = {}
         batches: dict[int, dict[int, torch.Tensor]] = {}
         with self.lock:
             for key in keys:
-                g = self.where(key)
+                g = self.where(key) if deadline is None else self._where_written(key, deadline)
                 if g is None or g == G2 or key in self._promotions or self.is_landing(key, g):
                     continue
                 slot = self._reserve_promotion(key)
@@ -334,6 +335,16 @@ class Cascade:
             for key, future in zip(slots, futures):
                 future.add_done_callback(lambda f, p=started[key]: self._read_ended(p, f))
         return started
+
+    def _where_written(self, key: int, deadline: float) -> int | None:
+        """Under the lock: where ``key`` is once a demotion of it in flight has been written (the lock is released
+        while waiting); still landing at ``deadline``, the promotion skips it like a prefetch does."""
+        while (g := self.where(key)) is not None and self.is_landing(key, g) and not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._landed.wait(left)
+        return g
 
     def promotion(self, key: int) -> Promotion | None:
         """Under the lock: the promotion of ``key`` in flight, if any."""

@@ -19,7 +19,7 @@ from sglang_harness import (
     page_keys,
 )
 
-from kvtier.cascade import G2, G3, SPARE_SLOTS
+from kvtier.cascade import G2, G3, G4, SPARE_SLOTS
 
 # a generous deadline for reads from disk or Redis: on a busy machine a late read would be a miss, not wrong bytes
 KVTIER = {"backend_name": "kvtier", "module_path": "kvtier.integrations.sglang",
@@ -236,6 +236,35 @@ def test_remote_tier_round_trip_and_outage_is_a_miss(backends, redis_server):
     assert backend.batch_exists(more[:1]) == 0  # evicted from the host, never reached the dead server
     got, _ = read_back(backend, pool, more[:1])
     assert got == [False]
+
+
+def test_a_page_read_while_its_demotion_is_being_written_waits_for_the_write(backends, redis_server, monkeypatch):
+    """A read of a page evicted a moment ago, whose write into Redis has not ended, waits for that write and
+    promotes the page (under a busy machine this happened in CI and the page was a miss)."""
+    pool = make_host_pool("mha", "layer_first")
+    extra = {**KVTIER, "host_capacity_bytes": (1 + SPARE_SLOTS) * 4096, "remote_url": redis_server.url,
+             "remote_timeout_s": 30.0}
+    backend = backends(pool, extra)
+    keys, src, expected = stored_pages(pool, 2, seed=11)
+    cascade, remote = backend.cascade, backend.cascade.tiers[G4]
+    gate, real_put = threading.Event(), remote.put
+
+    def put_after_gate(ks, views):
+        gate.wait(60)
+        return real_put(ks, views)
+
+    class OpensTheGateWhenWaitedOn(type(cascade._landed)):
+        def wait(self, timeout=None):
+            gate.set()  # someone waits for the write: only now may it end
+            return super().wait(timeout)
+
+    monkeypatch.setattr(remote, "put", put_after_gate)
+    monkeypatch.setattr(cascade, "_landed", OpensTheGateWhenWaitedOn(cascade.lock))
+    assert backend.batch_set_v1(keys, src) == [True, True]  # the second evicts the first: its write waits
+    with cascade.lock:
+        assert cascade.is_landing(backend._key(keys[0]), G4) and not gate.is_set()
+    got, data = read_back(backend, pool, keys[:1])
+    assert got == [True] and torch.equal(data[0], expected[0])
 
 
 @pytest.mark.parametrize("extra, error", [
