@@ -8,8 +8,9 @@ runs in its own process (``--jobs``), next to leaf-first LRU (the baseline: what
 Belady's MIN (the offline bound) and the infinite cache. Cliff capacities are those where leaf-first LRU hits
 less than half of what an infinite cache hits.
 
-Per trace: a table (hit rate, x LRU, x Belady), ``--json``'s path with ``-<trace>`` before its suffix, and
-the same for ``--plot``'s PNG; ``--json`` itself holds every trace. Then, at
+Per trace, as soon as its replays are done: a table (hit rate, x LRU, x Belady), ``--json``'s path with
+``-<trace>`` before its suffix, and the same for ``--plot``'s PNG; ``--json`` itself holds every trace reported so
+far, and ``<json>.rows.jsonl`` every finished replay (a rerun skips those: a long run can be resumed). Then, at
 each trace's first cliff capacity with G2 = 4x and G3 = 16x G1, the blocks each policy writes into G2 and G3
 and the reads per write (write once, read many; NVIDIA Dynamo reports 11.7 on agent traffic), and for the
 default policy the G3 admission rules side by side (hits against G3 writes).
@@ -20,10 +21,11 @@ Traces: callanjfox/kv-cache-tester@c9b3da5 (Apache-2.0); kvcache-ai/Mooncake FAS
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -145,6 +147,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--admission", type=admission_arg, default=list(ADMISSION_RULES),
                     help=f"G3 admission rules to compare for the default policy ({','.join(ADMISSION_RULES)})")
     ap.add_argument("--skip-weka", action="store_true", help="no Weka halves")
+    ap.add_argument("--skip-tiers", action="store_true", help="no G2/G3 runs (writes per policy, admission rules)")
     ap.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
                     help="parallel processes (default: the core count)")
     ap.add_argument("--json", type=output_path, help="write every trace's rows here, and each trace's beside it")
@@ -181,37 +184,85 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {trace.name}; {trace.num_requests} requests ({trace.dropped_duplicates} duplicates "
               f"dropped), {trace.num_accesses} blocks, {trace.unique_blocks()} unique, loaded in "
               f"{time.perf_counter() - t0:.0f} s; source: {trace.source}", flush=True)
-    infinite = {name: t.infinite_cache_hit_rate() for name, t in _TRACES.items()}
-    jobs = [Job(t, p, f) for t in _TRACES for p in policies for f in args.fracs]
-    rows = _run_all(jobs, args)
-    cliffs = {name: [f for f in args.fracs if _rate(rows, name, BASELINE, f) < 0.5 * infinite[name]]
-              for name in _TRACES}
-    # write once, read many and G3 admission: at each trace's first cliff capacity (else its smallest)
-    at = {name: (cliffs[name] or args.fracs)[:1][0] for name in _TRACES}
-    tier_jobs = [Job(t, p, at[t], TIERS) for t in _TRACES for p in policies if p != BOUND]
-    tier_jobs += [Job(t, DEFAULT, at[t], TIERS, rule) for t in _TRACES for rule in args.admission]
-    tier_rows = _run_all(tier_jobs, args)
-    summary = {"machine": machine_line(), "seed": args.seed, "slots": args.slots, "max_gap": args.max_gap,
-               "traces": {}, "ops": [measure_ops(p) for p in (BASELINE, DEFAULT)]}
-    for name, trace in _TRACES.items():
-        mine = [r for r in rows if r["trace"] == name]
+    sweep = _Sweep(args, policies)
+    sweep.run([Job(t, p, f) for t in _TRACES for p in policies for f in args.fracs])
+    if not args.skip_tiers:
+        # write once, read many and G3 admission: at each trace's first cliff capacity (else its smallest)
+        at = {name: (sweep.cliffs(name) or args.fracs)[:1][0] for name in _TRACES}
+        tier_jobs = [Job(t, p, at[t], TIERS) for t in _TRACES for p in policies if p != BOUND]
+        sweep.run(tier_jobs + [Job(t, DEFAULT, at[t], TIERS, rule) for t in _TRACES for rule in args.admission])
+    return 0
+
+
+class _Sweep:
+    """The replays' rows as they finish. Each trace is reported (table, its JSON and PNG, the summary JSON)
+    as soon as its replays of a phase are done, so an interrupted run keeps what it finished; every row is
+    also appended to ``<json>.rows.jsonl``, and a rerun with the same ``--json`` skips the replays found there."""
+
+    def __init__(self, args: argparse.Namespace, policies: list[str]) -> None:
+        self.args, self.policies = args, policies
+        self.infinite = {name: t.infinite_cache_hit_rate() for name, t in _TRACES.items()}
+        self.rows: list[dict] = []
+        self.done: dict[Job, dict] = {}
+        self.checkpoint = Path(f"{args.json}.rows.jsonl") if args.json else None
+        if self.checkpoint is not None and self.checkpoint.exists():
+            for line in self.checkpoint.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("setup") == self._setup():
+                    self.done[_job_of(row)] = row
+        self.summary = {"machine": machine_line(), "seed": args.seed, "slots": args.slots, "max_gap": args.max_gap,
+                        "traces": {}, "ops": [measure_ops(p) for p in (BASELINE, DEFAULT)]}
+
+    def _setup(self) -> dict:
+        """What a row's figure depends on besides its job: rows of another setup are never reused."""
+        a = self.args
+        return {"weka": a.weka, "slots": a.slots, "seed": a.seed, "max_gap": a.max_gap, "max_sessions": a.max_sessions,
+                "keep_duplicates": a.keep_duplicates}
+
+    def cliffs(self, name: str) -> list[float]:
+        return [f for f in self.args.fracs if _rate(self.rows, name, BASELINE, f) < 0.5 * self.infinite[name]]
+
+    def run(self, jobs: list[Job]) -> None:
+        left = {name: sum(j.trace == name for j in jobs) for name in _TRACES}
+        todo = [j for j in jobs if j not in self.done]
+        for job in jobs:
+            if job in self.done:
+                self._finished(job, self.done[job], left)
+        for job, row in _run_all(todo, self.args):
+            if self.checkpoint is not None:
+                with self.checkpoint.open("a") as out:
+                    out.write(json.dumps({**row, "setup": self._setup()}) + "\n")
+            self._finished(job, row, left)
+
+    def _finished(self, job: Job, row: dict, left: dict[str, int]) -> None:
+        self.rows.append({k: v for k, v in row.items() if k != "setup"})
+        left[job.trace] -= 1
+        if left[job.trace] == 0:
+            self._report(job.trace, tiered=bool(job.tiers))
+
+    def _report(self, name: str, tiered: bool) -> None:
+        trace, args = _TRACES[name], self.args
+        mine = [r for r in self.rows if r["trace"] == name and "tiers" not in r]
         for r in mine:
-            r["vs_lru"] = r["hit_rate"] / max(1e-12, _rate(rows, name, BASELINE, r["frac"]))
-            r["vs_belady"] = r["hit_rate"] / max(1e-12, _rate(rows, name, BOUND, r["frac"]))
-        checks = _targets(mine, cliffs[name], policies)
-        report = {"trace": trace.name, "source": trace.source, "infinite_cache_hit_rate": infinite[name],
-                  "unique_blocks": trace.unique_blocks(), "cliff_fracs": cliffs[name], "rows": mine,
-                  "tiers": [r for r in tier_rows if r["trace"] == name], "targets": checks}
-        summary["traces"][name] = report
-        _print_trace(name, report, policies, args.fracs)
+            r["vs_lru"] = r["hit_rate"] / max(1e-12, _rate(mine, name, BASELINE, r["frac"]))
+            r["vs_belady"] = r["hit_rate"] / max(1e-12, _rate(mine, name, BOUND, r["frac"]))
+        report = {"trace": trace.name, "source": trace.source, "infinite_cache_hit_rate": self.infinite[name],
+                  "unique_blocks": trace.unique_blocks(), "cliff_fracs": self.cliffs(name), "rows": mine,
+                  "tiers": [r for r in self.rows if r["trace"] == name and "tiers" in r],
+                  "targets": _targets(mine, self.cliffs(name), self.policies)}
+        self.summary["traces"][name] = report
+        (_print_tiers if tiered else _print_trace)(name, report, self.policies, args.fracs)
         if args.json:
             write_json(_beside(args.json, name), report)
-        if args.plot:
+            write_json(args.json, self.summary)
+        if args.plot and not tiered:
             plot_sweep(_beside(args.plot, name), args.fracs,
-                       {p: [_rate(rows, name, p, f) for f in args.fracs] for p in policies},
-                       title=f"{name} (infinite cache {infinite[name]:.3f})", cliffs=cliffs[name])
-    write_json(args.json, summary)
-    return 0
+                       {p: [_rate(mine, name, p, f) for f in args.fracs] for p in self.policies},
+                       title=f"{name} (infinite cache {self.infinite[name]:.3f})", cliffs=report["cliff_fracs"])
+
+
+def _job_of(row: dict) -> Job:
+    return Job(row["trace"], row["policy"], row["frac"], tuple(row.get("tiers", ())), row.get("admission", ""))
 
 
 def _beside(path: str, trace: str) -> str:
@@ -220,25 +271,26 @@ def _beside(path: str, trace: str) -> str:
     return str(p.with_name(f"{p.stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', trace)}{p.suffix}"))
 
 
-def _run_all(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
+def _run_all(jobs: list[Job], args: argparse.Namespace) -> Iterator[tuple[Job, dict]]:
+    """Each job with its row, as they finish (the longest started first)."""
     jobs = sorted(jobs, key=lambda j: j.cost, reverse=True)
-    bar = tqdm(total=len(jobs), desc="replays", unit="replay", disable=args.no_progress)
-    rows = []
-    if args.jobs == 1:
-        for job in jobs:
-            rows.append(run_job(job))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
-            for done in as_completed([pool.submit(run_job, job) for job in jobs]):
-                rows.append(done.result())
+    with tqdm(total=len(jobs), desc="replays", unit="replay", disable=args.no_progress) as bar:
+        if args.jobs == 1:
+            for job in jobs:
+                yield job, run_job(job)
                 bar.update()
-    bar.close()
-    return rows
+            return
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
+            futures = {pool.submit(run_job, job): job for job in jobs}
+            for done in as_completed(futures):
+                yield futures[done], done.result()
+                bar.update()
 
 
 def _rate(rows: list[dict], trace: str, policy: str, frac: float) -> float:
-    return next(r["hit_rate"] for r in rows if r["trace"] == trace and r["policy"] == policy and r["frac"] == frac)
+    """A single-tier replay's hit rate."""
+    return next(r["hit_rate"] for r in rows
+                if r["trace"] == trace and r["policy"] == policy and r["frac"] == frac and "tiers" not in r)
 
 
 def _targets(rows: list[dict], cliffs: list[float], policies: list[str]) -> dict[str, bool]:
@@ -265,11 +317,13 @@ def _print_trace(name: str, report: dict, policies: list[str], fracs: list[float
     print_table(table, ["policy", *[f"{100 * f:g}%" for f in fracs]],
                 f"{name}: hit rate, x leaf-first LRU, x Belady (infinite cache {report['infinite_cache_hit_rate']:.4f}; "
                 f"cliff capacities: {cliffs})")
+    print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in report["targets"].items()), flush=True)
+
+
+def _print_tiers(name: str, report: dict, policies: list[str], fracs: list[float]) -> None:
     tiers = [{"policy": r["policy"] + (f" admit={r['admission']}" if r["admission"] else ""),
               "G1 hit": r["hit_rate"], "any-tier hit": r["any_tier_hit_rate"],
               "G2 writes": r["writes"].get("G2", 0), "G3 writes": r["writes"].get("G3", 0),
               "G2+G3 reads/write": r["lower_tier_read_write_ratio"]} for r in report["tiers"]]
-    if tiers:
-        print_table(tiers, list(tiers[0]), f"{name}: G2 = {TIERS[0]:g}x, G3 = {TIERS[1]:g}x G1 at "
-                                           f"{100 * report['tiers'][0]['frac']:g}%")
-    print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in report["targets"].items()), flush=True)
+    print_table(tiers, list(tiers[0]), f"{name}: G2 = {TIERS[0]:g}x, G3 = {TIERS[1]:g}x G1 at "
+                                       f"{100 * report['tiers'][0]['frac']:g}%")

@@ -29,3 +29,15 @@ def test_bench_policies_writes_tables_json_and_png_per_trace(tmp_path, monkeypat
     assert "tiny" in json.loads((tmp_path / "p.json").read_text())["traces"]["synthetic-tiny"]["trace"]
     out = capsys.readouterr().out
     assert "x leaf-first LRU, x Belady" in out and "targets:" in out
+
+    def never(job):
+        raise AssertionError(f"{job} was replayed again")
+
+    monkeypatch.setattr(bench, "run_job", never)  # a rerun with the same --json resumes: nothing left to replay
+    assert bench.run(args) == 0
+    again = json.loads((tmp_path / "p-synthetic-tiny.json").read_text())
+
+    def figures(rows):
+        return sorted((r["policy"], r["frac"], r["hit_rate"]) for r in rows)
+
+    assert figures(again["rows"]) == figures(report["rows"]) and len(again["tiers"]) == len(tiers)
