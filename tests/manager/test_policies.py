@@ -86,6 +86,19 @@ def test_agent_evicts_stale_branch_then_furthest_session():
     assert held(m) == {1, 5, 6, 7, 8} and hits2 == [3]
 
 
+def test_agent_keeps_a_block_while_any_session_holding_it_may_return():
+    """A resumed or forked session re-sends another's context: evicting the quiet one releases those blocks,
+    but they stay for the session that still holds them, and its deepest private blocks go first."""
+    from kvtier.manager.policies.agent import AgentAware
+    policy = AgentAware(capacity=8)
+    policy.begin_request("A", 0.0, next_call_delay_s=1000.0)   # A is not back for a long time
+    policy.touch_request([1, 2, 3, 4, 5], ())
+    policy.begin_request("B", 1.0, next_call_delay_s=10.0)     # B continues A's context
+    policy.touch_request([1, 2, 3, 6], ())
+    assert policy.evict(3, busy=()) == [5, 4, 6]   # A's own leaves, then B's leaf; the shared head stays
+    assert all(k in policy for k in (1, 2, 3)) and len(policy) == 3
+
+
 def test_agent_prefers_hinted_delay():
     from kvtier.hints import AgentHints
     m = ReplayManager([TierSpec("G1", 4)], policy="agent")

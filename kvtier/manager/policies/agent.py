@@ -1,4 +1,4 @@
-"""The agent-aware default policy: sessions, lineage and learned call gaps.
+"""The agent-aware default policy: sessions, the blocks they share and learned call gaps.
 
 What it uses, all of it known to a real server at request time:
 - the session a request belongs to (``begin_request``: the client's session id, plus the model, since KV is
@@ -6,9 +6,9 @@ What it uses, all of it known to a real server at request time:
 - the client's ``next_call_delay_s`` hint when one is sent (e.g. "a tool call is running");
 - when each response ended and why (``end_request``: the server produced it, so it knows): after a tool call
   the client comes back in seconds, after an ended turn a person answers first;
-- which blocks more than one session has used (seen as requests arrive);
+- which sessions' latest requests used each block (seen as requests arrive);
 - statistics learned online: each session's past gaps between calls (a geometric mean, by stop reason when
-  ends are reported), all sessions', and the gap between uses of shared blocks.
+  ends are reported) and all sessions'.
 No constant in it is fitted to a trace (the defaults below only seed what is learned). It never sees a
 trace's future. On the Weka traces a session's next call is not predictable much better than
 that (the log-spread of the gap after a tool call stays about 1.06 whatever the server conditions on), which is
@@ -21,17 +21,16 @@ How it evicts:
    for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses).
 3. Within a session, leaves first: the deepest blocks of its context go before their ancestors, so what is
    kept is always a usable prefix.
-4. Blocks that more than one session uses (a common system prompt and tool definitions, a subagent's copy of
-   its parent's context) belong to no session: they sit in one shared pool, leaf-first LRU, whose next use is
-   predicted from how soon shared blocks have been reused so far (learned online), and compete with sessions
-   on that prediction. Giving such a block to its latest session would throw it away with that session's
-   context, though every session's next request starts with it. A shared block that was evicted is
-   remembered as shared (a ghost list as large as the cache) and rejoins the pool when it comes back.
+4. A block is held by every session whose latest request used it (a common system prompt and tools, the
+   context a forked, resumed or subagent session re-sends from another): it leaves the cache only once every
+   session holding it has let it go, so it is needed when the soonest of them calls again. Evicting a session
+   releases its blocks; the ones another session holds stay, as the prefix that session needs.
 
 What it admits: a missed block displaces a held one only if its session is predicted to call again before the
 session it would evict from (stale blocks always make room). When more sessions are live than fit, storing
 every miss would push out a context that is needed sooner, over and over (LRU's cliff); instead the sessions
-that fit stay resident and the others recompute, shallow blocks kept first.
+that fit stay resident and the others recompute, shallow blocks kept first. Only blocks a session holds alone
+count as room it would give up.
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ DEFAULT_GAP_S = 30.0
 _GAP_WEIGHT = 0.3  # EMA weight of the newest gap (in log space)
 _MIN_GAP_S = 0.05
 _NOBODY = object()
-_SHARED = object()   # the owner of blocks that several sessions use
 
 
 def _ema(old: float | None, new: float, weight: float) -> float:
@@ -55,13 +53,14 @@ def _ema(old: float | None, new: float, weight: float) -> float:
 
 
 class _Session:
-    __slots__ = ("order", "fresh", "live", "last_arrival", "log_gap", "hinted_delay", "last_end", "last_stop",
-                 "log_gap_after")
+    __slots__ = ("order", "fresh", "live", "alone", "last_arrival", "log_gap", "hinted_delay", "last_end",
+                 "last_stop", "log_gap_after")
 
     def __init__(self) -> None:
-        self.order: OrderedDict[Key, None] = OrderedDict()  # leaf-first: oldest / deepest first
+        self.order: OrderedDict[Key, None] = OrderedDict()  # the blocks it holds, leaf-first: oldest / deepest first
         self.fresh = 0                        # entries (at the end of order) touched by the latest request
         self.live = 0                         # ``fresh`` as the latest request left it (before the current one)
+        self.alone = 0                        # entries no other session holds (what evicting it frees)
         self.last_arrival: float | None = None
         self.log_gap: float | None = None
         self.hinted_delay: float | None = None
@@ -77,17 +76,13 @@ class AgentAware(Policy):
         super().__init__(capacity)
         self._sessions: dict[Hashable, _Session] = {}
         self._holding: dict[Hashable, _Session] = {}   # sessions with at least one entry
-        self._owner: dict[Key, Hashable] = {}
+        self._holders: dict[Key, set[Hashable]] = {}   # every cached block -> the sessions holding it
         self._cur_id: Hashable = None
         self._cur = self._session(None)
         self._now = 0.0
         self._global_log_gap: float | None = None
         self._log_gap_after: dict[str | None, float] = {}   # all sessions, by stop reason
         self._log_busy: float | None = None                # log time from arrival to response end
-        self._shared = self._sessions[_SHARED] = _Session()  # leaf-first LRU over shared blocks
-        self._shared_seen: dict[Key, float] = {}           # shared block -> its last use
-        self._shared_ghosts: OrderedDict[Key, None] = OrderedDict()   # evicted blocks known to be shared
-        self._log_shared_gap: float | None = None          # log time between uses of a shared block
 
     def _session(self, sid: Hashable) -> _Session:
         s = self._sessions.get(sid)
@@ -129,16 +124,6 @@ class AgentAware(Policy):
                 return table[stop]
         return self._global_log_gap
 
-    def _predicted(self, sid: Hashable, s: _Session, now: float) -> float:
-        """When the next use of ``s``'s first victim is expected: a session's next call, or for the shared
-        pool the oldest shared block's last use plus the learned reuse gap of shared blocks."""
-        if sid is not _SHARED:
-            return self.predicted_next_call(s, now)
-        since = self._shared_seen[next(iter(s.order))]
-        gap = math.exp(self._log_shared_gap) if self._log_shared_gap is not None else DEFAULT_GAP_S
-        elapsed = now - since
-        return since + gap if elapsed < gap else now + elapsed
-
     def predicted_next_call(self, s: _Session, now: float) -> float:
         """The client's hint while it holds; else the session's typical gap after its last response (by why
         that response stopped: a tool call comes back in seconds, a finished turn waits for a person) or,
@@ -163,109 +148,83 @@ class AgentAware(Policy):
         return now + elapsed
 
     # --- membership --------------------------------------------------------------------------------------
-    def _adopt(self, key: Key) -> bool:
-        """Move ``key`` to the current session's end, or to the shared pool's if another session holds it
-        or it was shared before; True if it is shared."""
-        owner = self._owner.get(key, _NOBODY)
-        cur = self._cur
-        if owner is _SHARED:
-            self._shared.order.move_to_end(key)
-        elif owner == self._cur_id:
-            cur.order.move_to_end(key)
-            return False
-        elif owner is _NOBODY and self._shared_ghosts.pop(key, _NOBODY) is _NOBODY:
-            self._owner[key] = self._cur_id
-            cur.order[key] = None
-            return False
+    def _hold(self, sid: Hashable, s: _Session, key: Key) -> None:
+        """``s`` holds ``key`` as its newest entry (moved there if it held it already)."""
+        if key in s.order:
+            s.order.move_to_end(key)
+            return
+        s.order[key] = None
+        holders = self._holders.get(key)
+        if holders is None:
+            self._holders[key] = {sid}
+            s.alone += 1
         else:
-            if owner is not _NOBODY:
-                old = self._sessions[owner]
-                del old.order[key]
-                old.fresh = min(old.fresh, len(old.order))
-                if not old.order:
-                    del self._holding[owner]
-            self._owner[key] = _SHARED
-            self._shared.order[key] = None
-            self._shared.fresh += 1
-            self._holding[_SHARED] = self._shared
-        seen = self._shared_seen.get(key)
-        if seen is not None and seen < self._now:
-            self._log_shared_gap = _ema(self._log_shared_gap, math.log(max(_MIN_GAP_S, self._now - seen)), 0.01)
-        self._shared_seen[key] = self._now
-        return True
+            if len(holders) == 1:
+                self._sessions[next(iter(holders))].alone -= 1
+            holders.add(sid)
+        self._holding[sid] = s
+
+    def _let_go(self, sid: Hashable, s: _Session, key: Key) -> bool:
+        """``s`` no longer holds ``key`` (already out of its order); True when no session holds it now."""
+        holders = self._holders[key]
+        holders.discard(sid)
+        if not holders:
+            del self._holders[key]
+            s.alone -= 1
+            return True
+        if len(holders) == 1:
+            self._sessions[next(iter(holders))].alone += 1
+        return False
 
     def insert(self, key: Key) -> None:
-        if not self._adopt(key):
-            self._holding[self._cur_id] = self._cur
-            self._cur.fresh = min(self._cur.fresh + 1, len(self._cur.order))
+        cur = self._cur
+        self._hold(self._cur_id, cur, key)
+        cur.fresh = min(cur.fresh + 1, len(cur.order))
 
     def access(self, key: Key) -> None:
         self.insert(key)
 
     def insert_for(self, key: Key, session: Hashable) -> None:
         """A demoted key joins its session's order; victims arrive leaf-first, so appending keeps that order."""
-        if key in self._owner:
-            self.remove(key)
-        if key in self._shared_ghosts:
-            session = _SHARED
-            del self._shared_ghosts[key]
-            self._shared_seen[key] = self._now
         s = self._session(session)
-        self._owner[key] = session
-        s.order[key] = None
+        self._hold(session, s, key)
         s.fresh = min(s.fresh + 1, len(s.order))
-        self._holding[session] = s
 
     def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
-        cur, cur_id, owner = self._cur, self._cur_id, self._owner
-        move = cur.order.move_to_end
-        shared = 0
+        cur, cur_id, hold = self._cur, self._cur_id, self._hold
         for key in reversed(keys):
-            if owner.get(key, _NOBODY) == cur_id:
-                move(key)
-            else:
-                shared += self._adopt(key)
-        order = cur.order
-        if order:
-            self._holding[cur_id] = cur
-        cur.fresh = min(len(keys) - shared, len(order))
+            hold(cur_id, cur, key)
+        cur.fresh = min(len(keys), len(cur.order))
 
     def remove(self, key: Key) -> None:
-        sid = self._owner.pop(key)
-        if sid is _SHARED:
-            self._forget_shared(key)
-        s = self._sessions[sid]
-        del s.order[key]
-        s.fresh = min(s.fresh, len(s.order))
-        if not s.order:
-            del self._holding[sid]
-
-    def _forget_shared(self, key: Key) -> None:
-        """A shared block leaves the cache; it is remembered as shared for a while."""
-        del self._shared_seen[key]
-        self._shared_ghosts[key] = None
-        if len(self._shared_ghosts) > self.capacity:
-            self._shared_ghosts.popitem(last=False)
+        for sid in self._holders[key].copy():
+            s = self._sessions[sid]
+            del s.order[key]
+            s.fresh = min(s.fresh, len(s.order))
+            self._let_go(sid, s, key)
+            if not s.order:
+                del self._holding[sid]
 
     # --- admission ---------------------------------------------------------------------------------------
     def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
         """The leading part of the current request's new ``keys`` worth the room it takes (see the module)."""
-        room = self.capacity - len(self._owner)
+        room = self.capacity - len(self._holders)
         if len(keys) <= room or self._cur_id is None:  # without a session there is no next call to predict
             return keys
         now, cur_id = self._now, self._cur_id
         cur = self._cur
         mine = self.predicted_next_call(cur, now)
-        victims = sorted(((len(s.order) > s.fresh, self._predicted(sid, s, now), len(s.order) - s.fresh,
-                           len(s.order)) for sid, s in self._holding.items() if sid != cur_id), reverse=True)
+        victims = sorted(((len(s.order) > s.fresh, self.predicted_next_call(s, now),
+                           min(len(s.order) - s.fresh, s.alone), s.alone)
+                          for sid, s in self._holding.items() if sid != cur_id), reverse=True)
         # the session's own blocks that its previous request left out are stale: they always make room
-        admitted = max(room, 0) + max(0, len(cur.order) - cur.live)
-        for stale, next_call, n_stale, n_held in victims:
+        admitted = max(room, 0) + min(max(0, len(cur.order) - cur.live), cur.alone)
+        for stale, next_call, n_stale, n_alone in victims:
             if admitted >= len(keys):
                 break
             admitted += n_stale
             if next_call > mine:
-                admitted += n_held - n_stale
+                admitted += n_alone - n_stale
             elif not stale:
                 break
         return keys[:admitted]
@@ -278,13 +237,13 @@ class AgentAware(Policy):
         for sid, s in self._holding.items():
             if sid in skip:
                 continue
-            stale = len(s.order) > s.fresh
-            score = (stale, self._predicted(sid, s, now))
+            score = (len(s.order) > s.fresh, self.predicted_next_call(s, now))
             if best_score is None or score > best_score:
                 best, best_score = sid, score
         return best
 
     def evict(self, n: int, busy: Collection[Key]) -> list[Key]:
+        """Sessions let their blocks go, furthest predicted first; a block leaves once nobody holds it."""
         out: list[Key] = []
         skip: set = set()
         while len(out) < n:
@@ -300,19 +259,14 @@ class AgentAware(Policy):
             if len(got) < want:
                 skip.add(sid)
             taken_stale = min(len(got), max(0, stale))
-            s.fresh -= len(got) - taken_stale
-            s.fresh = min(max(0, s.fresh), len(s.order))
-            for key in got:
-                del self._owner[key]
-                if sid is _SHARED:
-                    self._forget_shared(key)
+            s.fresh = min(max(0, s.fresh - (len(got) - taken_stale)), len(s.order))
+            out.extend(key for key in got if self._let_go(sid, s, key))
             if not s.order:
                 del self._holding[sid]
-            out.extend(got)
         return out
 
     def __len__(self) -> int:
-        return len(self._owner)
+        return len(self._holders)
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._owner
+        return key in self._holders
