@@ -15,9 +15,14 @@ that (the log-spread of the gap after a tool call stays about 1.06 whatever the 
 what keeps this policy below Belady at the smallest capacities; see issue 4's note.
 
 How it evicts:
-1. Stale branches first: blocks of a session that were not part of its latest request (a new request of an
-   agent re-sends its context, so blocks it left out are almost never asked for again).
-2. Then whole sessions in order of their predicted next call, furthest first. A session that has been quiet
+1. Sessions in order of their predicted next call, furthest first, each from its stale branch: the blocks
+   that were not part of its latest request. How soon those come back is learned online: the share of blocks
+   that went stale and were asked for again (a ghost list remembers evicted ones), and how long after their
+   last use they came back, give a stale block its expected next use; one unused for longer than that is
+   predicted to stay unused for as long again. Where a new request re-sends its whole context (v8's Claude
+   Code sessions: 4% come back) they go first; where a session alternates between branches (Weka's v6
+   release: 69% come back, half within 13 s) the recent ones compete with the other sessions' contexts.
+2. Whole sessions in order of their predicted next call, furthest first. A session that has been quiet
    for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses).
 3. Within a session, leaves first: the deepest blocks of its context go before their ancestors, so what is
    kept is always a usable prefix.
@@ -27,7 +32,7 @@ How it evicts:
    releases its blocks; the ones another session holds stay, as the prefix that session needs.
 
 What it admits: a missed block displaces a held one only if its session is predicted to call again before the
-session it would evict from (stale blocks always make room). When more sessions are live than fit, storing
+session it would evict from (its own stale blocks always make room). When more sessions are live than fit, storing
 every miss would push out a context that is needed sooner, over and over (LRU's cliff); instead the sessions
 that fit stay resident and the others recompute, shallow blocks kept first. Only blocks a session holds alone
 count as room it would give up.
@@ -40,7 +45,7 @@ from collections.abc import Collection, Hashable, Sequence
 
 from collections import OrderedDict
 
-from kvtier.manager.policies.base import Key, Policy, pop_front
+from kvtier.manager.policies.base import Key, Policy
 
 DEFAULT_GAP_S = 30.0
 _GAP_WEIGHT = 0.3  # EMA weight of the newest gap (in log space)
@@ -53,13 +58,16 @@ def _ema(old: float | None, new: float, weight: float) -> float:
 
 
 class _Session:
-    __slots__ = ("order", "fresh", "live", "alone", "last_arrival", "log_gap", "hinted_delay", "last_end",
-                 "last_stop", "log_gap_after")
+    __slots__ = ("order", "prev_arrival", "fresh", "live", "kept", "alone", "last_arrival", "log_gap",
+                 "hinted_delay", "last_end", "last_stop", "log_gap_after")
 
     def __init__(self) -> None:
-        self.order: OrderedDict[Key, None] = OrderedDict()  # the blocks it holds, leaf-first: oldest / deepest first
+        # the blocks it holds, leaf-first (oldest / deepest first) -> when the request that last used it arrived
+        self.order: OrderedDict[Key, float] = OrderedDict()
+        self.prev_arrival = -math.inf         # when its previous request arrived
         self.fresh = 0                        # entries (at the end of order) touched by the latest request
         self.live = 0                         # ``fresh`` as the latest request left it (before the current one)
+        self.kept = 0                         # of those ``live`` entries, how many the current request used
         self.alone = 0                        # entries no other session holds (what evicting it frees)
         self.last_arrival: float | None = None
         self.log_gap: float | None = None
@@ -83,6 +91,10 @@ class AgentAware(Policy):
         self._global_log_gap: float | None = None
         self._log_gap_after: dict[str | None, float] = {}   # all sessions, by stop reason
         self._log_busy: float | None = None                # log time from arrival to response end
+        self._went_stale = 0.0                             # blocks a session's request left out (decaying count)
+        self._came_back = 0.0                              # ... and that a later request asked for again
+        self._log_stale_gap: float | None = None           # log time from a stale block's last use to its return
+        self._stale_ghosts: OrderedDict[Key, float] = OrderedDict()  # stale blocks evicted lately -> last use
 
     def _session(self, sid: Hashable) -> _Session:
         s = self._sessions.get(sid)
@@ -101,9 +113,12 @@ class AgentAware(Policy):
             log_gap = math.log(max(_MIN_GAP_S, now - s.last_end))
             s.log_gap_after[s.last_stop] = _ema(s.log_gap_after.get(s.last_stop), log_gap, _GAP_WEIGHT)
             self._log_gap_after[s.last_stop] = _ema(self._log_gap_after.get(s.last_stop), log_gap, 0.01)
-        s.last_arrival, s.last_end = now, None
+        if s.last_arrival is not None:
+            self._learn_stale(went=max(0, s.live - s.kept))   # what its previous request left out
+        s.prev_arrival, s.last_arrival, s.last_end = s.last_arrival if s.last_arrival is not None else -math.inf, \
+            now, None
         s.hinted_delay = None if next_call_delay_s is None else max(0.0, next_call_delay_s)
-        s.live, s.fresh = s.fresh, 0
+        s.live, s.fresh, s.kept = s.fresh, 0, 0
         self._cur_id, self._cur, self._now = session, s, max(self._now, now)
 
     def end_request(self, session: Hashable, now: float, stop_reason: str | None = None) -> None:
@@ -123,6 +138,29 @@ class AgentAware(Policy):
             if stop in table:
                 return table[stop]
         return self._global_log_gap
+
+    def _learn_stale(self, went: int = 0, came_back_after: float | None = None) -> None:
+        """Count blocks going stale, or one coming back ``came_back_after`` seconds after its last use."""
+        self._went_stale += went
+        if came_back_after is not None:
+            self._came_back += 1
+            self._log_stale_gap = _ema(self._log_stale_gap, math.log(max(_MIN_GAP_S, came_back_after)), 0.01)
+        if self._went_stale > max(self.capacity, 1):   # a window of about one cache's worth of stale blocks
+            self._went_stale /= 2
+            self._came_back /= 2
+
+    def _stale_prediction(self, s: _Session, now: float) -> float:
+        """When the oldest of ``s``'s stale blocks is expected back: the learned gap from last use to return,
+        stretched by how rarely stale blocks return (an even chance before anything is seen)."""
+        last_use = next(iter(s.order.values()))
+        gap = math.exp(self._log_stale_gap) if self._log_stale_gap is not None else DEFAULT_GAP_S
+        expected = gap * (self._went_stale + 2.0) / min(self._came_back + 1.0, self._went_stale + 2.0)
+        elapsed = now - last_use
+        return last_use + expected if elapsed < expected else now + elapsed
+
+    def _front_prediction(self, s: _Session, now: float) -> float:
+        """The predicted next use of the entries ``evict`` would take next from ``s``: stale ones first."""
+        return self._stale_prediction(s, now) if len(s.order) > s.fresh else self.predicted_next_call(s, now)
 
     def predicted_next_call(self, s: _Session, now: float) -> float:
         """The client's hint while it holds; else the session's typical gap after its last response (by why
@@ -150,10 +188,23 @@ class AgentAware(Policy):
     # --- membership --------------------------------------------------------------------------------------
     def _hold(self, sid: Hashable, s: _Session, key: Key) -> None:
         """``s`` holds ``key`` as its newest entry (moved there if it held it already)."""
-        if key in s.order:
+        now = s.last_arrival if s.last_arrival is not None else self._now
+        last = s.order.get(key)
+        if last is not None:
             s.order.move_to_end(key)
+            s.order[key] = now
+            if last >= now:
+                return
+            if last >= s.prev_arrival:
+                s.kept += 1
+            else:
+                self._learn_stale(came_back_after=now - last)
             return
-        s.order[key] = None
+        if self._stale_ghosts:
+            last = self._stale_ghosts.pop(key, None)
+            if last is not None:
+                self._learn_stale(came_back_after=now - last)
+        s.order[key] = now
         holders = self._holders.get(key)
         if holders is None:
             self._holders[key] = {sid}
@@ -214,19 +265,20 @@ class AgentAware(Policy):
         now, cur_id = self._now, self._cur_id
         cur = self._cur
         mine = self.predicted_next_call(cur, now)
-        victims = sorted(((len(s.order) > s.fresh, self.predicted_next_call(s, now),
-                           min(len(s.order) - s.fresh, s.alone), s.alone)
-                          for sid, s in self._holding.items() if sid != cur_id), reverse=True)
+        parts = []   # (predicted next use, blocks evicting it frees): each session's stale and live blocks
+        for sid, s in self._holding.items():
+            if sid != cur_id:
+                n_stale = min(len(s.order) - s.fresh, s.alone)
+                if n_stale:
+                    parts.append((self._stale_prediction(s, now), n_stale))
+                parts.append((self.predicted_next_call(s, now), s.alone - n_stale))
+        parts.sort(reverse=True)
         # the session's own blocks that its previous request left out are stale: they always make room
         admitted = max(room, 0) + min(max(0, len(cur.order) - cur.live), cur.alone)
-        for stale, next_call, n_stale, n_alone in victims:
-            if admitted >= len(keys):
+        for next_use, n_freed in parts:
+            if admitted >= len(keys) or next_use <= mine:
                 break
-            admitted += n_stale
-            if next_call > mine:
-                admitted += n_alone - n_stale
-            elif not stale:
-                break
+            admitted += n_freed
         return keys[:admitted]
 
     # --- eviction ----------------------------------------------------------------------------------------
@@ -237,7 +289,7 @@ class AgentAware(Policy):
         for sid, s in self._holding.items():
             if sid in skip:
                 continue
-            score = (len(s.order) > s.fresh, self.predicted_next_call(s, now))
+            score = self._front_prediction(s, now)
             if best_score is None or score > best_score:
                 best, best_score = sid, score
         return best
@@ -255,18 +307,40 @@ class AgentAware(Policy):
             want = n - len(out)
             if stale > 0:
                 want = min(want, stale)
-            got = pop_front(s.order, want, busy)
+            got = _pop_front(s.order, want, busy)
             if len(got) < want:
                 skip.add(sid)
             taken_stale = min(len(got), max(0, stale))
             s.fresh = min(max(0, s.fresh - (len(got) - taken_stale)), len(s.order))
-            out.extend(key for key in got if self._let_go(sid, s, key))
+            for i, (key, last_use) in enumerate(got):
+                if self._let_go(sid, s, key):
+                    out.append(key)
+                    if i < taken_stale:
+                        self._remember_stale(key, last_use)
             if not s.order:
                 del self._holding[sid]
         return out
+
+    def _remember_stale(self, key: Key, last_use: float) -> None:
+        self._stale_ghosts[key] = last_use
+        if len(self._stale_ghosts) > self.capacity:
+            self._stale_ghosts.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._holders)
 
     def __contains__(self, key: Key) -> bool:
         return key in self._holders
+
+
+def _pop_front(order: OrderedDict[Key, float], n: int, busy: Collection[Key]) -> list[tuple[Key, float]]:
+    """Remove up to ``n`` entries from the front of ``order``, skipping busy keys; each with its last use."""
+    out = []
+    for key, last_use in order.items():
+        if len(out) >= n:
+            break
+        if key not in busy:
+            out.append((key, last_use))
+    for key, _ in out:
+        del order[key]
+    return out
