@@ -15,13 +15,11 @@ that (the log-spread of the gap after a tool call stays about 1.06 whatever the 
 what keeps this policy below Belady at the smallest capacities; see issue 4's note.
 
 How it evicts:
-1. Sessions in order of their predicted next call, furthest first, each from its stale branch: the blocks
-   that were not part of its latest request. How soon those come back is learned online: the share of blocks
-   that went stale and were asked for again (a ghost list remembers evicted ones), and how long after their
-   last use they came back, give a stale block its expected next use; one unused for longer than that is
-   predicted to stay unused for as long again. Where a new request re-sends its whole context (v8's Claude
-   Code sessions: 4% come back) they go first; where a session alternates between branches (Weka's v6
-   release: 69% come back, half within 13 s) the recent ones compete with the other sessions' contexts.
+1. A session's stale branch (the blocks its latest request left out) before its live context, each stale
+   block predicted to stay unused for as long as it has been unused: a new request of an agent usually
+   re-sends its whole context (v8's Claude Code sessions: 4% of stale blocks are ever asked for again), but
+   some sessions alternate between branches (Weka's v6 release: 69% come back, half of them within 13 s),
+   so a branch left out a moment ago is not thrown away ahead of contexts idle for minutes.
 2. Whole sessions in order of their predicted next call, furthest first. A session that has been quiet
    for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses).
 3. Within a session, leaves first: the deepest blocks of its context go before their ancestors, so what is
@@ -45,7 +43,7 @@ from collections.abc import Collection, Hashable, Sequence
 
 from collections import OrderedDict
 
-from kvtier.manager.policies.base import Key, Policy
+from kvtier.manager.policies.base import Key, Policy, pop_front
 
 DEFAULT_GAP_S = 30.0
 _GAP_WEIGHT = 0.3  # EMA weight of the newest gap (in log space)
@@ -58,16 +56,14 @@ def _ema(old: float | None, new: float, weight: float) -> float:
 
 
 class _Session:
-    __slots__ = ("order", "prev_arrival", "fresh", "live", "kept", "alone", "last_arrival", "log_gap",
-                 "hinted_delay", "last_end", "last_stop", "log_gap_after")
+    __slots__ = ("order", "fresh", "live", "alone", "last_arrival", "log_gap", "hinted_delay", "last_end",
+                 "last_stop", "log_gap_after")
 
     def __init__(self) -> None:
-        # the blocks it holds, leaf-first (oldest / deepest first) -> when the request that last used it arrived
+        # the blocks it holds, leaf-first (oldest / deepest first) -> when a request last used it
         self.order: OrderedDict[Key, float] = OrderedDict()
-        self.prev_arrival = -math.inf         # when its previous request arrived
         self.fresh = 0                        # entries (at the end of order) touched by the latest request
         self.live = 0                         # ``fresh`` as the latest request left it (before the current one)
-        self.kept = 0                         # of those ``live`` entries, how many the current request used
         self.alone = 0                        # entries no other session holds (what evicting it frees)
         self.last_arrival: float | None = None
         self.log_gap: float | None = None
@@ -91,10 +87,6 @@ class AgentAware(Policy):
         self._global_log_gap: float | None = None
         self._log_gap_after: dict[str | None, float] = {}   # all sessions, by stop reason
         self._log_busy: float | None = None                # log time from arrival to response end
-        self._went_stale = 0.0                             # blocks a session's request left out (decaying count)
-        self._came_back = 0.0                              # ... and that a later request asked for again
-        self._log_stale_gap: float | None = None           # log time from a stale block's last use to its return
-        self._stale_ghosts: OrderedDict[Key, float] = OrderedDict()  # stale blocks evicted lately -> last use
 
     def _session(self, sid: Hashable) -> _Session:
         s = self._sessions.get(sid)
@@ -113,12 +105,9 @@ class AgentAware(Policy):
             log_gap = math.log(max(_MIN_GAP_S, now - s.last_end))
             s.log_gap_after[s.last_stop] = _ema(s.log_gap_after.get(s.last_stop), log_gap, _GAP_WEIGHT)
             self._log_gap_after[s.last_stop] = _ema(self._log_gap_after.get(s.last_stop), log_gap, 0.01)
-        if s.last_arrival is not None:
-            self._learn_stale(went=max(0, s.live - s.kept))   # what its previous request left out
-        s.prev_arrival, s.last_arrival, s.last_end = s.last_arrival if s.last_arrival is not None else -math.inf, \
-            now, None
+        s.last_arrival, s.last_end = now, None
         s.hinted_delay = None if next_call_delay_s is None else max(0.0, next_call_delay_s)
-        s.live, s.fresh, s.kept = s.fresh, 0, 0
+        s.live, s.fresh = s.fresh, 0
         self._cur_id, self._cur, self._now = session, s, max(self._now, now)
 
     def end_request(self, session: Hashable, now: float, stop_reason: str | None = None) -> None:
@@ -139,24 +128,10 @@ class AgentAware(Policy):
                 return table[stop]
         return self._global_log_gap
 
-    def _learn_stale(self, went: int = 0, came_back_after: float | None = None) -> None:
-        """Count blocks going stale, or one coming back ``came_back_after`` seconds after its last use."""
-        self._went_stale += went
-        if came_back_after is not None:
-            self._came_back += 1
-            self._log_stale_gap = _ema(self._log_stale_gap, math.log(max(_MIN_GAP_S, came_back_after)), 0.01)
-        if self._went_stale > max(self.capacity, 1):   # a window of about one cache's worth of stale blocks
-            self._went_stale /= 2
-            self._came_back /= 2
-
-    def _stale_prediction(self, s: _Session, now: float) -> float:
-        """When the oldest of ``s``'s stale blocks is expected back: the learned gap from last use to return,
-        stretched by how rarely stale blocks return (an even chance before anything is seen)."""
-        last_use = next(iter(s.order.values()))
-        gap = math.exp(self._log_stale_gap) if self._log_stale_gap is not None else DEFAULT_GAP_S
-        expected = gap * (self._went_stale + 2.0) / min(self._came_back + 1.0, self._went_stale + 2.0)
-        elapsed = now - last_use
-        return last_use + expected if elapsed < expected else now + elapsed
+    @staticmethod
+    def _stale_prediction(s: _Session, now: float) -> float:
+        """When the oldest of ``s``'s stale blocks is expected back: unused for as long again."""
+        return now + (now - next(iter(s.order.values())))
 
     def _front_prediction(self, s: _Session, now: float) -> float:
         """The predicted next use of the entries ``evict`` would take next from ``s``: stale ones first."""
@@ -188,23 +163,11 @@ class AgentAware(Policy):
     # --- membership --------------------------------------------------------------------------------------
     def _hold(self, sid: Hashable, s: _Session, key: Key) -> None:
         """``s`` holds ``key`` as its newest entry (moved there if it held it already)."""
-        now = s.last_arrival if s.last_arrival is not None else self._now
-        last = s.order.get(key)
-        if last is not None:
+        if key in s.order:
             s.order.move_to_end(key)
-            s.order[key] = now
-            if last >= now:
-                return
-            if last >= s.prev_arrival:
-                s.kept += 1
-            else:
-                self._learn_stale(came_back_after=now - last)
+            s.order[key] = self._now
             return
-        if self._stale_ghosts:
-            last = self._stale_ghosts.pop(key, None)
-            if last is not None:
-                self._learn_stale(came_back_after=now - last)
-        s.order[key] = now
+        s.order[key] = self._now
         holders = self._holders.get(key)
         if holders is None:
             self._holders[key] = {sid}
@@ -307,24 +270,15 @@ class AgentAware(Policy):
             want = n - len(out)
             if stale > 0:
                 want = min(want, stale)
-            got = _pop_front(s.order, want, busy)
+            got = pop_front(s.order, want, busy)
             if len(got) < want:
                 skip.add(sid)
             taken_stale = min(len(got), max(0, stale))
             s.fresh = min(max(0, s.fresh - (len(got) - taken_stale)), len(s.order))
-            for i, (key, last_use) in enumerate(got):
-                if self._let_go(sid, s, key):
-                    out.append(key)
-                    if i < taken_stale:
-                        self._remember_stale(key, last_use)
+            out.extend(key for key in got if self._let_go(sid, s, key))
             if not s.order:
                 del self._holding[sid]
         return out
-
-    def _remember_stale(self, key: Key, last_use: float) -> None:
-        self._stale_ghosts[key] = last_use
-        if len(self._stale_ghosts) > self.capacity:
-            self._stale_ghosts.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -332,15 +286,3 @@ class AgentAware(Policy):
     def __contains__(self, key: Key) -> bool:
         return key in self._holders
 
-
-def _pop_front(order: OrderedDict[Key, float], n: int, busy: Collection[Key]) -> list[tuple[Key, float]]:
-    """Remove up to ``n`` entries from the front of ``order``, skipping busy keys; each with its last use."""
-    out = []
-    for key, last_use in order.items():
-        if len(out) >= n:
-            break
-        if key not in busy:
-            out.append((key, last_use))
-    for key, _ in out:
-        del order[key]
-    return out
