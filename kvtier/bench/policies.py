@@ -15,7 +15,8 @@ each trace's first cliff capacity with G2 = 4x and G3 = 16x G1, the blocks each 
 and the reads per write (write once, read many; NVIDIA Dynamo reports 11.7 on agent traffic), and for the
 default policy the G3 admission rules side by side (hits against G3 writes).
 
-Traces: callanjfox/kv-cache-tester@c9b3da5 (Apache-2.0); kvcache-ai/Mooncake FAST25-release (Apache-2.0).
+Traces: callanjfox/kv-cache-tester@c9b3da5 (Apache-2.0), and with ``--weka-more`` its other releases (v6 at
+7647c82: ``git show 7647c82:traces/`` of that repository); kvcache-ai/Mooncake FAST25-release (Apache-2.0).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from kvtier.bench.common import machine_line, print_table, shared_file, write_json
 from kvtier.command_options import output_path, positive_int
+from kvtier.errors import UsageError
 from kvtier.manager import TierSpec
 from kvtier.manager.policies import POLICIES, NextUseOracle
 from kvtier.sim.admission import ADMISSION_RULES
@@ -46,7 +48,7 @@ from kvtier.sim.plot import plot_sweep
 from kvtier.sim.replay import capacity_from_frac, replay
 from kvtier.sim.synthetic import REGIMES, generate
 from kvtier.sim.trace import Trace
-from kvtier.sim.weka import DEFAULT_MAX_GAP_S, load_weka
+from kvtier.sim.weka import DEFAULT_MAX_GAP_S, load_weka, trace_label
 
 BASELINE, BOUND, DEFAULT = "lru", "belady", "agent"
 TIERS = (4.0, 16.0)   # G2, G3 as multiples of G1 for the write-amplification runs
@@ -117,6 +119,11 @@ def load_dev_set(args: argparse.Namespace) -> dict[str, Callable[[], Trace]]:
                                                         max_sessions=args.max_sessions, max_gap=args.max_gap,
                                                         keep_duplicates=args.keep_duplicates,
                                                         progress=not args.no_progress)
+    for path in args.weka_more:
+        loaders[trace_label(path)] = lambda path=path: load_weka(path, slots=args.slots, seed=args.seed,
+                                                                 max_gap=args.max_gap,
+                                                                 keep_duplicates=args.keep_duplicates,
+                                                                 progress=not args.no_progress)
     for path in args.mooncake:
         loaders[Path(path).stem] = lambda path=path: load_mooncake(path)
     for regime in args.regimes:
@@ -129,6 +136,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="60 Weka sessions per half, two synthetic regimes, capacities 1%% and 5%%")
     ap.add_argument("--weka", default=str(shared_file("traces/weka_kvcachetester_v8_c9b3da5_traces.tar.xz")),
                     help="the Weka kv-cache-tester trace (.tar.xz), split into a tuning and a held-out half")
+    ap.add_argument("--weka-more", nargs="*", default=[], metavar="PATH",
+                    help="other releases of the Weka traces (.tar.xz or a directory of trace_*.json), replayed "
+                         "whole: e.g. kv-cache-tester's v6 set (commit 7647c82, global hash ids)")
     ap.add_argument("--mooncake", nargs="*", default=[str(shared_file("traces/mooncake_conversation_trace.jsonl")),
                                                       str(shared_file("traces/mooncake_synthetic_trace.jsonl"))],
                     help="Mooncake traces (.jsonl)")
@@ -176,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         args.fracs = [0.01, 0.05]
         args.regimes = args.regimes[:2]
     policies = list(dict.fromkeys([DEFAULT, BASELINE, *args.policies, BOUND]))
+    missing = [p for p in ([] if args.skip_weka else [args.weka]) + args.weka_more + args.mooncake
+               if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"trace not found: {', '.join(missing)}")
     print(f"{machine_line()}; {args.jobs} worker processes")
     for name, load in load_dev_set(args).items():
         t0 = time.perf_counter()
@@ -216,7 +230,7 @@ class _Sweep:
     def _setup(self) -> dict:
         """What a row's figure depends on besides its job: rows of another setup are never reused."""
         a = self.args
-        return {"weka": a.weka, "slots": a.slots, "seed": a.seed, "max_gap": a.max_gap, "max_sessions": a.max_sessions,
+        return {"weka": a.weka, "weka_more": a.weka_more, "slots": a.slots, "seed": a.seed, "max_gap": a.max_gap, "max_sessions": a.max_sessions,
                 "keep_duplicates": a.keep_duplicates}
 
     def cliffs(self, name: str) -> list[float]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kvtier.bench import policies as bench
 from kvtier.cli import OneLineParser
+from kvtier.errors import UsageError
 from kvtier.sim.synthetic import SyntheticSpec
 
 
@@ -41,3 +44,11 @@ def test_bench_policies_writes_tables_json_and_png_per_trace(tmp_path, monkeypat
         return sorted((r["policy"], r["frac"], r["hit_rate"]) for r in rows)
 
     assert figures(again["rows"]) == figures(report["rows"]) and len(again["tiers"]) == len(tiers)
+
+
+def test_bench_policies_names_a_missing_trace_in_one_line(tmp_path):
+    parser = OneLineParser(prog="kvtier bench policies")
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--skip-weka", "--weka-more", str(tmp_path / "v6"), "--mooncake", "--regimes", ""])
+    with pytest.raises(UsageError, match="trace not found: .*v6"):
+        bench.run(args)
