@@ -99,6 +99,30 @@ def test_agent_keeps_a_block_while_any_session_holding_it_may_return():
     assert all(k in policy for k in (1, 2, 3)) and len(policy) == 3
 
 
+def test_agent_bookkeeping_of_shared_blocks_stays_consistent():
+    """Random sessions re-sending overlapping contexts through a small cache: every cached block is held by
+    the sessions whose order lists it, and each session's count of blocks it alone holds is right."""
+    rng = np.random.default_rng(3)
+    m = ReplayManager([TierSpec("G1", 40)], policy="agent")
+    contexts = {s: list(range(5)) for s in range(6)}   # a common head, then each session's own blocks
+    for i in range(400):
+        s = int(rng.integers(6))
+        if rng.random() < 0.1:   # fork: continue another session's context
+            contexts[s] = list(contexts[int(rng.integers(6))])
+        contexts[s] = contexts[s][:int(rng.integers(3, len(contexts[s]) + 1))] + \
+            [1000 * (s + 1) + i * 10 + j for j in range(int(rng.integers(1, 4)))]
+        m.access(contexts[s], session=s, now=float(i))
+        m.check_invariants()
+        policy = m.tiers[0].policy
+        listed: dict = {}
+        for sid, session in policy._holding.items():
+            for key in session.order:
+                listed.setdefault(key, set()).add(sid)
+        assert set(listed) == set(m.tiers[0].sizes)
+        for sid, session in policy._holding.items():
+            assert session.alone == sum(1 for key in session.order if listed[key] == {sid})
+
+
 def test_agent_prefers_hinted_delay():
     from kvtier.hints import AgentHints
     m = ReplayManager([TierSpec("G1", 4)], policy="agent")

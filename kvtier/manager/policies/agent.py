@@ -80,7 +80,10 @@ class AgentAware(Policy):
         super().__init__(capacity)
         self._sessions: dict[Hashable, _Session] = {}
         self._holding: dict[Hashable, _Session] = {}   # sessions with at least one entry
-        self._holders: dict[Key, set[Hashable]] = {}   # every cached block -> the sessions holding it
+        # every cached block -> its session (any one of them when several hold it); blocks several sessions hold
+        # -> all of them. A set per block would cost ~200 B each where most blocks have one holder.
+        self._holder: dict[Key, Hashable] = {}
+        self._holders: dict[Key, set[Hashable]] = {}
         self._cur_id: Hashable = None
         self._cur = self._session(None)
         self._now = 0.0
@@ -168,26 +171,30 @@ class AgentAware(Policy):
             s.order[key] = self._now
             return
         s.order[key] = self._now
-        holders = self._holders.get(key)
-        if holders is None:
-            self._holders[key] = {sid}
+        holder = self._holder.get(key, _NOBODY)
+        if holder is _NOBODY:
+            self._holder[key] = sid
             s.alone += 1
-        else:
-            if len(holders) == 1:
-                self._sessions[next(iter(holders))].alone -= 1
+        elif (holders := self._holders.get(key)) is not None:
             holders.add(sid)
+        else:
+            self._sessions[holder].alone -= 1
+            self._holders[key] = {holder, sid}
         self._holding[sid] = s
 
     def _let_go(self, sid: Hashable, s: _Session, key: Key) -> bool:
         """``s`` no longer holds ``key`` (already out of its order); True when no session holds it now."""
-        holders = self._holders[key]
-        holders.discard(sid)
-        if not holders:
-            del self._holders[key]
+        holders = self._holders.get(key)
+        if holders is None:
+            del self._holder[key]
             s.alone -= 1
             return True
+        holders.discard(sid)
         if len(holders) == 1:
-            self._sessions[next(iter(holders))].alone += 1
+            last = holders.pop()
+            del self._holders[key]
+            self._holder[key] = last
+            self._sessions[last].alone += 1
         return False
 
     def insert(self, key: Key) -> None:
@@ -211,7 +218,7 @@ class AgentAware(Policy):
         cur.fresh = min(len(keys), len(cur.order))
 
     def remove(self, key: Key) -> None:
-        for sid in self._holders[key].copy():
+        for sid in self._holders.get(key, {self._holder[key]}).copy():
             s = self._sessions[sid]
             del s.order[key]
             s.fresh = min(s.fresh, len(s.order))
@@ -222,7 +229,7 @@ class AgentAware(Policy):
     # --- admission ---------------------------------------------------------------------------------------
     def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
         """The leading part of the current request's new ``keys`` worth the room it takes (see the module)."""
-        room = self.capacity - len(self._holders)
+        room = self.capacity - len(self._holder)
         if len(keys) <= room or self._cur_id is None:  # without a session there is no next call to predict
             return keys
         now, cur_id = self._now, self._cur_id
@@ -281,8 +288,8 @@ class AgentAware(Policy):
         return out
 
     def __len__(self) -> int:
-        return len(self._holders)
+        return len(self._holder)
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._holders
+        return key in self._holder
 
