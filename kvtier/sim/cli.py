@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cap.add_argument("--capacity-blocks", type=blocks_arg, help="G1 capacities in blocks, comma-separated")
     parser.add_argument("--tiers", type=tiers_arg, default=(),
                         help="lower tiers as multiples of G1, e.g. '4,16' for G2, G3 (default: none)")
+    parser.add_argument("--vllm-g1", action="store_true",
+                        help="G1 is vLLM's own prefix cache (leaf-first LRU) and the policy orders G2, as under "
+                             "the vLLM plug-in (needs --tiers)")
     parser.add_argument("--admission", choices=list(ADMISSION_RULES), default=None,
                         help="G3/G4 admission rule (default: the configuration's admission_min_hits)")
     parser.add_argument("--max-sessions", type=positive_int, default=None, help="replay only this many sessions (weka)")
@@ -120,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
             capacities = [capacity_from_frac(trace, f) for f in args.capacity_frac or [0.01]]
     except ValueError as exc:  # a missing or malformed trace
         raise UsageError(str(exc)) from None
+    if args.vllm_g1 and not args.tiers:
+        raise UsageError("--vllm-g1 needs a G2: give --tiers")
     progress = not args.no_progress
     print(f"trace {trace.name}: {trace.num_requests} requests ({trace.dropped_duplicates} duplicates dropped), "
           f"{trace.num_accesses} blocks, {trace.unique_blocks()} unique, infinite cache "
@@ -130,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     for capacity in capacities:
         results[capacity] = {name: replay(trace, name, capacity, oracle=oracle, progress=progress,
                                           tier_multipliers=args.tiers if name == args.policy != "belady" else (),
-                                          admission=args.admission) for name in names}
+                                          admission=args.admission, vllm_g1=args.vllm_g1 and name == args.policy)
+                           for name in names}
     print(f"{'capacity':>9} {'policy':<10} {'hit rate':>9} {'/LRU':>7} {'/Belady':>8}")
     for capacity, row in results.items():
         lru, belady = row["lru"].hit_rate, row["belady"].hit_rate

@@ -13,7 +13,7 @@ from collections.abc import Hashable, Sequence
 from kvtier.hints import AgentHints
 from kvtier.manager import Manager
 from kvtier.manager.core import FIRST_COLD_TIER
-from kvtier.manager.policies import Key
+from kvtier.manager.policies import Key, make_policy
 from kvtier.manager.tier import EPHEMERAL
 from kvtier.sim.admission import Admission
 
@@ -22,9 +22,20 @@ class ReplayManager(Manager):
     """``Manager`` plus ``access``: a whole request at once (trace replay, policy tests and benchmarks), and
     an optional ``admission`` rule in front of G3 and below, to measure rules the manager does not have."""
 
-    def __init__(self, *args, admission: Admission | None = None, **kwargs) -> None:
+    def __init__(self, *args, admission: Admission | None = None, vllm_g1: bool = False, **kwargs) -> None:
+        """``vllm_g1``: the shape under the vLLM plug-in, where G1 is vLLM's own prefix cache (leaf-first LRU),
+        every block vLLM computes is offered to G2 as it is computed (write-through), and the configured policy
+        orders G2, the first tier kvtier manages."""
+        if vllm_g1:
+            kwargs["write_through"] = True
         super().__init__(*args, **kwargs)
         self.admission = admission
+        if vllm_g1:
+            if len(self.tiers) < 2:
+                raise ValueError("vllm_g1 needs a G2 below G1")
+            g1, g2 = self.tiers[0], self.tiers[1]
+            g2.policy = make_policy(kwargs.get("policy", "agent"), g2.spec.capacity // self.block_bytes)
+            g1.policy = make_policy("lru", g1.spec.capacity // self.block_bytes)
 
     def _store(self, ti: int, keys: Sequence[Key], *args, **kwargs) -> Sequence[Key]:
         if self.admission is not None and ti >= FIRST_COLD_TIER and not kwargs.get("adopted"):

@@ -47,10 +47,11 @@ def capacity_from_frac(trace: Trace, frac: float) -> int:
 
 def replay(trace: Trace, policy: str, capacity_blocks: int, *, tier_multipliers: Sequence[float] = (),
            admission: str | None = None, oracle: NextUseOracle | None = None, block_bytes: int = 1,
-           use_hints: bool = True, progress: bool = False) -> ReplayResult:
+           use_hints: bool = True, vllm_g1: bool = False, progress: bool = False) -> ReplayResult:
     """Replay ``trace`` with G1 = ``capacity_blocks`` and optional lower tiers of ``m * capacity`` blocks
     (G3 and G4 behind the ``admission`` rule, a name in ``ADMISSION_RULES``; default: the configuration's
-    ``admission_min_hits``). Returns G1's prefix hit rate and per-tier statistics."""
+    ``admission_min_hits``). ``vllm_g1``: G1 is vLLM's prefix cache (leaf-first LRU) and ``policy`` orders G2.
+    Returns G1's prefix hit rate and per-tier statistics."""
     min_hits, rule = ADMISSION_RULES[admission] if admission else (KvtierConfig.admission_min_hits, None)
     if capacity_blocks <= 0:
         raise ValueError(f"capacity must be positive, got {capacity_blocks}")
@@ -66,7 +67,7 @@ def replay(trace: Trace, policy: str, capacity_blocks: int, *, tier_multipliers:
         kwargs["oracle"] = oracle if oracle is not None else NextUseOracle(trace.keys, trace.offsets)
     lowest = int(capacity_blocks * tier_multipliers[-1]) if len(tier_multipliers) >= 2 else 0
     manager = ReplayManager(specs, policy=policy, policy_kwargs=kwargs, block_bytes=block_bytes,
-                            admission=rule(lowest) if rule is not None and lowest else None)
+                            admission=rule(lowest) if rule is not None and lowest else None, vllm_g1=vllm_g1)
     belady = manager.tiers[0].policy if policy == "belady" else None
     keys_all, offsets = trace.keys, trace.offsets.tolist()
     sessions, times = trace.sessions.tolist(), trace.times.tolist()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kvtier.errors import UsageError
+from kvtier.manager import TierSpec
 from kvtier.sim.manager import ReplayManager
 from kvtier.sim import cli
 from kvtier.sim.mooncake import load_mooncake
@@ -221,3 +222,17 @@ def test_weka_halves_are_disjoint_and_cover_the_sessions(tmp_path, monkeypatch):
     halves = [load_weka(path, slots=1, seed=0, half=h) for h in (0, 1)]
     assert sum(h.num_requests for h in halves) == load_weka(path, slots=1, seed=0).num_requests
     assert {h.num_requests for h in halves} == {3, 2}
+
+
+def test_vllm_shape_runs_lru_in_g1_and_the_policy_in_g2():
+    """``vllm_g1``: G1 is vLLM's prefix cache (leaf-first LRU) whatever the policy; G2 gets every computed
+    block (write-through) and is ordered by the policy, so G1 hits exactly what LRU alone would."""
+    trace = generate(SyntheticSpec(sessions=24, slots=6, mean_calls=10), seed=2)
+    cap = capacity_from_frac(trace, 0.02)
+    shaped = replay(trace, "agent", cap, tier_multipliers=(4,), vllm_g1=True)
+    assert shaped.hit_rate == replay(trace, "lru", cap).hit_rate
+    assert shaped.tiers["G2"]["hit_blocks"] > 0 and shaped.tiers["G2"]["writes"] > 0
+    manager = ReplayManager([TierSpec("G1", 8), TierSpec("G2", 32)], policy="agent", vllm_g1=True)
+    assert [t.policy.name for t in manager.tiers] == ["lru", "agent"] and manager.write_through
+    with pytest.raises(ValueError, match="needs a G2"):
+        ReplayManager([TierSpec("G1", 8)], policy="agent", vllm_g1=True)
