@@ -86,6 +86,15 @@ def test_agent_evicts_stale_branch_then_furthest_session():
     assert held(m) == {1, 5, 6, 7, 8} and hits2 == [3]
 
 
+def test_agent_keeps_a_branch_left_out_a_moment_ago_over_a_long_idle_session():
+    # A alternates between branches (3, then 4); B has been idle for 100 s; C's block needs one slot
+    reqs = [[10, 11], [1, 2, 3], [1, 2, 4], [20]]
+    sessions = ["B", "A", "A", "C"]
+    times = [0.0, 100.0, 101.0, 101.5]
+    _, m = run("agent", 6, reqs, sessions, times)
+    assert held(m) == {1, 2, 3, 4, 10, 20}   # B's leaf went, not A's stale branch
+
+
 def test_agent_keeps_a_block_while_any_session_holding_it_may_return():
     """A resumed or forked session re-sends another's context: evicting the quiet one releases those blocks,
     but they stay for the session that still holds them, and its deepest private blocks go first."""
