@@ -159,6 +159,28 @@ def test_agent_learns_how_soon_sessions_return_after_each_stop_reason():
     assert {3, 4} <= held(m) and 2 not in held(m)   # A is predicted back last: its leaf goes
 
 
+def test_agent_learns_how_many_sessions_come_back_after_each_stop_reason():
+    # ten sessions ended a turn and never came back, one came back after 60 s; tool calls return in 2 s
+    from kvtier.manager.policies.agent import AgentAware
+    policy = AgentAware(capacity=100)
+    for i in range(10):
+        policy.begin_request(f"gone{i}", float(i), None)
+        policy.end_request(f"gone{i}", i + 0.5, "end_turn")
+    for sid, stop, gap in (("back", "end_turn", 60.0), ("tool", "tool_use", 2.0)):
+        policy.begin_request(sid, 20.0, None)
+        policy.end_request(sid, 21.0, stop)
+        policy.begin_request(sid, 21.0 + gap, None)
+        policy.end_request(sid, 22.0 + gap, stop)
+    policy.begin_request("B", 100.0, None)   # running a tool for 100 s already: long overdue
+    policy.touch_request([3, 4], ())
+    policy.end_request("B", 101.0, "tool_use")
+    policy.begin_request("A", 200.0, None)   # its turn just ended: most such sessions never return
+    policy.touch_request([1, 2], ())
+    policy.end_request("A", 201.0, "end_turn")
+    policy.begin_request("C", 202.0, None)
+    assert policy.evict(1, busy=()) == [2]
+
+
 def test_agent_keeps_resident_session_instead_of_thrashing():
     # capacity fits one context: B (predicted back later than A) must not push A out; LRU swaps them every call
     # (root-first LRU keeps nothing; leaf-first LRU keeps one block of each)

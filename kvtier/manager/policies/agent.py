@@ -41,13 +41,14 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Hashable, Sequence
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from kvtier.manager.policies.base import Key, Policy, pop_front
 
 DEFAULT_GAP_S = 30.0
 _GAP_WEIGHT = 0.3  # EMA weight of the newest gap (in log space)
 _MIN_GAP_S = 0.05
+_RETURN_WINDOW = 1000  # responses of one stop reason the share of returning sessions is learned over
 _NOBODY = object()
 
 
@@ -90,6 +91,8 @@ class AgentAware(Policy):
         self._global_log_gap: float | None = None
         self._log_gap_after: dict[str | None, float] = {}   # all sessions, by stop reason
         self._log_busy: float | None = None                # log time from arrival to response end
+        self._ended: Counter[str | None] = Counter()       # responses by stop reason (decaying counts)
+        self._returned: Counter[str | None] = Counter()    # ... after which the session called again
 
     def _session(self, sid: Hashable) -> _Session:
         s = self._sessions.get(sid)
@@ -105,6 +108,7 @@ class AgentAware(Policy):
             s.log_gap = _ema(s.log_gap, log_gap, _GAP_WEIGHT)
             self._global_log_gap = _ema(self._global_log_gap, log_gap, 0.01)
         if s.last_end is not None:
+            self._returned[s.last_stop] += 1
             log_gap = math.log(max(_MIN_GAP_S, now - s.last_end))
             s.log_gap_after[s.last_stop] = _ema(s.log_gap_after.get(s.last_stop), log_gap, _GAP_WEIGHT)
             self._log_gap_after[s.last_stop] = _ema(self._log_gap_after.get(s.last_stop), log_gap, 0.01)
@@ -118,6 +122,10 @@ class AgentAware(Policy):
         if s.last_arrival is not None and s.last_end is None:
             self._log_busy = _ema(self._log_busy, math.log(max(_MIN_GAP_S, now - s.last_arrival)), 0.01)
         s.last_end, s.last_stop = now, stop_reason
+        self._ended[stop_reason] += 1
+        if self._ended[stop_reason] > _RETURN_WINDOW:
+            self._ended[stop_reason] /= 2
+            self._returned[stop_reason] /= 2
         self._now = max(self._now, now)
 
     def hint_next_call(self, session: Hashable, delay_s: float) -> None:
@@ -155,13 +163,20 @@ class AgentAware(Policy):
                 return max(now, s.last_arrival + math.exp(self._log_busy)) + \
                     (math.exp(after) if after is not None else DEFAULT_GAP_S)
             since, log_gap = s.last_end, self._gap_after(s, s.last_stop)
+            returning = self._share_returning(s.last_stop)
         else:
             since, log_gap = s.last_arrival, s.log_gap if s.log_gap is not None else self._global_log_gap
+            returning = 1.0
         gap = math.exp(log_gap) if log_gap is not None else DEFAULT_GAP_S
         elapsed = now - since
-        if elapsed < gap:
-            return since + gap
-        return now + elapsed
+        quiet_for = since + gap - now if elapsed < gap else elapsed
+        return now + quiet_for / returning
+
+    def _share_returning(self, stop: str | None) -> float:
+        """How many of the sessions whose response stopped for ``stop`` called again (learned online; the
+        gaps above are learned only from those that did, so a stop that ends most sessions, as a finished
+        subagent's last turn does, would otherwise promise a return that never comes)."""
+        return min(1.0, (self._returned[stop] + 1) / (self._ended[stop] + 1))
 
     # --- membership --------------------------------------------------------------------------------------
     def _hold(self, sid: Hashable, s: _Session, key: Key) -> None:
