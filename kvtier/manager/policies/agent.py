@@ -8,7 +8,7 @@ What it uses, all of it known to a real server at request time:
   the client comes back in seconds, after an ended turn a person answers first;
 - which sessions' latest requests used each block (seen as requests arrive);
 - statistics learned online: each session's past gaps between calls (a geometric mean, by stop reason when
-  ends are reported) and all sessions'.
+  ends are reported) and all sessions', and the share of sessions that called again after each stop reason.
 No constant in it is fitted to a trace (the defaults below only seed what is learned). It never sees a
 trace's future. On the Weka traces a session's next call is not predictable much better than
 that (the log-spread of the gap after a tool call stays about 1.06 whatever the server conditions on), which is
@@ -39,9 +39,8 @@ count as room it would give up.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Hashable, Sequence
-
 from collections import Counter, OrderedDict
+from collections.abc import Collection, Hashable, Sequence
 
 from kvtier.manager.policies.base import Key, Policy, pop_front
 
