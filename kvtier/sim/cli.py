@@ -115,6 +115,8 @@ def load_trace(args: argparse.Namespace) -> Trace:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vllm_g1 and not args.tiers:
+        raise UsageError("--vllm-g1 needs a G2: give --tiers")
     try:
         trace = load_trace(args)
         if args.capacity_blocks is not None:
@@ -123,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
             capacities = [capacity_from_frac(trace, f) for f in args.capacity_frac or [0.01]]
     except ValueError as exc:  # a missing or malformed trace
         raise UsageError(str(exc)) from None
-    if args.vllm_g1 and not args.tiers:
-        raise UsageError("--vllm-g1 needs a G2: give --tiers")
     progress = not args.no_progress
     print(f"trace {trace.name}: {trace.num_requests} requests ({trace.dropped_duplicates} duplicates dropped), "
           f"{trace.num_accesses} blocks, {trace.unique_blocks()} unique, infinite cache "
@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     for capacity in capacities:
         results[capacity] = {name: replay(trace, name, capacity, oracle=oracle, progress=progress,
                                           tier_multipliers=args.tiers if name == args.policy != "belady" else (),
-                                          admission=args.admission, vllm_g1=args.vllm_g1 and name == args.policy)
+                                          admission=args.admission,
+                                          vllm_g1=args.vllm_g1 and name == args.policy != "belady")
                            for name in names}
     print(f"{'capacity':>9} {'policy':<10} {'hit rate':>9} {'/LRU':>7} {'/Belady':>8}")
     for capacity, row in results.items():

@@ -6,7 +6,7 @@ What it uses, all of it known to a real server at request time:
 - the client's ``next_call_delay_s`` hint when one is sent (e.g. "a tool call is running");
 - when each response ended and why (``end_request``: the server produced it, so it knows): after a tool call
   the client comes back in seconds, after an ended turn a person answers first;
-- which sessions' latest requests used each block (seen as requests arrive);
+- which sessions hold each block: used it and have not let it go (seen as requests arrive);
 - statistics learned online: each session's past gaps between calls (a geometric mean, by stop reason when
   ends are reported) and all sessions', and the share of sessions that called again after each stop reason.
 No constant in it is fitted to a trace (the defaults below only seed what is learned). It never sees a
