@@ -211,27 +211,25 @@ def run(args: argparse.Namespace) -> int:
 class _Sweep:
     """The replays' rows as they finish. Each trace is reported (table, its JSON and PNG, the summary JSON)
     as soon as its replays of a phase are done, so an interrupted run keeps what it finished; every row is
-    also appended to ``<json>.rows.jsonl``, and a rerun with the same ``--json`` skips the replays found there."""
+    also appended to ``<json>.rows.jsonl``, and a rerun with the same ``--json`` and setup skips the replays found
+    there (after changing a policy, delete its rows to replay it)."""
 
     def __init__(self, args: argparse.Namespace, policies: list[str]) -> None:
         self.args, self.policies = args, policies
         self.infinite = {name: t.infinite_cache_hit_rate() for name, t in _TRACES.items()}
         self.rows: list[dict] = []
         self.done: dict[Job, dict] = {}
+        # what a row's figure depends on besides its job: rows of another setup are never reused
+        self.setup = {k: getattr(args, k) for k in ("weka", "weka_more", "slots", "seed", "max_gap", "max_sessions",
+                                                      "keep_duplicates")}
         self.checkpoint = Path(f"{args.json}.rows.jsonl") if args.json else None
         if self.checkpoint is not None and self.checkpoint.exists():
             for line in self.checkpoint.read_text().splitlines():
                 row = json.loads(line)
-                if row.get("setup") == self._setup():
+                if row.get("setup") == self.setup:
                     self.done[_job_of(row)] = row
         self.summary = {"machine": machine_line(), "seed": args.seed, "slots": args.slots, "max_gap": args.max_gap,
                         "traces": {}, "ops": [measure_ops(p) for p in (BASELINE, DEFAULT)]}
-
-    def _setup(self) -> dict:
-        """What a row's figure depends on besides its job: rows of another setup are never reused."""
-        a = self.args
-        return {"weka": a.weka, "weka_more": a.weka_more, "slots": a.slots, "seed": a.seed, "max_gap": a.max_gap, "max_sessions": a.max_sessions,
-                "keep_duplicates": a.keep_duplicates}
 
     def cliffs(self, name: str) -> list[float]:
         return [f for f in self.args.fracs if _rate(self.rows, name, BASELINE, f) < 0.5 * self.infinite[name]]
@@ -245,7 +243,7 @@ class _Sweep:
         for job, row in _run_all(todo, self.args):
             if self.checkpoint is not None:
                 with self.checkpoint.open("a") as out:
-                    out.write(json.dumps({**row, "setup": self._setup()}) + "\n")
+                    out.write(json.dumps({**row, "setup": self.setup}) + "\n")
             self._finished(job, row, left)
 
     def _finished(self, job: Job, row: dict, left: dict[str, int]) -> None:
@@ -260,10 +258,11 @@ class _Sweep:
         for r in mine:
             r["vs_lru"] = r["hit_rate"] / max(1e-12, _rate(mine, name, BASELINE, r["frac"]))
             r["vs_belady"] = r["hit_rate"] / max(1e-12, _rate(mine, name, BOUND, r["frac"]))
+        cliffs = self.cliffs(name)
         report = {"trace": trace.name, "source": trace.source, "infinite_cache_hit_rate": self.infinite[name],
-                  "unique_blocks": trace.unique_blocks(), "cliff_fracs": self.cliffs(name), "rows": mine,
+                  "unique_blocks": trace.unique_blocks(), "cliff_fracs": cliffs, "rows": mine,
                   "tiers": [r for r in self.rows if r["trace"] == name and "tiers" in r],
-                  "targets": _targets(mine, self.cliffs(name), self.policies)}
+                  "targets": _targets(mine, cliffs, self.policies)}
         self.summary["traces"][name] = report
         (_print_tiers if tiered else _print_trace)(name, report, self.policies, args.fracs)
         if args.json:
@@ -272,7 +271,7 @@ class _Sweep:
         if args.plot and not tiered:
             plot_sweep(_beside(args.plot, name), args.fracs,
                        {p: [_rate(mine, name, p, f) for f in args.fracs] for p in self.policies},
-                       title=f"{name} (infinite cache {self.infinite[name]:.3f})", cliffs=report["cliff_fracs"])
+                       title=f"{name} (infinite cache {self.infinite[name]:.3f})", cliffs=cliffs)
 
 
 def _job_of(row: dict) -> Job:
