@@ -108,6 +108,23 @@ def test_agent_keeps_a_block_while_any_session_holding_it_may_return():
     assert all(k in policy for k in (1, 2, 3)) and len(policy) == 3
 
 
+def test_agent_takes_stale_blocks_only_while_they_rank_ahead_of_other_sessions():
+    """Stale blocks of one session were left out at different times: one eviction takes the long-unused
+    ones, then another session's, and leaves the recently left-out ones (not a whole batch at once)."""
+    from kvtier.manager.policies.agent import AgentAware
+    policy = AgentAware(capacity=16)
+    policy.begin_request("A", 0.0)
+    policy.touch_request([1, 10, 11], ())          # 10, 11: unused since 0 s -> back at ~180 s
+    policy.begin_request("B", 20.0, next_call_delay_s=150.0)
+    policy.touch_request([5, 6], ())               # B: back at 170 s
+    policy.begin_request("A", 50.0)
+    policy.touch_request([1, 20, 21], ())          # 20, 21: unused since 50 s -> back at ~130 s
+    policy.begin_request("A", 90.0)
+    policy.touch_request([1, 30], ())
+    assert policy.evict(4, busy=()) == [11, 10, 6, 5]   # leaf-first within a request
+    assert all(k in policy for k in (1, 20, 21, 30))
+
+
 def test_agent_bookkeeping_of_shared_blocks_stays_consistent():
     """Random sessions re-sending overlapping contexts through a small cache: every cached block is held by
     the sessions whose order lists it, and each session's count of blocks it alone holds is right."""

@@ -139,9 +139,13 @@ class AgentAware(Policy):
         return self._global_log_gap
 
     @staticmethod
-    def _stale_prediction(s: _Session, now: float) -> float:
-        """When the oldest of ``s``'s stale blocks is expected back: unused for as long again."""
-        return now + (now - next(iter(s.order.values())))
+    def _stale_back(used: float, now: float) -> float:
+        """When a stale block last used at ``used`` is expected back: unused for as long again."""
+        return now + (now - used)
+
+    def _stale_prediction(self, s: _Session, now: float) -> float:
+        """When the oldest of ``s``'s stale blocks is expected back."""
+        return self._stale_back(next(iter(s.order.values())), now)
 
     def _front_prediction(self, s: _Session, now: float) -> float:
         """The predicted next use of the entries ``evict`` would take next from ``s``: stale ones first."""
@@ -266,31 +270,41 @@ class AgentAware(Policy):
         return keys[:admitted]
 
     # --- eviction ----------------------------------------------------------------------------------------
-    def _victim(self, skip: set) -> Hashable:
-        """The session to evict from, or ``_NOBODY``."""
-        best, best_score = _NOBODY, None
+    def _victim(self, skip: set) -> tuple[Hashable, float]:
+        """The session to evict from (or ``_NOBODY``), and the runner-up's score: the victim gives up stale
+        blocks only while they are predicted back later than that."""
+        best, best_score, runner_up = _NOBODY, -math.inf, -math.inf
         now = self._now
         for sid, s in self._holding.items():
             if sid in skip:
                 continue
             score = self._front_prediction(s, now)
-            if best_score is None or score > best_score:
-                best, best_score = sid, score
-        return best
+            if best is _NOBODY or score > best_score:
+                best, best_score, runner_up = sid, score, best_score
+            elif score > runner_up:
+                runner_up = score
+        return best, runner_up
 
     def evict(self, n: int, busy: Collection[Key]) -> list[Key]:
         """Sessions let their blocks go, furthest predicted first; a block leaves once nobody holds it."""
         out: list[Key] = []
         skip: set = set()
+        now = self._now
         while len(out) < n:
-            sid = self._victim(skip)
+            sid, runner_up = self._victim(skip)
             if sid is _NOBODY:
                 break
             s = self._holding[sid]
             stale = len(s.order) - s.fresh
             want = n - len(out)
             if stale > 0:
-                want = min(want, stale)
+                # stale blocks were left out at different times: take those expected back after the runner-up's
+                # front (at least one), not a whole batch on the strength of the oldest
+                limit, want = min(want, stale), 0
+                for used in s.order.values():
+                    if want == limit or (want and self._stale_back(used, now) < runner_up):
+                        break
+                    want += 1
             got = pop_front(s.order, want, busy)
             if len(got) < want:
                 skip.add(sid)
