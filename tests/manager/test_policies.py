@@ -125,6 +125,57 @@ def test_agent_takes_stale_blocks_only_while_they_rank_ahead_of_other_sessions()
     assert all(k in policy for k in (1, 20, 21, 30))
 
 
+def _scan_evict(policy, n, busy):
+    """The agent policy's eviction written as the plain scan it ranks with a heap: every pick re-ranks every
+    session holding blocks."""
+    import math
+    from kvtier.manager.policies.base import pop_front
+    out, skip, now = [], set(), policy._now
+    while len(out) < n:
+        ranked = sorted(((policy._front_prediction(s, now), -rank, sid) for rank, (sid, s)
+                         in enumerate(policy._holding.items()) if sid not in skip), reverse=True)
+        if not ranked:
+            break
+        sid, runner_up = ranked[0][2], ranked[1][0] if len(ranked) > 1 else -math.inf
+        s = policy._holding[sid]
+        stale, want = len(s.order) - s.fresh, n - len(out)
+        if stale > 0:
+            limit, want = min(want, stale), 0
+            for used in s.order.values():
+                if want == limit or (want and policy._stale_back(used, now) < runner_up):
+                    break
+                want += 1
+        got = pop_front(s.order, want, busy)
+        if len(got) < want:
+            skip.add(sid)
+        s.fresh = min(max(0, s.fresh - (len(got) - min(len(got), max(0, stale)))), len(s.order))
+        out.extend(key for key in got if policy._let_go(sid, s, key))
+        if not s.order:
+            del policy._holding[sid]
+    return out
+
+
+def test_agent_eviction_ranks_like_a_scan_of_every_session():
+    """Many sessions with stale branches, shared heads and busy blocks: the heap picks the same victims, in the
+    same order, as re-ranking every session before each pick."""
+    import copy
+    from kvtier.manager.policies.agent import AgentAware
+    rng = np.random.default_rng(7)
+    policy = AgentAware(capacity=10_000)
+    contexts = {s: [0, 1] for s in range(40)}
+    for i in range(600):
+        s = int(rng.integers(40))
+        contexts[s] = contexts[s][:int(rng.integers(2, len(contexts[s]) + 1))] + \
+            [100_000 * (s + 1) + 10 * i + j for j in range(int(rng.integers(1, 5)))]
+        policy.begin_request(s, float(i) + float(rng.random()))
+        policy.touch_request(contexts[s], ())
+        if i % 50 == 49:
+            busy = set(contexts[s])
+            n = int(rng.integers(1, 60))
+            expected = _scan_evict(copy.deepcopy(policy), n, busy)
+            assert policy.evict(n, busy) == expected and len(expected) > 0
+
+
 def test_agent_bookkeeping_of_shared_blocks_stays_consistent():
     """Random sessions re-sending overlapping contexts through a small cache: every cached block is held by
     the sessions whose order lists it, and each session's count of blocks it alone holds is right."""
