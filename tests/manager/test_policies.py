@@ -138,13 +138,7 @@ def _scan_evict(policy, n, busy):
             break
         sid, runner_up = ranked[0][2], ranked[1][0] if len(ranked) > 1 else -math.inf
         s = policy._holding[sid]
-        stale, want = len(s.order) - s.fresh, n - len(out)
-        if stale > 0:
-            limit, want = min(want, stale), 0
-            for used in s.order.values():
-                if want == limit or (want and policy._stale_back(used, now) < runner_up):
-                    break
-                want += 1
+        stale, want = len(s.order) - s.fresh, policy._to_take(s, n - len(out), runner_up, now)
         got = pop_front(s.order, want, busy)
         if len(got) < want:
             skip.add(sid)

@@ -271,6 +271,20 @@ class AgentAware(Policy):
         return keys[:admitted]
 
     # --- eviction ----------------------------------------------------------------------------------------
+    def _to_take(self, s: _Session, wanted: int, runner_up: float, now: float) -> int:
+        """How many blocks the victim ``s`` gives up now. Its stale blocks were left out at different times: it
+        takes those expected back after the runner-up's front (at least one), not a whole batch on the strength
+        of the oldest. Live blocks were all used by its latest request: as many as wanted."""
+        stale = len(s.order) - s.fresh
+        if stale <= 0:
+            return wanted
+        limit, take = min(wanted, stale), 0
+        for used in s.order.values():
+            if take == limit or (take and self._stale_back(used, now) < runner_up):
+                break
+            take += 1
+        return take
+
     def evict(self, n: int, busy: Collection[Key]) -> list[Key]:
         """Sessions let their blocks go, furthest predicted first; a block leaves once nobody holds it.
 
@@ -288,15 +302,7 @@ class AgentAware(Policy):
             runner_up = -heap[0][0] if heap else -math.inf
             s = self._holding[sid]
             stale = len(s.order) - s.fresh
-            want = n - len(out)
-            if stale > 0:
-                # stale blocks were left out at different times: take those expected back after the runner-up's
-                # front (at least one), not a whole batch on the strength of the oldest
-                limit, want = min(want, stale), 0
-                for used in s.order.values():
-                    if want == limit or (want and self._stale_back(used, now) < runner_up):
-                        break
-                    want += 1
+            want = self._to_take(s, n - len(out), runner_up, now)
             got = pop_front(s.order, want, busy)
             taken_stale = min(len(got), max(0, stale))
             s.fresh = min(max(0, s.fresh - (len(got) - taken_stale)), len(s.order))
