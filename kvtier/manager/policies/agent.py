@@ -19,7 +19,8 @@ How it evicts:
    block predicted to stay unused for as long as it has been unused: a new request of an agent usually
    re-sends its whole context (v8's Claude Code sessions: 4% of stale blocks are ever asked for again), but
    some sessions alternate between branches (Weka's v6 release: 69% come back, half of them within 13 s),
-   so a branch left out a moment ago is not thrown away ahead of contexts idle for minutes.
+   so a branch left out a moment ago is not thrown away ahead of contexts idle for minutes (nor taken in one
+   batch with the session's older stale blocks).
 2. Whole sessions in order of their predicted next call, furthest first. A session that has been quiet
    for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses).
 3. Within a session, leaves first: the deepest blocks of its context go before their ancestors, so what is
