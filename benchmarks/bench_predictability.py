@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         halves = [int(h) for h in args.halves.split(",") if h.strip()]
         sigmas = [float(s) for s in args.sigmas.split(",") if s.strip()]
+        if any(h not in (0, 1) for h in halves) or any(not s >= 0 for s in sigmas):
+            raise ValueError
     except ValueError:
-        ap.error("--halves takes 0 and/or 1, --sigmas non-negative numbers, comma-separated")
-    if any(h not in (0, 1) for h in halves) or any(not s >= 0 for s in sigmas):
         ap.error("--halves takes 0 and/or 1, --sigmas non-negative numbers, comma-separated")
     missing = [p for p in ([args.weka] if halves else []) + args.weka_more if not Path(p).exists()]
     if missing:
