@@ -27,7 +27,7 @@ import torch
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU, MEDIUM_STORAGE
 from kvtier.manager import Manager, TierSpec
-from kvtier.manager.core import StorePlan
+from kvtier.manager.core import StorePlan, uncount
 from kvtier.manager.tier import TIER_NAMES
 from kvtier.metrics import EngineMetrics
 from kvtier.tiers.base import Tier, guarded
@@ -46,14 +46,6 @@ def spare_slots(num_slots: int) -> int:
     the mover wrote it below, and G3 -> G4 moves pass through one. A sixteenth of G2 (at least ``SPARE_SLOTS``)
     absorbs a step's demotions; beyond that, stores and promotions wait for the mover (``reserve_slot``)."""
     return max(SPARE_SLOTS, num_slots // 16)
-
-
-def uncount(counter: Counter, items: Iterable[Hashable]) -> None:
-    """Take one of each item off ``counter``, dropping the items that reach zero (``in`` stays meaningful)."""
-    for item in items:
-        counter[item] -= 1
-        if counter[item] <= 0:
-            del counter[item]
 
 
 class ChunkEvents(Protocol):
@@ -157,9 +149,9 @@ class Cascade:
         """Under the lock: G2 room for ``keys`` (see ``Manager.prepare_store``); then ``reserve_slot`` each."""
         return self.manager.prepare_store(keys, self._index[G2], session=session)
 
-    def touch(self, keys: Sequence[int]) -> None:
-        """Under the lock: a use of chunks G2 serves."""
-        self.manager.touch(keys, self._index[G2])
+    def touch(self, keys: Sequence[int], session: Hashable = None) -> None:
+        """Under the lock: a use of chunks G2 serves, by a request of ``session``."""
+        self.manager.touch(keys, self._index[G2], session)
 
     def discard(self, keys: Iterable[int], g: int) -> None:
         """Under the lock: forget ``keys`` in tier ``g`` and free their bytes there."""

@@ -56,7 +56,9 @@ class EngineRequest:
 
     @property
     def session(self) -> str | None:
-        return self.hints.session_id
+        """The session the hints name, within the request's tenant (two tenants' "s1" are two sessions)."""
+        sid = self.hints.session_id
+        return sid if sid is None or self.salt is None else f"{self.salt}\0{sid}"
 
 
 @dataclass
@@ -286,7 +288,8 @@ class KvtierEngine:
         self._settle_transfers(state)
         with self._lock:
             self.manager.release(state.acquired)
-            self.manager.end_request(state.request.session, stop_reason=stop_reason)
+            self.manager.end_request(state.request.session, stop_reason=stop_reason,
+                                     final=state.request.hints.session_final)
             self._apply_retention(state)
             self.cascade.set_gauges()
             below = [k for k in state.chunk_keys if (w := self.cascade.where(k)) is not None and w > G2]
@@ -353,7 +356,7 @@ class KvtierEngine:
         slot, let_go = held
         self._scatter(slot, block_ids, state, let_go)
         with self._lock:
-            self.cascade.touch([key])
+            self.cascade.touch([key], state.request.session)
         return True
 
     def _load_from_below(self, key: int, tier: int, promotion: Promotion | None, block_ids: Sequence[int],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -65,6 +66,7 @@ class EntryInfo:
     priority_expiry: float | None
     pin_expiry: float | None
     frequency: int
+    session: Hashable
 
 
 class Manager:
@@ -101,8 +103,10 @@ class Manager:
         self._seq = 0
         self._track_freq = any(spec.admission_min_hits > 1 for spec in tiers)
         self._freq: dict[Key, int] = {}
-        self._session_of: dict[Key, Hashable] | None = {} if len(tiers) > 1 else None
-        self._session: Hashable = None
+        # the session each key was stored for: where a store completes, a key is demoted or re-laned, the policy
+        # is told whose it is (requests interleave, so "the request that called last" is nobody's in particular)
+        self._session_of: dict[Key, Hashable] = {}
+        self._session_keys: Counter[Hashable] = Counter()   # session -> keys credited to it
 
     # --- queries -------------------------------------------------------------------------------------------
     def locate(self, key: Key) -> int | None:
@@ -133,7 +137,7 @@ class Manager:
         priority, expiry = self._priority.get(key, (DEFAULT_PRIORITY, None))
         return EntryInfo(key, tiers, self.tiers[tiers[0]].sizes[key], self._busy.get(key, 0),
                          LANE_NAMES[self._lane.get(key, NORMAL)], priority, expiry, self._pin_expiry.get(key),
-                         self._freq.get(key, 0))
+                         self._freq.get(key, 0), self._session_of.get(key))
 
     def __contains__(self, key: Key) -> bool:
         return self.locate(key) is not None
@@ -147,21 +151,37 @@ class Manager:
         delay = hints.next_call_delay_s if hints is not None else None
         for tier in self.tiers:
             tier.policy.begin_request(session, now, delay)
-        self._session = session
         return now
 
-    def end_request(self, session: Hashable = None, now: float | None = None, stop_reason: str | None = None) -> None:
-        """A response of ``session`` finished (see ``Policy.end_request``); the server knows why it stopped."""
+    def end_request(self, session: Hashable = None, now: float | None = None, stop_reason: str | None = None,
+                    final: bool = False) -> None:
+        """A response of ``session`` finished (see ``Policy.end_request``); the server knows why it stopped, and
+        the client may have said it was the session's last request (``final``)."""
         now = self._clock() if now is None else now
         for tier in self.tiers:
-            tier.policy.end_request(session, now, stop_reason)
+            tier.policy.end_request(session, now, stop_reason, final)
+
+    def credit(self, keys: Iterable[Key], session: Hashable) -> None:
+        """Record ``keys`` as stored for ``session`` (the policy orders them as its when they enter a tier)."""
+        session_of, counts = self._session_of, self._session_keys
+        for key in keys:
+            old = session_of.get(key)
+            if old != session:
+                if old is not None:
+                    uncount(counts, (old,))
+                session_of[key] = session
+                counts[session] += 1
+
+    def sessions_held(self) -> int:
+        """Sessions with keys credited to them that some tier holds or is writing."""
+        return len(self._session_keys)
 
     # --- engine / connector API ----------------------------------------------------------------------------------
-    def touch(self, keys: Sequence[Key], tier: int = 0) -> None:
-        """Record a use of keys the caller holds (hits it is about to serve)."""
+    def touch(self, keys: Sequence[Key], tier: int = 0, session: Hashable = None) -> None:
+        """Record a use by a request of ``session`` of keys the caller holds (hits it is about to serve)."""
         held = self.tiers[tier].sizes
         lane = self._lane
-        self.tiers[tier].policy.touch_request([k for k in keys if k in held and k not in lane], ())
+        self.tiers[tier].policy.touch_request([k for k in keys if k in held and k not in lane], (), session)
         if self._track_freq:
             for key in keys:
                 self._freq[key] = self._freq.get(key, 0) + 1
@@ -187,24 +207,26 @@ class Manager:
 
     def prepare_store(self, keys: Sequence[Key], tier: int = 0, nbytes: Sequence[int] | None = None,
                       session: Hashable = None) -> StorePlan:
-        """Reserve room in ``tier`` for the keys it neither holds nor is writing (deduplicated). Returns what
-        the caller must write and what was evicted to make room (with demotion targets). Reserved keys are
-        invisible to ``lookup`` and cannot be evicted until ``complete_store``."""
+        """Reserve room in ``tier`` for the keys it neither holds nor is writing (deduplicated), stored for a
+        request of ``session`` (None: no session, e.g. a promotion, which keeps the session that stored the key).
+        Returns what the caller must write and what was evicted to make room (with demotion targets). Reserved
+        keys are invisible to ``lookup`` and cannot be evicted until ``complete_store``."""
         if nbytes is not None and len(nbytes) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(nbytes)} sizes")
         if nbytes is not None and any(n <= 0 for n in nbytes):
             raise ValueError("entry sizes must be positive")
         self._check_tier(tier)
-        if session is not None:
-            self._session = session
         state = self.tiers[tier]
         wanted = [k for k in dict.fromkeys(keys) if k not in state.sizes and k not in state.pending]
         sizes = dict(zip(keys, nbytes)) if nbytes is not None else None
         evicted: list[tuple[Key, int, int | None]] = []
         declined: list[Key] = []
-        stored = self._store(tier, wanted, self._busy, sizes, evicted, pending=True, declined=declined)
+        stored = self._store(tier, wanted, self._busy, sizes, evicted, pending=True, declined=declined,
+                             session=session)
         for key in stored:
             self._busy[key] = self._busy.get(key, 0) + 1
+        if session is not None:
+            self.credit(stored, session)
         return StorePlan(list(stored), evicted, declined)
 
     def complete_store(self, keys: Sequence[Key], tier: int = 0, ok: bool = True) -> None:
@@ -421,16 +443,13 @@ class Manager:
                 self._place(t, key, new, priority)
 
     def _place(self, state: TierState, key: Key, lane: int, priority: int | None = None) -> None:
-        if lane == NORMAL and self._session_of is not None:
-            state.policy.insert_for(key, self._session_of.get(key, self._session))
-        elif priority is None:
-            state.lane_add(key, lane, self._priority.get(key, (DEFAULT_PRIORITY, 0.0))[0])
-        else:
-            state.lane_add(key, lane, priority)
+        if priority is None:
+            priority = self._priority.get(key, (DEFAULT_PRIORITY, 0.0))[0]
+        state.lane_add(key, lane, priority, self._session_of.get(key))
 
     def _store(self, ti: int, keys: Sequence[Key], protect, sizes: dict[Key, int] | None = None,
                evicted: list | None = None, *, pending: bool = False, declined: list | None = None,
-               adopted: bool = False) -> Sequence[Key]:
+               adopted: bool = False, session: Hashable = None) -> Sequence[Key]:
         """Make room in tier ``ti`` and add the keys that fit (a prefix of the admitted ones). Keys go to their
         lane, except normal keys of G1 in ``access``, which ``touch_request`` hands to the policy."""
         state = self.tiers[ti]
@@ -444,7 +463,7 @@ class Manager:
             keys = ok
         if not keys:
             return ()
-        admitted = keys if adopted else state.policy.admit(keys)
+        admitted = keys if adopted else state.policy.admit(keys, session)
         if declined is not None and len(admitted) < len(keys):
             declined.extend(set(keys).difference(admitted))
         keys = admitted
@@ -519,8 +538,17 @@ class Manager:
             self._priority.pop(key, None)
             self._pin_expiry.pop(key, None)
             self._freq.pop(key, None)
-            if self._session_of is not None:
-                self._session_of.pop(key, None)
+            session = self._session_of.pop(key, None)
+            if session is not None:
+                uncount(self._session_keys, (session,))
+
+
+def uncount(counter: Counter, items: Iterable[Hashable]) -> None:
+    """Take one of each item off ``counter``, dropping the items that reach zero (``in`` stays meaningful)."""
+    for item in items:
+        counter[item] -= 1
+        if counter[item] <= 0:
+            del counter[item]
 
 
 def _require(condition: bool, message: str) -> None:

@@ -8,7 +8,7 @@ are in no evictable lane at all; pins are bounded by the tier's pin budget.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 
 from kvtier.manager.policies import Key, Policy
@@ -77,9 +77,10 @@ class TierState:
         return self.spec.capacity - self.used
 
     # --- lanes ---------------------------------------------------------------------------------------------
-    def lane_add(self, key: Key, lane: int, priority: int = 0) -> None:
+    def lane_add(self, key: Key, lane: int, priority: int = 0, session: Hashable = None) -> None:
+        """``key`` joins ``lane``; a normal key joins the policy's order as ``session``'s."""
         if lane == NORMAL:
-            self.policy.insert(key)
+            self.policy.insert(key, session)
         elif lane == EPHEMERAL:
             self.ephemeral[key] = None
         elif lane == PINNED:

@@ -74,7 +74,7 @@ class ReplayManager(Manager):
                 tier.stats.hit_bytes += (h - prev) * unit
                 prev = h
             missing = [key for key in keys if key not in members]
-            self._session_of.update(dict.fromkeys(keys, session))
+            self.credit(keys, session)
             for key in keys[:hits[-1]]:
                 stats = self.tiers[self.locate(key)].stats
                 stats.reads += 1
@@ -90,17 +90,18 @@ class ReplayManager(Manager):
             protect = set(keys)
             if self._busy:
                 protect.update(self._busy)
-            new = self._store(0, missing, protect)
+            new = self._store(0, missing, protect, session=session)
         lane = self._lane
         if len(new) == len(missing) and not lane and not t0.pending:
             touched = keys
         else:
             touched = [k for k in keys if k in members and k not in lane]
-        t0.policy.touch_request(touched, set(new) if new else ())
+        t0.policy.touch_request(touched, set(new) if new else (), session)
         if self.write_through and len(self.tiers) > 1 and new:
-            self._store(1, [k for k in new if k not in lane], self._busy)
+            self._store(1, [k for k in new if k not in lane], self._busy, session=session)
         elif len(new) < len(missing) and len(self.tiers) > 1:
             # what G1's policy declined was computed all the same: it goes to G2, as an engine would store it
             kept = set(new)
-            self._store(1, [k for k in missing if k not in kept and k not in lane], self._busy)
+            self._store(1, [k for k in missing if k not in kept and k not in lane], self._busy,
+                        session=session)
         return hits

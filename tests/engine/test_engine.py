@@ -322,14 +322,18 @@ def test_release_tells_the_policy_why_the_response_stopped(tmp_path, monkeypatch
     from kvtier.manager.policies.agent import AgentAware
 
     seen = []
-    monkeypatch.setattr(AgentAware, "end_request", lambda self, session, now, stop: seen.append((session, stop)))
+    monkeypatch.setattr(AgentAware, "end_request",
+                        lambda self, session, now, stop, final: seen.append((session, stop, final)))
     rig = make_rig(tmp_path)
     with rig.engine:
         req = EngineRequest("r1", PROMPT, AgentHints(session_id="s"))
         rig.engine.begin(req)
         rig.engine.lookup(req.request_id)
         rig.engine.release(req.request_id, stop_reason="tool_use")
-    assert ("s", "tool_use") in seen
+        last = EngineRequest("r2", PROMPT, AgentHints(session_id="s", session_final=True))
+        rig.engine.begin(last)
+        rig.engine.release(last.request_id)
+    assert ("s", "tool_use", False) in seen and ("s", None, True) in seen
 
 
 def test_a_restore_from_g3_reads_all_its_chunks_in_one_batch(tmp_path, monkeypatch):

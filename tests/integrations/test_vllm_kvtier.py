@@ -858,3 +858,41 @@ def test_a_store_still_short_of_slots_after_the_wait_is_refused_and_counted_busy
         gate.set()
     assert counted[REFUSED_STORES, ("busy",)] >= PREFIX_BLOCKS
     assert not set(prefix_keys(h, "other")) & h.manager.held("G2")
+
+
+def test_interleaved_requests_of_several_sessions_store_each_chunk_for_its_own_session(harness, monkeypatch):
+    """Three sessions' requests are scheduled in the same steps (vLLM interleaves them): every chunk is recorded
+    for the session of the request that stored it, and vLLM's /metrics counts requests with a session, pins and
+    the sessions whose chunks kvtier holds."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
+
+    from kvtier.integrations.vllm.scheduler import PINNED_CHUNKS, REQUESTS, SESSIONS
+
+    counted, gauges = Counter(), {}
+    increase, set_gauge = OffloadingConnectorStats.increase_counter, OffloadingConnectorStats.set_gauge
+
+    def count(stats, name, value=1, labels=()):
+        counted[name, tuple(labels)] += value
+        return increase(stats, name, value, labels)
+
+    def gauge(stats, name, value, labels=()):
+        gauges[name, tuple(labels)] = value
+        return set_gauge(stats, name, value, labels)
+
+    monkeypatch.setattr(OffloadingConnectorStats, "increase_counter", count)
+    monkeypatch.setattr(OffloadingConnectorStats, "set_gauge", gauge)
+    h = harness(kvtier_spec(64, pin_budget_frac=1.0))
+    prompts = {s: [10_000 * (i + 1) + t for t in PREFIX] + [1] for i, s in enumerate(("s0", "s1", "s2"))}
+    for s, prompt in prompts.items():
+        pins = [{"range": {"start": 0, "end": BLOCK}}] if s == "s0" else []
+        h.add_request(f"req-{s}", prompt, kv_transfer_params={"agent_hints": {"session_id": s, "pins": pins}})
+    h.add_request("anonymous", [90_000 + t for t in PREFIX] + [1])
+    steps = h.run()
+    assert {job.req_id for step in steps for job in step.store_jobs.values()} >= {f"req-{s}" for s in prompts}
+    for s in prompts:
+        assert {h.manager.manager.entry(k).session for k in prefix_keys(h, f"req-{s}")} == {s}
+    assert {h.manager.manager.entry(k).session for k in prefix_keys(h, "anonymous")} == {None}
+    h.manager.get_stats()
+    assert counted[REQUESTS, ("session",)] == 3 and counted[REQUESTS, ("no_session",)] == 1
+    assert counted[PINNED_CHUNKS, ("pinned",)] == 1
+    assert gauges[SESSIONS, ()] == 3

@@ -101,9 +101,9 @@ def test_agent_keeps_a_block_while_any_session_holding_it_may_return():
     from kvtier.manager.policies.agent import AgentAware
     policy = AgentAware(capacity=8)
     policy.begin_request("A", 0.0, next_call_delay_s=1000.0)   # A is not back for a long time
-    policy.touch_request([1, 2, 3, 4, 5], ())
+    policy.touch_request([1, 2, 3, 4, 5], (), "A")
     policy.begin_request("B", 1.0, next_call_delay_s=10.0)     # B continues A's context
-    policy.touch_request([1, 2, 3, 6], ())
+    policy.touch_request([1, 2, 3, 6], (), "B")
     assert policy.evict(3, busy=()) == [5, 4, 6]   # A's own leaves, then B's leaf; the shared head stays
     assert all(k in policy for k in (1, 2, 3)) and len(policy) == 3
 
@@ -114,13 +114,13 @@ def test_agent_takes_stale_blocks_only_while_they_rank_ahead_of_other_sessions()
     from kvtier.manager.policies.agent import AgentAware
     policy = AgentAware(capacity=16)
     policy.begin_request("A", 0.0)
-    policy.touch_request([1, 10, 11], ())          # 10, 11: unused since 0 s -> back at ~180 s
+    policy.touch_request([1, 10, 11], (), "A")          # 10, 11: unused since 0 s -> back at ~180 s
     policy.begin_request("B", 20.0, next_call_delay_s=150.0)
-    policy.touch_request([5, 6], ())               # B: back at 170 s
+    policy.touch_request([5, 6], (), "B")               # B: back at 170 s
     policy.begin_request("A", 50.0)
-    policy.touch_request([1, 20, 21], ())          # 20, 21: unused since 50 s -> back at ~130 s
+    policy.touch_request([1, 20, 21], (), "A")          # 20, 21: unused since 50 s -> back at ~130 s
     policy.begin_request("A", 90.0)
-    policy.touch_request([1, 30], ())
+    policy.touch_request([1, 30], (), "A")
     assert policy.evict(4, busy=()) == [11, 10, 6, 5]   # leaf-first within a request
     assert all(k in policy for k in (1, 20, 21, 30))
 
@@ -162,7 +162,7 @@ def test_agent_eviction_ranks_like_a_scan_of_every_session():
         contexts[s] = contexts[s][:int(rng.integers(2, len(contexts[s]) + 1))] + \
             [100_000 * (s + 1) + 10 * i + j for j in range(int(rng.integers(1, 5)))]
         policy.begin_request(s, float(i) + float(rng.random()))
-        policy.touch_request(contexts[s], ())
+        policy.touch_request(contexts[s], (), s)
         if i % 50 == 49:
             busy = set(contexts[s])
             n = int(rng.integers(1, 60))
@@ -234,10 +234,10 @@ def test_agent_learns_how_many_sessions_come_back_after_each_stop_reason():
         policy.begin_request(sid, 21.0 + gap, None)
         policy.end_request(sid, 22.0 + gap, stop)
     policy.begin_request("B", 100.0, None)   # running a tool for 100 s already: long overdue
-    policy.touch_request([3, 4], ())
+    policy.touch_request([3, 4], (), "B")
     policy.end_request("B", 101.0, "tool_use")
     policy.begin_request("A", 200.0, None)   # its turn just ended: most such sessions never return
-    policy.touch_request([1, 2], ())
+    policy.touch_request([1, 2], (), "A")
     policy.end_request("A", 201.0, "end_turn")
     policy.begin_request("C", 202.0, None)
     assert policy.evict(1, busy=()) == [2]
@@ -331,3 +331,37 @@ def test_policy_batch_matches_single_calls():
         b.touch_request([2], ())
         assert len(a) == len(b) == 5
         assert sorted(a.evict(5, ())) == sorted(b.evict(5, ())) == list(range(5))
+
+
+def test_interleaved_requests_credit_each_chunk_to_its_own_session():
+    """Under a server requests interleave: B begins, A begins (the last to call in), then each stores and
+    reads its own chunks. Every chunk is A's or B's as its request said, not whichever request called last:
+    A says it is not back for a long time, so A's chunks go first and B's stay."""
+    from kvtier.hints import AgentHints
+    from kvtier.manager import Manager
+    m = Manager([TierSpec("G1", 0), TierSpec("G2", 4)], policy="agent")
+    m.begin_request("B", now=0.0, hints=AgentHints(next_call_delay_s=5.0))
+    m.begin_request("A", now=0.1, hints=AgentHints(next_call_delay_s=1000.0))
+    b = m.prepare_store([10, 11], tier=1, session="B").store
+    a = m.prepare_store([20, 21], tier=1, session="A").store
+    m.complete_store(b, tier=1)      # completes after A's prepare: the last caller was A
+    m.complete_store(a, tier=1)
+    m.touch([10, 11], tier=1, session="B")
+    m.begin_request("C", now=0.2, hints=AgentHints(next_call_delay_s=1.0))
+    evicted = m.prepare_store([30, 31], tier=1, session="C").evicted
+    assert sorted(key for key, _, _ in evicted) == [20, 21]
+    assert 10 in m and 11 in m
+
+
+def test_admission_weighs_the_storing_requests_session_not_the_last_caller():
+    """The agent policy admits a store only if its session is back before the one it would evict from: the
+    session asked about is the storing request's, even when another request called in since."""
+    from kvtier.hints import AgentHints
+    from kvtier.manager import Manager
+    m = Manager([TierSpec("G1", 0), TierSpec("G2", 2)], policy="agent")
+    m.begin_request("soon", now=0.0, hints=AgentHints(next_call_delay_s=5.0))
+    m.complete_store(m.prepare_store([1, 2], tier=1, session="soon").store, tier=1)
+    m.begin_request("late", now=1.0, hints=AgentHints(next_call_delay_s=1000.0))
+    m.begin_request("sooner", now=1.5, hints=AgentHints(next_call_delay_s=1.0))
+    assert m.prepare_store([3, 4], tier=1, session="late").store == []      # would push out a sooner session
+    assert m.prepare_store([5, 6], tier=1, session="sooner").store == [5, 6]

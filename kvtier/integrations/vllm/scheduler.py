@@ -44,7 +44,7 @@ from vllm.v1.kv_offload.base import (
     RequestOffloadingContext,
 )
 
-from kvtier.cascade import G2, G4, TIER_NAMES, Cascade, spare_slots, uncount
+from kvtier.cascade import G2, G4, TIER_NAMES, Cascade, spare_slots
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU
 from kvtier.hashing import Namespace
@@ -52,6 +52,7 @@ from kvtier.hints import AgentHints, HintError, parse_hints
 from kvtier.integrations.common import engine_key
 from kvtier.integrations.vllm.ranks import lower_tiers, rank_namespace
 from kvtier.manager import ManagerError
+from kvtier.manager.core import uncount
 from kvtier.metrics import EngineMetrics
 from kvtier.tiers.host import HostPool, HostTier
 from kvtier.tiers.shared_region import SharedRegion
@@ -93,6 +94,9 @@ LOADED_TOKENS = "vllm:kvtier_loaded_tokens"
 PROMOTED_CHUNKS = "vllm:kvtier_promoted_chunks"
 REFUSED_STORES = "vllm:kvtier_refused_store_chunks"
 RESIDENT_CHUNKS = "vllm:kvtier_resident_chunks"
+REQUESTS = "vllm:kvtier_requests"
+PINNED_CHUNKS = "vllm:kvtier_pinned_chunks"
+SESSIONS = "vllm:kvtier_sessions"
 METRIC_DEFINITIONS = {
     LOADED_TOKENS: OffloadingCounterMetadata(
         "Tokens of the chunks kvtier loaded into vLLM's KV cache, by the tier that held them when they were "
@@ -103,6 +107,13 @@ METRIC_DEFINITIONS = {
         "Chunks vLLM offered that kvtier did not store, by reason (full: no room this step, busy: G2's free slots "
         "still held by demotions after lower_tier_deadline_ms, policy: declined)", ("reason",)),
     RESIDENT_CHUNKS: OffloadingGaugeMetadata("Chunks each kvtier tier holds", ("tier",)),
+    REQUESTS: OffloadingCounterMetadata(
+        "Requests kvtier saw, by what their kv_transfer_params.agent_hints carried (session: a session id; "
+        "no_session: none; invalid: hints that did not parse, ignored)", ("hints",)),
+    PINNED_CHUNKS: OffloadingCounterMetadata(
+        "Chunks agent hints pinned (pinned), or asked to pin beyond pin_budget_frac (over_budget: priority 100 "
+        "for the lease instead)", ("outcome",)),
+    SESSIONS: OffloadingGaugeMetadata("Agent sessions whose chunks some kvtier tier holds", ()),
 }
 
 
@@ -203,12 +214,21 @@ class KvtierOffloadingManager(OffloadingManager):
         params = req_context.kv_transfer_params or {}
         try:
             hints = parse_hints(params.get(HINTS_FIELD)) if isinstance(params, dict) else AgentHints()
+            kind = "session" if hints.session_id is not None else "no_session"
         except HintError as exc:
             log.warning("kvtier: request %s: ignoring agent_hints: %s", req_context.req_id, exc)
-            hints = AgentHints()
+            hints, kind = AgentHints(), "invalid"
+        self._stats.increase_counter(REQUESTS, 1, (kind,))
         req_context.set_state(_RequestHints(hints))
         self.manager.begin_request(hints.session_id, hints=hints)
         return RequestOffloadingContext()
+
+    @staticmethod
+    def _session(ctx: ReqContext) -> str | None:
+        """The session the request's hints name: every manager call of the request is made for it (requests
+        interleave, so the manager keeps no "current" one)."""
+        state = ctx.get_state(_RequestHints)
+        return state.hints.session_id if state is not None else None
 
     @_locked
     def on_request_finished(self, req_context: ReqContext) -> None:
@@ -216,8 +236,8 @@ class KvtierOffloadingManager(OffloadingManager):
         state = req_context.get_state(_RequestHints)
         self._unprotect(req_context.req_id)
         if state is not None:
-            self.manager.end_request(state.hints.session_id)
-        self._apply_hints(req_context)
+            self.manager.end_request(state.hints.session_id, final=state.hints.session_final)
+        self._apply_hints(req_context, finished=True)
         if state is not None and (state.hints.prefetch or state.hints.next_call_delay_s):
             self._prefetch(state.ordered_keys())
 
@@ -232,11 +252,16 @@ class KvtierOffloadingManager(OffloadingManager):
             if offload_key is not None and not self._promote(offload_key, k, wait=False):
                 return
 
-    def _apply_hints(self, ctx: ReqContext) -> None:
+    def _apply_hints(self, ctx: ReqContext, finished: bool = False) -> None:
+        """Retention from the request's hints, over the chunks stored so far: as each store completes (so a pin
+        holds from then on), and once more when the request ends (counted then, once per request)."""
         state = ctx.get_state(_RequestHints)
         if state is None or state.hints == AgentHints():
             return
         report = self.manager.apply_hints(state.ordered_keys(), state.hints, self.chunk_tokens)
+        if finished:
+            self._stats.increase_counter(PINNED_CHUNKS, len(report.pinned), ("pinned",))
+            self._stats.increase_counter(PINNED_CHUNKS, len(report.downgraded), ("over_budget",))
         if report.downgraded:
             log.info("kvtier: %d pinned chunks over the pin budget were given priority 100 instead",
                      len(report.downgraded))
@@ -343,7 +368,7 @@ class KvtierOffloadingManager(OffloadingManager):
         self.manager.acquire(ks)
         self._job_readers.update(ks)
         self._unprotect(req_context.req_id)
-        self.cascade.touch(ks)
+        self.cascade.touch(ks, self._session(req_context))
         for k in ks:
             source = TIER_NAMES[self._promoted_from.pop(k, G2)]
             self._stats.increase_counter(LOADED_TOKENS, self.chunk_tokens, (source,))
@@ -351,7 +376,7 @@ class KvtierOffloadingManager(OffloadingManager):
 
     @_locked
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        self.cascade.touch(self._keys(keys, req_context))
+        self.cascade.touch(self._keys(keys, req_context), self._session(req_context))
 
     @_locked
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
@@ -364,14 +389,13 @@ class KvtierOffloadingManager(OffloadingManager):
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         ks = self._keys(keys, req_context, remember=True)
         self._unprotect(req_context.req_id)  # its loads are planned by now
-        state = req_context.get_state(_RequestHints)
         g2, writing = self.cascade.held(G2), self.cascade.writing(G2)
         held = [k for k in dict.fromkeys(ks) if k in g2]
         wanted = [k for k in dict.fromkeys(ks) if k not in g2 and k not in writing]
         self._evicted_now = []
         self.manager.acquire(held)  # vLLM: keys passed in must not be evicted by this call
         try:
-            plan = self.cascade.prepare_store(ks, session=state.hints.session_id if state else None)
+            plan = self.cascade.prepare_store(ks, session=self._session(req_context))
         finally:
             self.manager.release(held)
         evicted, self._evicted_now = self._evicted_now, []
@@ -445,6 +469,7 @@ class KvtierOffloadingManager(OffloadingManager):
             stats, self._stats = self._stats, OffloadingConnectorStats()
             for g in self.tiers:
                 stats.set_gauge(RESIDENT_CHUNKS, len(self.cascade.held(g)), (TIER_NAMES[g],))
+            stats.set_gauge(SESSIONS, self.manager.sessions_held(), ())
         return stats
 
     def take_events(self) -> Iterable[OffloadingEvent]:

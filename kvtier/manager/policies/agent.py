@@ -5,7 +5,8 @@ What it uses, all of it known to a real server at request time:
   never shared across models) and the arrival time of each request;
 - the client's ``next_call_delay_s`` hint when one is sent (e.g. "a tool call is running");
 - when each response ended and why (``end_request``: the server produced it, so it knows): after a tool call
-  the client comes back in seconds, after an ended turn a person answers first;
+  the client comes back in seconds, after an ended turn a person answers first; and when the client says a
+  request was its session's last (``final``): that session is not expected back, so its blocks go first;
 - which sessions hold each block: used it and have not let it go (seen as requests arrive);
 - statistics learned online: each session's past gaps between calls (a geometric mean, by stop reason when
   ends are reported) and all sessions', and the share of sessions that called again after each stop reason.
@@ -59,7 +60,7 @@ def _ema(old: float | None, new: float, weight: float) -> float:
 
 class _Session:
     __slots__ = ("order", "fresh", "live", "alone", "last_arrival", "log_gap", "hinted_delay", "last_end",
-                 "last_stop", "log_gap_after")
+                 "last_stop", "log_gap_after", "final")
 
     def __init__(self) -> None:
         # the blocks it holds, leaf-first (oldest / deepest first) -> when a request last used it
@@ -73,6 +74,7 @@ class _Session:
         self.last_end: float | None = None    # when its latest response ended (None: still generating)
         self.last_stop: str | None = None
         self.log_gap_after: dict[str | None, float] = {}  # log gap from a response's end to the next call
+        self.final = False                    # the client said its latest request was the last
 
 
 class AgentAware(Policy):
@@ -86,8 +88,6 @@ class AgentAware(Policy):
         # -> all of them. A set per block would cost ~200 B each where most blocks have one holder.
         self._holder: dict[Key, Hashable] = {}
         self._holders: dict[Key, set[Hashable]] = {}
-        self._cur_id: Hashable = None
-        self._cur = self._session(None)
         self._now = 0.0
         self._global_log_gap: float | None = None
         self._log_gap_after: dict[str | None, float] = {}   # all sessions, by stop reason
@@ -108,30 +108,28 @@ class AgentAware(Policy):
             log_gap = math.log(max(_MIN_GAP_S, now - s.last_arrival))
             s.log_gap = _ema(s.log_gap, log_gap, _GAP_WEIGHT)
             self._global_log_gap = _ema(self._global_log_gap, log_gap, 0.01)
-        if s.last_end is not None:
+        if s.last_end is not None and not s.final:
             self._returned[s.last_stop] += 1
             log_gap = math.log(max(_MIN_GAP_S, now - s.last_end))
             s.log_gap_after[s.last_stop] = _ema(s.log_gap_after.get(s.last_stop), log_gap, _GAP_WEIGHT)
             self._log_gap_after[s.last_stop] = _ema(self._log_gap_after.get(s.last_stop), log_gap, 0.01)
-        s.last_arrival, s.last_end = now, None
+        s.last_arrival, s.last_end, s.final = now, None, False
         s.hinted_delay = None if next_call_delay_s is None else max(0.0, next_call_delay_s)
         s.live, s.fresh = s.fresh, 0
-        self._cur_id, self._cur, self._now = session, s, max(self._now, now)
+        self._now = max(self._now, now)
 
-    def end_request(self, session: Hashable, now: float, stop_reason: str | None = None) -> None:
+    def end_request(self, session: Hashable, now: float, stop_reason: str | None = None, final: bool = False) -> None:
         s = self._session(session)
         if s.last_arrival is not None and s.last_end is None:
             self._log_busy = _ema(self._log_busy, math.log(max(_MIN_GAP_S, now - s.last_arrival)), 0.01)
-        s.last_end, s.last_stop = now, stop_reason
+        s.last_end, s.last_stop, s.final = now, stop_reason, final
+        self._now = max(self._now, now)
+        if final:  # known not to return: nothing to learn about returns from it
+            return
         self._ended[stop_reason] += 1
         if self._ended[stop_reason] > _RETURN_WINDOW:
             self._ended[stop_reason] /= 2
             self._returned[stop_reason] /= 2
-        self._now = max(self._now, now)
-
-    def hint_next_call(self, session: Hashable, delay_s: float) -> None:
-        """The client says the session calls again in about ``delay_s`` (a running tool call)."""
-        self._session(session).hinted_delay = max(0.0, delay_s)
 
     def _gap_after(self, s: _Session, stop: str | None) -> float | None:
         """Expected log gap from a response's end to the session's next call, for that stop reason."""
@@ -146,8 +144,8 @@ class AgentAware(Policy):
         return now + (now - used)
 
     def _stale_prediction(self, s: _Session, now: float) -> float:
-        """When the oldest of ``s``'s stale blocks is expected back."""
-        return self._stale_back(next(iter(s.order.values())), now)
+        """When the oldest of ``s``'s stale blocks is expected back (never, once its session is over)."""
+        return math.inf if s.final else self._stale_back(next(iter(s.order.values())), now)
 
     def _front_prediction(self, s: _Session, now: float) -> float:
         """The predicted next use of the entries ``evict`` would take next from ``s``: stale ones first."""
@@ -158,7 +156,7 @@ class AgentAware(Policy):
         that response stopped: a tool call comes back in seconds, a finished turn waits for a person) or,
         where ends are not reported, after its last arrival. A session quiet for longer than its usual gap
         is predicted to stay quiet for as long again (heavy-tailed pauses)."""
-        if s.last_arrival is None:
+        if s.last_arrival is None or s.final:
             return math.inf
         if s.hinted_delay is not None and now <= s.last_arrival + s.hinted_delay:
             return s.last_arrival + s.hinted_delay
@@ -217,25 +215,21 @@ class AgentAware(Policy):
             self._sessions[last].alone += 1
         return False
 
-    def insert(self, key: Key) -> None:
-        cur = self._cur
-        self._hold(self._cur_id, cur, key)
-        cur.fresh = min(cur.fresh + 1, len(cur.order))
-
-    def access(self, key: Key) -> None:
-        self.insert(key)
-
-    def insert_for(self, key: Key, session: Hashable) -> None:
-        """A demoted key joins its session's order; victims arrive leaf-first, so appending keeps that order."""
+    def insert(self, key: Key, session: Hashable = None) -> None:
+        """``session`` holds ``key`` as its newest entry (a demoted key too: victims arrive leaf-first, so
+        appending keeps that order)."""
         s = self._session(session)
         self._hold(session, s, key)
         s.fresh = min(s.fresh + 1, len(s.order))
 
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
-        cur, cur_id, hold = self._cur, self._cur_id, self._hold
+    def access(self, key: Key, session: Hashable = None) -> None:
+        self.insert(key, session)
+
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key], session: Hashable = None) -> None:
+        s, hold = self._session(session), self._hold
         for key in reversed(keys):
-            hold(cur_id, cur, key)
-        cur.fresh = min(len(keys), len(cur.order))
+            hold(session, s, key)
+        s.fresh = min(len(keys), len(s.order))
 
     def remove(self, key: Key) -> None:
         for sid in self._holders.get(key, {self._holder[key]}).copy():
@@ -247,17 +241,17 @@ class AgentAware(Policy):
                 del self._holding[sid]
 
     # --- admission ---------------------------------------------------------------------------------------
-    def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
-        """The leading part of the current request's new ``keys`` worth the room it takes (see the module)."""
+    def admit(self, keys: Sequence[Key], session: Hashable = None) -> Sequence[Key]:
+        """The leading part of a request's new ``keys`` worth the room it takes (see the module)."""
         room = self.capacity - len(self._holder)
-        if len(keys) <= room or self._cur_id is None:  # without a session there is no next call to predict
+        if len(keys) <= room or session is None:  # without a session there is no next call to predict
             return keys
-        now, cur_id = self._now, self._cur_id
-        cur = self._cur
+        now = self._now
+        cur = self._session(session)
         mine = self.predicted_next_call(cur, now)
         parts = []   # (predicted next use, blocks evicting it frees): each session's stale and live blocks
         for sid, s in self._holding.items():
-            if sid != cur_id:
+            if sid != session:
                 n_stale = min(len(s.order) - s.fresh, s.alone)
                 if n_stale:
                     parts.append((self._stale_prediction(s, now), n_stale))
@@ -277,7 +271,7 @@ class AgentAware(Policy):
         takes those expected back after the runner-up's front (at least one), not a whole batch on the strength
         of the oldest. Live blocks were all used by its latest request: as many as wanted."""
         stale = len(s.order) - s.fresh
-        if stale <= 0:
+        if stale <= 0 or s.final:
             return wanted
         limit, take = min(wanted, stale), 0
         for used in s.order.values():

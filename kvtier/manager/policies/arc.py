@@ -4,7 +4,7 @@ lists B1/B2 that move the target size ``p`` of T1 toward whichever list would ha
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Hashable
 
 from kvtier.manager.policies.base import Key, Policy, pop_front
 
@@ -20,7 +20,7 @@ class ARC(Policy):
         self._b2: OrderedDict[Key, None] = OrderedDict()
         self._p = 0.0
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, session: Hashable = None) -> None:
         c = max(1, self.capacity)
         if key in self._b1:
             self._p = min(float(c), self._p + max(1.0, len(self._b2) / max(1, len(self._b1))))
@@ -36,7 +36,7 @@ class ARC(Policy):
             while len(ghost) > c:
                 ghost.popitem(last=False)
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         if key in self._t1:
             del self._t1[key]
             self._t2[key] = None

@@ -23,22 +23,21 @@ class Policy:
 
     # --- request context (policies that do not care ignore it) ---------------------------------------------
     def begin_request(self, session: Hashable, now: float, next_call_delay_s: float | None = None) -> None:
-        """A request of ``session`` arrives at ``now``; following insert/access calls belong to it."""
+        """A request of ``session`` arrives at ``now``. Requests interleave (a server runs many at once), so
+        every later call names its request's session itself: there is no "current" request."""
 
-    def end_request(self, session: Hashable, now: float, stop_reason: str | None = None) -> None:
+    def end_request(self, session: Hashable, now: float, stop_reason: str | None = None, final: bool = False) -> None:
         """The request's response finished at ``now``, for ``stop_reason`` ("tool_use": the client runs a tool
-        and calls again; "end_turn": the turn is over and a person answers next; None: not known)."""
+        and calls again; "end_turn": the turn is over and a person answers next; None: not known). ``final``:
+        the client said it was the session's last request."""
 
     # --- membership -------------------------------------------------------------------------------------------
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, session: Hashable = None) -> None:
+        """``key`` enters the tier on behalf of ``session`` (a store, a promotion, a demotion)."""
         raise NotImplementedError
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         raise NotImplementedError
-
-    def insert_for(self, key: Key, session: Hashable) -> None:
-        """Insert a key that arrives from another tier on behalf of ``session`` (demotion)."""
-        self.insert(key)
 
     def remove(self, key: Key) -> None:
         raise NotImplementedError
@@ -54,17 +53,18 @@ class Policy:
         raise NotImplementedError
 
     # --- a whole request at once ---------------------------------------------------------------------------
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
-        """All blocks of a request, in request order (block 0 first); those in ``new`` are being inserted,
-        the others are hits. Policies override this with one tight loop."""
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key], session: Hashable = None) -> None:
+        """All blocks of a request of ``session``, in request order (block 0 first); those in ``new`` are being
+        inserted, the others are hits. Policies override this with one tight loop."""
         for key in keys:
             if key in new:
-                self.insert(key)
+                self.insert(key, session)
             else:
-                self.access(key)
+                self.access(key, session)
 
-    def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
-        """Which of these new keys deserve a place at all (admission filters override this)."""
+    def admit(self, keys: Sequence[Key], session: Hashable = None) -> Sequence[Key]:
+        """Which of these new keys of a request of ``session`` deserve a place at all (admission filters
+        override this)."""
         return keys
 
 

@@ -13,7 +13,7 @@ and the furthest cached block goes, the bound of a cache that must admit everyth
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 import numpy as np
 
@@ -73,13 +73,13 @@ class Belady(Policy):
         self._next[key] = value
         heapq.heappush(self._heap, -value)
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, session: Hashable = None) -> None:
         self._set(key)
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         self._set(key)
 
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key], session: Hashable = None) -> None:
         pending, nxt, heap = self._pending, self._next, self._heap
         push = heapq.heappush
         for key in keys:
@@ -90,7 +90,7 @@ class Belady(Policy):
             self._heap = [-v for v in nxt.values()]
             heapq.heapify(self._heap)
 
-    def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
+    def admit(self, keys: Sequence[Key], session: Hashable = None) -> Sequence[Key]:
         """The new keys worth storing: all that fit in free room, then each (nearest next use first) only while
         it is needed before the furthest cached key, which it will displace."""
         free = self.capacity - len(self._next)

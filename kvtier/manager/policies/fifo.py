@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 from kvtier.manager.policies.base import Key
 from kvtier.manager.policies.lru import LRU
@@ -11,10 +11,10 @@ from kvtier.manager.policies.lru import LRU
 class FIFO(LRU):
     name = "fifo"
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         pass
 
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key], session: Hashable = None) -> None:
         order = self._order
         for key in keys:
             if key in new:

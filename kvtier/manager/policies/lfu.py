@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Hashable
 
 from kvtier.manager.policies.base import Key, Policy, pop_front
 
@@ -15,11 +15,11 @@ class LFU(Policy):
         self._freq: dict[Key, int] = {}
         self._buckets: dict[int, dict[Key, None]] = {}
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, session: Hashable = None) -> None:
         self._freq[key] = 1
         self._buckets.setdefault(1, {})[key] = None
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         f = self._freq[key]
         bucket = self._buckets[f]
         del bucket[key]

@@ -15,7 +15,7 @@ Non-resident HIR entries of S (ghosts) are bounded by the capacity.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 from kvtier.manager.policies.base import Key, Policy
 
@@ -54,7 +54,7 @@ class LIRS(Policy):
         self._stack[key] = None
         self._stack.move_to_end(key)
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, session: Hashable = None) -> None:
         if key in self._ghosts:          # reused within the stack's reach: a short reuse distance
             del self._ghosts[key]
             self._lir.add(key)
@@ -68,7 +68,7 @@ class LIRS(Policy):
             self._to_top(key)
             self._queue[key] = None
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         if key in self._lir:
             self._to_top(key)
             self._prune()
@@ -81,7 +81,7 @@ class LIRS(Policy):
             self._to_top(key)
             self._queue.move_to_end(key)
 
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key], session: Hashable = None) -> None:
         for key in reversed(keys):
             if key in new:
                 self.insert(key)

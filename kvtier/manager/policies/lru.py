@@ -10,7 +10,7 @@ least recent), the textbook variant the older reference figures in ``shared/READ
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 from kvtier.manager.policies.base import Key, Policy, pop_front
 
@@ -22,11 +22,11 @@ class LRU(Policy):
         super().__init__(capacity)
         self._order: OrderedDict[Key, None] = OrderedDict()
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, session: Hashable = None) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         self._order.move_to_end(key)
 
     def _touch(self, keys: Sequence[Key], new: Collection[Key]) -> None:
@@ -38,7 +38,7 @@ class LRU(Policy):
             else:
                 move(key)
 
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key], session: Hashable = None) -> None:
         self._touch(keys[::-1], new)
 
     def remove(self, key: Key) -> None:
@@ -59,5 +59,5 @@ class RootFirstLRU(LRU):
 
     name = "lru-root"
 
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key], session: Hashable = None) -> None:
         self._touch(keys, new)

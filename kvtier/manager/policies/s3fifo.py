@@ -4,7 +4,7 @@ the rest, and a ghost FIFO remembers recent small-queue evictions so they go str
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Hashable
 
 from kvtier.manager.policies.base import Key, Policy
 
@@ -23,7 +23,7 @@ class S3FIFO(Policy):
         self._ghost: OrderedDict[Key, None] = OrderedDict()
         self._freq: dict[Key, int] = {}
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, session: Hashable = None) -> None:
         self._freq[key] = 0
         if key in self._ghost:
             del self._ghost[key]
@@ -31,7 +31,7 @@ class S3FIFO(Policy):
         else:
             self._small[key] = None
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         f = self._freq[key]
         if f < MAX_FREQ:
             self._freq[key] = f + 1

@@ -50,16 +50,16 @@ class TinyLFU(LRU):
             self._sketch.halve()
             self._samples = 0
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, session: Hashable = None) -> None:
         self._record(key)
         super().access(key)
 
-    def touch_request(self, keys: Sequence[Key], new: Collection[Key]) -> None:
+    def touch_request(self, keys: Sequence[Key], new: Collection[Key], session: Hashable = None) -> None:
         for key in keys:
             self._record(key)
         super().touch_request(keys, new)
 
-    def admit(self, keys: Sequence[Key]) -> Sequence[Key]:
+    def admit(self, keys: Sequence[Key], session: Hashable = None) -> Sequence[Key]:
         free = self.capacity - len(self._order)
         if len(keys) <= free:
             return keys
