@@ -30,7 +30,7 @@ class HintError(ValueError):
     """Hints that do not parse or do not make sense."""
 
 
-class TokenRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class TokenRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """Tokens ``[start, end)`` of the request's prompt."""
 
     start: int
@@ -41,7 +41,7 @@ class TokenRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise HintError(f"token range must satisfy 0 <= start < end, got [{self.start}, {self.end})")
 
 
-class Pin(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class Pin(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """Keep these tokens' KV for ``lease_s`` seconds (renewable). ``target="system_and_tools"`` means
     the first ``AgentHints.prefix_tokens`` tokens, i.e. the system prompt and tool definitions."""
 
@@ -56,7 +56,7 @@ class Pin(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             _check_seconds("pin lease_s", self.lease_s, positive=True)
 
 
-class PriorityRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class PriorityRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """Priority 0-100 for a token range, for ``duration_s`` seconds; then it decays to the default."""
 
     range: TokenRange
@@ -68,7 +68,7 @@ class PriorityRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         _check_seconds("priority duration_s", self.duration_s, positive=True)
 
 
-class AgentHints(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class AgentHints(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """A request's hints. ``priority`` (0-100, default 50) keeps the request's KV for ``priority_duration_s``
     (default 5 min) and is also the request's scheduling priority on vLLM workers started with
     ``--scheduling-policy priority`` (higher first). ``session_final``: the session's last request; its KV goes

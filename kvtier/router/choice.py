@@ -1,4 +1,4 @@
-"""Where a request goes: cost per worker, sampling, sticky sessions, and a priority queue when all are busy.
+"""Where a request goes: cost per worker, sampling, sticky sessions, and a queue when all are busy.
 
 Cost of sending a request of ``n`` blocks to worker ``w`` (in blocks, as NVIDIA Dynamo counts them):
 ``n - credit(w) + pending_prefill(w) + decode_weight * active_blocks(w)``, where ``credit`` pays for the
@@ -122,24 +122,25 @@ class QueueFull(Exception):
 
 
 class PriorityGate:
-    """Bounded wait queue for when every worker is saturated; the highest priority goes first (FIFO within)."""
+    """Bounded wait queue for when every worker is saturated: first come first served, where a request with
+    ``latency_sensitivity`` (agent hints, as in Dynamo) counts as having come that many seconds earlier."""
 
     def __init__(self, max_waiting: int) -> None:
         if max_waiting < 0:
             raise ValueError(f"max_waiting must not be negative, got {max_waiting}")
         self.max_waiting = max_waiting
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
     def __len__(self) -> int:
         return sum(not f.done() for _, _, f in self._heap)
 
-    async def wait(self, priority: int) -> None:
+    async def wait(self, latency_sensitivity_s: float = 0.0) -> None:
         """Wait for a :meth:`release`; raises :class:`QueueFull` at once when the queue is full."""
         if len(self) >= self.max_waiting:
             raise QueueFull(f"all workers are saturated and {self.max_waiting} requests are already waiting")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (-priority, next(self._order), future))
+        heapq.heappush(self._heap, (time.monotonic() - latency_sensitivity_s, next(self._order), future))
         await future
 
     def release(self) -> None:

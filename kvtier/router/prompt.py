@@ -12,16 +12,28 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kvtier.hashing import block_hashes
+from kvtier.router.signals import marker_offsets
 
 log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A chat prompt as the worker will see it: its token ids, its rendered text and (with a tokenizer) where
+    each token ends in that text."""
+
+    tokens: np.ndarray
+    text: str
+    token_ends: list[int] | None = None
 
 
 class PromptHasher:
@@ -63,11 +75,24 @@ class PromptHasher:
                     self._special[name] = value
 
     # --- tokens -----------------------------------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict], tools: list | None = None) -> np.ndarray:
+    def chat_prompt(self, messages: list[dict], tools: list | None = None) -> Prompt:
         text = self._render(messages, tools)
         if self._tokenizer is None:
-            return _code_points(text)
-        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+            return Prompt(_code_points(text), text)
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return Prompt(np.asarray(encoding.ids, dtype=np.uint32), text, [end for _, end in encoding.offsets])
+
+    def chat_tokens(self, messages: list[dict], tools: list | None = None) -> np.ndarray:
+        return self.chat_prompt(messages, tools).tokens
+
+    def marker_offsets(self, prompt: Prompt, marked_chat: dict, n_marks: int) -> list[int] | None:
+        """The token offset of each of ``n_marks`` markers in ``marked_chat`` (``prompt``'s chat with markers in
+        its text, see :mod:`kvtier.router.signals`); None without a tokenizer (offsets in the worker's tokens
+        are unknown) or when the markers do not come out where they went in."""
+        if prompt.token_ends is None:
+            return None
+        marked = self._render(marked_chat.get("messages") or [], marked_chat.get("tools"))
+        return marker_offsets(marked, prompt.text, prompt.token_ends, n_marks)
 
     def completion_tokens(self, prompt: Any) -> np.ndarray:
         """``prompt`` as the completions API takes it: text, token ids, or a batch (routed by its first)."""

@@ -6,7 +6,8 @@ forgotten, and the request goes to the next best worker; the router itself answe
 (no live worker: 503; a worker's answer that is not a completion: 502; a worker's own error status is passed
 through with its message), always as JSON in the client's protocol, and a stream that fails after its first
 byte ends with that protocol's error event. Who may call is :mod:`kvtier.router.auth`; what a request may
-make the router parse, store or forward is :mod:`kvtier.router.limits`.
+make the router parse, store or forward is :mod:`kvtier.router.limits`; the agent hints it derives from what the
+client sent and hands to the worker in ``kv_transfer_params.agent_hints``, :mod:`kvtier.router.signals`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from kvtier.events import EventSubscriber, KVEventBatch
 from kvtier.router.auth import Auth, Tenant
 from kvtier.router.choice import Chooser, CostWeights, PriorityGate, QueueFull, SessionTable, WorkerLoad
 from kvtier.router.indexer import KvIndexer, Overlap
-from kvtier.router.limits import agent_hints, hints_header, parse_json_object
+from kvtier.router.limits import parse_json_object
 from kvtier.router.prompt import PromptHasher
+from kvtier.router.signals import SOURCES, Derived, derive, read_signals
 from kvtier.router.translate import (AnthropicReply, BadRequest, ChatReply, ResponsesReply, WorkerError,
-                                     anthropic_error_type, anthropic_to_chat, need, responses_echo, responses_to_chat)
+                                     anthropic_error_type, need, responses_echo, worker_body)
 
 Reply = AnthropicReply | ResponsesReply | ChatReply
 
@@ -121,6 +123,7 @@ class _Route:
     hashes: list[int]
     overlap: Overlap
     session: str | None
+    decode_blocks: int    # the KV its answer will hold: the prompt's blocks and, with agent hints' osl, the output
 
 
 class _Metrics:
@@ -139,6 +142,13 @@ class _Metrics:
         self.indexed = Gauge("kvtier_router_indexed_blocks", "distinct blocks in the index", registry=r)
         self.approx = Gauge("kvtier_router_approx_blocks", "blocks assumed cached from routing decisions", registry=r)
         self.sessions = Gauge("kvtier_router_sessions", "sessions remembered for stickiness", registry=r)
+        self.hint_sources = Counter("kvtier_router_hint_source", "requests by where their session came from "
+                                    "(explicit agent_hints, session_header, metadata, prompt_cache_key, prefix "
+                                    "continuation; explicit without a session; none)", ["source"], registry=r)
+        self.derived_pins = Counter("kvtier_router_derived_pins", "pins derived from cache_control breakpoints and "
+                                    "prompt_cache_retention (unplaced: no tokenizer, or no text to place it in)",
+                                    ["outcome"], registry=r)
+        self.source = {s: self.hint_sources.labels(s) for s in SOURCES}  # bound once, each shown from the start
         self.cached = {m: self.cached_blocks.labels(m) for m in ("device", "host", "disk")}  # bound once: hot path
         self.route_seconds = Histogram("kvtier_router_route_seconds", "time to choose a worker", registry=r,
                                        buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1))
@@ -273,7 +283,8 @@ class KvRouter:
             return describe_failure(exc)
 
     # --- routing ----------------------------------------------------------------------------------------
-    async def _acquire(self, hashes: list[int], session: str | None, priority: int, exclude: set[str]) -> _Route:
+    async def _acquire(self, hashes: list[int], session: str | None, latency_sensitivity_s: float, decode_blocks: int,
+                       exclude: set[str]) -> _Route:
         while True:
             live = [w for w in self.workers.values() if w.alive and w.url not in exclude]
             if not live:
@@ -283,7 +294,7 @@ class KvRouter:
                 break
             self.metrics.waiting.set(len(self.gate) + 1)
             try:
-                await self.gate.wait(priority)
+                await self.gate.wait(latency_sensitivity_s)
             finally:
                 self.metrics.waiting.set(len(self.gate))
         started = time.perf_counter()
@@ -295,7 +306,7 @@ class KvRouter:
             loads = {u: self.workers[u].load for u in free}
             choice = self.chooser.choose(len(hashes), overlaps, loads, free, tie_key=hashes[0] if hashes else 0)
         self.metrics.route_seconds.observe(time.perf_counter() - started)
-        return _Route(self.workers[choice], hashes, overlaps.get(choice, Overlap(0, 0, 0)), session)
+        return _Route(self.workers[choice], hashes, overlaps.get(choice, Overlap(0, 0, 0)), session, decode_blocks)
 
     def _remember(self, route: _Route) -> None:
         """The worker accepted the request (2xx): only now learn its session and (approximately) its KV, so
@@ -314,7 +325,7 @@ class KvRouter:
         load = route.worker.load
         load.inflight += 1
         load.prefill_blocks += len(route.hashes) - route.overlap.any
-        load.active_blocks += len(route.hashes)
+        load.active_blocks += route.decode_blocks
 
     def _prefilled(self, route: _Route) -> None:
         route.worker.load.prefill_blocks -= len(route.hashes) - route.overlap.any
@@ -322,7 +333,7 @@ class KvRouter:
     def _end(self, route: _Route) -> None:
         load = route.worker.load
         load.inflight -= 1
-        load.active_blocks -= len(route.hashes)
+        load.active_blocks -= route.decode_blocks
         self.gate.release()
 
     # --- endpoints --------------------------------------------------------------------------------------
@@ -367,31 +378,27 @@ class KvRouter:
 
     async def _handle(self, kind: str, request: web.Request) -> web.StreamResponse:
         tenant = self._client(request)
-        raw = await request.read()
-        body = parse_json_object(raw)
-        hints = agent_hints(body)
+        body = parse_json_object(await request.read())
+        signals = read_signals(kind, body, request.headers)
         salt = self._salt(body, tenant)
         stream = body.get("stream", False)
         need(isinstance(stream, bool), "body.stream must be a boolean")
-        chat = _worker_body(kind, body, stream)
-        unchanged = chat is body and salt == body.get("cache_salt")
-        if salt is not None:
-            chat["cache_salt"] = salt
-        tokens = self._tokens(kind, chat)
+        chat = worker_body(kind, body, stream)
+        tokens, offsets = self._prompt(kind, chat)
+        derived = derive(signals, kind, chat, salt, offsets, len(tokens) if self.hasher.exact else None)
+        self._deliver(chat, body.get("kv_transfer_params"), derived, salt)
         hashes = self.hasher.hashes(tokens, salt)
-        # a chat or completions body the router did not change goes out as the client's bytes
-        payload = raw if unchanged else json.dumps(chat).encode()
-        session = hints.get("session_id")
-        session_key = f"{salt or ''}\0{session}" if session else None  # a tenant's sessions are its own
+        payload = json.dumps(chat).encode()
         path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
         headers = {"Content-Type": "application/json"}
-        if hints:
-            headers["x-kvtier-agent-hints"] = hints_header(hints)
         reply = (AnthropicReply(chat["model"], len(tokens) if self.hasher.exact else None) if kind == "messages"
                  else ResponsesReply(chat["model"], responses_echo(body)) if kind == "responses" else ChatReply())
+        hints = derived.hints
+        decode_blocks = len(hashes) + -(-(hints.osl or 0) // self.config.block_size)
         tried: set[str] = set()
         while True:
-            route = await self._acquire(hashes, session_key, hints.get("priority", 0), tried)
+            route = await self._acquire(hashes, hints.session_id, hints.latency_sensitivity or 0.0, decode_blocks,
+                                        tried)
             self._begin(route)
             try:
                 return await self._proxy(request, route, path, payload, stream, headers, reply)
@@ -412,21 +419,41 @@ class KvRouter:
             raise web.HTTPForbidden(reason="body.cache_salt differs from the tenant salt of this API key")
         return tenant.salt or claimed or None
 
-    def _tokens(self, kind: str, chat: dict) -> Any:
+    def _prompt(self, kind: str, chat: dict) -> tuple[Any, Callable[[dict, int], list[int] | None]]:
+        """The prompt's token ids, and how to find the token offsets of markers in a copy of ``chat``."""
         if kind == "completions":
             prompt = chat.get("prompt")
             need(isinstance(prompt, (str, list)) and len(prompt) > 0, "body.prompt must be a non-empty string or array")
             if isinstance(prompt, list):
                 need(all(isinstance(p, (str, list)) for p in prompt) or all(isinstance(p, int) and not isinstance(p, bool)
                      and 0 <= p < 2**32 for p in prompt), "body.prompt must be text, token ids, or a list of those")
-            return self.hasher.completion_tokens(prompt)
+            return self.hasher.completion_tokens(prompt), lambda marked, n: None
         messages = chat.get("messages")
         need(isinstance(messages, list) and len(messages) > 0, "body.messages must be a non-empty array")
         for i, msg in enumerate(messages):
             need(isinstance(msg, dict) and isinstance(msg.get("role"), str), f"body.messages[{i}] needs a string role")
         tools = chat.get("tools")
         need(tools is None or isinstance(tools, list), "body.tools must be an array")
-        return self.hasher.chat_tokens(messages, tools)
+        prompt = self.hasher.chat_prompt(messages, tools)
+        return prompt.tokens, lambda marked, n: self.hasher.marker_offsets(prompt, marked, n)
+
+    def _deliver(self, chat: dict, params: Any, derived: Derived, salt: str | None) -> None:
+        """What the worker needs to know, in the fields vLLM reads: the hints in ``kv_transfer_params`` (beside the
+        client's own ``params``, on every protocol), their priority as the request's ``priority`` (unless the
+        client set one), the salt."""
+        self.metrics.source[derived.source].inc()
+        self.metrics.derived_pins.labels("placed").inc(derived.pins_placed)
+        self.metrics.derived_pins.labels("unplaced").inc(derived.pins_unplaced)
+        if salt is not None:
+            chat["cache_salt"] = salt
+        need(params is None or isinstance(params, dict), "body.kv_transfer_params must be an object")
+        hints = derived.wire()
+        if hints:
+            chat["kv_transfer_params"] = {**(params or {}), "agent_hints": hints}
+        elif params is not None:
+            chat["kv_transfer_params"] = {k: v for k, v in params.items() if k != "agent_hints"}
+        if derived.vllm_priority is not None and "priority" not in chat:
+            chat["priority"] = derived.vllm_priority
 
     async def _proxy(self, request: web.Request, route: _Route, path: str, payload: bytes, stream: bool,
                      headers: dict, reply: Reply) -> web.StreamResponse:
@@ -566,20 +593,6 @@ class NoWorker(Exception):
 
 class WorkerUnreachable(Exception):
     """The worker could not be reached before any byte of its answer was relayed."""
-
-
-def _worker_body(kind: str, body: dict, stream: bool) -> dict:
-    """What the worker gets: chat and completions bodies as sent, Anthropic and Responses ones translated to
-    chat (streams ask for usage: on every chunk for Anthropic's message_start, at the end for Responses)."""
-    if kind not in ("messages", "responses"):
-        return body
-    chat = anthropic_to_chat(body) if kind == "messages" else responses_to_chat(body)
-    chat["stream"] = stream
-    if stream:
-        chat["stream_options"] = {"include_usage": True, "continuous_usage_stats": kind == "messages"}
-    if "nvext" in body:
-        chat["nvext"] = body["nvext"]
-    return chat
 
 
 async def _write(response: web.StreamResponse, pieces: list[bytes]) -> None:

@@ -53,6 +53,19 @@ def _number(obj: dict, name: str, where: str) -> float | None:
     return field_of(obj, name, (int, float), where, required=False)
 
 
+def worker_body(kind: str, body: dict, stream: bool) -> dict:
+    """What the worker gets, before the router adds hints and salt: chat and completions bodies as sent, Anthropic
+    and Responses ones translated to chat (streams ask for usage: on every chunk for Anthropic's message_start, at
+    the end for Responses). ``nvext`` is Dynamo's and read by the router; workers never see it."""
+    if kind not in ("messages", "responses"):
+        return {k: v for k, v in body.items() if k != "nvext"}
+    chat = anthropic_to_chat(body) if kind == "messages" else responses_to_chat(body)
+    chat["stream"] = stream
+    if stream:
+        chat["stream_options"] = {"include_usage": True, "continuous_usage_stats": kind == "messages"}
+    return chat
+
+
 # --- blocks: the common shape of an assistant turn -------------------------------------------------------
 @dataclass
 class Block:

@@ -82,16 +82,17 @@ def test_completions_plain_and_streaming(cluster: Cluster) -> None:
 
 def test_agent_hints_are_forwarded_and_sessions_stick(cluster: Cluster) -> None:
     client = oai(cluster)
-    hints = {"session_id": "agent-7", "priority": 2, "osl": 100}
+    hints = {"session_id": "agent-7", "priority": 70, "osl": 100}
     for i in range(6):  # unrelated prompts: without the session they would spread
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"task {i} " * 20}],
                                        extra_body={"nvext": {"agent_hints": hints}})
     served = [len(w.received) for w in cluster.workers]
     assert sorted(served) == [0, 6]
     body = all_received(cluster)[0]
-    assert body["nvext"]["agent_hints"] == hints
+    assert body["kv_transfer_params"]["agent_hints"] == hints and "nvext" not in body  # where vLLM reads them
+    assert body["priority"] == -20   # vLLM's scheduling priority: lower first; hint 50 is vLLM's 0
     worker = next(w for w in cluster.workers if w.received)
-    assert json.loads(worker.headers[0]["x-kvtier-agent-hints"]) == hints
+    assert not any(h.lower().startswith("x-kvtier") for h in worker.headers[0])
 
 
 def test_shared_prefixes_follow_the_cache_in_approximate_mode(cluster: Cluster) -> None:

@@ -193,19 +193,19 @@ def test_sessions_are_sticky_bounded_and_forgettable() -> None:
     assert table.get("s1") is None and table.get("s3") == "c"
 
 
-def test_priority_gate_wakes_the_most_urgent_first() -> None:
+def test_gate_wakes_the_most_latency_sensitive_first() -> None:
     async def scenario() -> list[str]:
         gate = PriorityGate(max_waiting=3)
         order: list[str] = []
 
-        async def waiter(name: str, priority: int) -> None:
-            await gate.wait(priority)
+        async def waiter(name: str, latency_sensitivity_s: float) -> None:
+            await gate.wait(latency_sensitivity_s)
             order.append(name)
 
-        tasks = [asyncio.create_task(waiter(n, p)) for n, p in [("low", 0), ("high", 5), ("mid", 1)]]
+        tasks = [asyncio.create_task(waiter(n, p)) for n, p in [("low", 0.0), ("high", 500.0), ("mid", 100.0)]]
         await asyncio.sleep(0)
         with pytest.raises(QueueFull):
-            await gate.wait(9)
+            await gate.wait(900.0)
         for _ in range(3):
             gate.release()
             await asyncio.sleep(0)
