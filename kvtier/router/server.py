@@ -83,6 +83,7 @@ class RouterConfig:
     max_approx_blocks: int = 1_000_000    # per approximate-mode worker
     max_salt_chars: int = 256
     auth: Auth = field(default_factory=Auth)
+    derive_hints: bool = True             # False: forward explicit agent hints only (kvtier.router.signals)
 
     def __post_init__(self) -> None:
         if self.max_inflight_per_worker <= 0:
@@ -379,7 +380,7 @@ class KvRouter:
     async def _handle(self, kind: str, request: web.Request) -> web.StreamResponse:
         tenant = self._client(request)
         body = parse_json_object(await request.read())
-        signals = read_signals(kind, body, request.headers)
+        signals = read_signals(kind, body, request.headers, self.config.derive_hints)
         salt = self._salt(body, tenant)
         stream = body.get("stream", False)
         need(isinstance(stream, bool), "body.stream must be a boolean")

@@ -94,20 +94,23 @@ class Signals:
 
     explicit: dict[str, Any]
     explicit_where: str
-    session: tuple[str, str] | None             # (the client's id, its source)
-    final: bool
-    retention_s: float | None
+    derive: bool                                # False: the explicit hints only
+    session: tuple[str, str] | None = None      # (the client's id, its source)
+    final: bool = False
+    retention_s: float | None = None
     marks: list[Mark] = field(default_factory=list)
     marked_body: dict | None = None
 
 
-def read_signals(kind: str, body: dict, headers: Mapping[str, str]) -> Signals:
+def read_signals(kind: str, body: dict, headers: Mapping[str, str], derive: bool = True) -> Signals:
     """Phase one, before the prompt is rendered: a malformed or oversized signal is a :class:`BadRequest`
-    naming it."""
+    naming it. ``derive`` False (``kvtier router --no-derive-hints``) reads the explicit hints alone."""
     explicit, where = _explicit(body)
+    if not derive:
+        return Signals(explicit, where, derive)
     marks, marked = _breakpoints(kind, body)
-    return Signals(explicit, where, _client_session(kind, body, headers), _final(headers), _retention(kind, body),
-                   marks, marked)
+    return Signals(explicit, where, derive, _client_session(kind, body, headers), _final(headers),
+                   _retention(kind, body), marks, marked)
 
 
 Offsets = Callable[[dict, int], "list[int] | None"]
@@ -126,7 +129,7 @@ def derive(signals: Signals, kind: str, chat: dict, salt: str | None, offsets: O
     derived = Derived(AgentHints(), source)
     pins = list(hints.get("pins") or [])
     prefix_ends = []
-    if kind != "completions":
+    if kind != "completions" and signals.derive:
         marks = list(signals.marks)
         marked = _mark_prefix(worker_body(kind, signals.marked_body, False) if signals.marked_body else chat, marks)
         placed = offsets(marked, len(marks)) if marks else None
@@ -151,7 +154,7 @@ def derive(signals: Signals, kind: str, chat: dict, salt: str | None, offsets: O
         hints["pins"] = pins
     if signals.final:
         hints["session_final"] = True
-    if session_id is not None and chat.get("tools"):
+    if signals.derive and session_id is not None and chat.get("tools"):
         hints.setdefault("prefetch", True)
     try:
         derived.hints = parse_hints(hints)
@@ -190,7 +193,7 @@ def _session(signals: Signals, kind: str, chat: dict, salt: str | None) -> tuple
     if signals.session is not None:
         raw, source = signals.session
         return scoped_session(raw, salt), source
-    anchor = conversation_anchor(chat, salt) if kind != "completions" else None
+    anchor = conversation_anchor(chat, salt) if kind != "completions" and signals.derive else None
     if anchor is not None:
         return anchor, "prefix"
     return None, "explicit" if signals.explicit else "none"

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class VllmServer:
     kv_transfer_config: dict[str, Any] | None = None
     events_port: int | None = None
     kv_cache_blocks: int = 72          # vLLM's own KV cache (G1), in blocks of 128 tokens on its CPU build
+    kv_cache_space_gib: int = 1        # the memory vLLM's CPU build sets aside for it (VLLM_CPU_KVCACHE_SPACE)
     max_model_len: int = 8192
     threads: int = 1
     log_path: Path | None = None
@@ -90,7 +92,7 @@ class VllmServer:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "KVTIER_", "TRITON_"))}
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_SERVER_DEV_MODE": "1",
-                    "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                    "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_space_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                     "OMP_NUM_THREADS": str(self.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                     "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO",
                     "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
@@ -164,12 +166,12 @@ class VllmServer:
 
 
 def start_router(workers: list[VllmServer], tokenizer: Path, log_path: Path, block_size: int = 128,
-                 timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """``kvtier router`` in front of ``workers``, fed by their KV events; returns (process, URL) once
-    ``/health`` answers. The caller terminates the process."""
+                 timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
+    """``kvtier router`` in front of ``workers``, fed by their KV events (``extra_args`` added); returns (process,
+    URL) once ``/health`` answers. The caller terminates the process."""
     port = free_port()
     cmd = [sys.executable, "-m", "kvtier.cli", "router", "--port", str(port), "--tokenizer", str(tokenizer),
-           "--block-size", str(block_size), "--log-level", "WARNING"]
+           "--block-size", str(block_size), "--log-level", "WARNING", *extra_args]
     for w in workers:
         cmd += ["--worker", w.url, "--events", w.events_endpoint or "-"]
     with open(log_path, "wb") as log:

@@ -265,3 +265,17 @@ def test_a_malformed_signal_is_a_400_in_openais_shape_naming_it(approx: Cluster,
                  json_body={"model": "m", "messages": [{"role": "user", "content": TASK}], **extra})
     assert reply.status_code == 400 and field in reply.json()["error"]["message"]
     assert all_received(approx) == []
+
+
+def test_with_derivation_off_only_explicit_hints_travel(tmp_path) -> None:
+    c = start_cluster(1, tokenizer=make_tokenizer(tmp_path), config=RouterConfig(block_size=BLOCK, derive_hints=False,
+                                                                                 health_interval_s=0.2))
+    try:
+        body = sent(c, lambda: claude(c, {"x-claude-code-session-id": "cc"}).messages.create(**claude_code_request()))
+        assert "kv_transfer_params" not in body
+        body = sent(c, lambda: oai(c).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": TASK}], prompt_cache_key="k",
+            extra_body={"nvext": {"agent_hints": {"session_id": "mine"}}}))
+        assert hints_of(body) == {"session_id": "mine"}
+    finally:
+        stop_cluster(c)
