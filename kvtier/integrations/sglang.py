@@ -187,12 +187,13 @@ class KvtierHiCacheStorage(HiCacheStorage):
         with self.lock:
             report = cascade.manager.apply_hints(ks, hints, self.mem_pool_host.page_size)
         if hints.prefetch or hints.next_call_delay_s:
-            cascade.submit(self._prefetch, ks)
+            cascade.submit(self._prefetch, ks, hints.session_id)
         return report
 
-    def _prefetch(self, ks: list[int]) -> int:
+    def _prefetch(self, ks: list[int], session: str | None) -> int:
         """Mover: promote the pages held only below G2; how many came up by the deadline."""
-        return sum(self.cascade.await_promotion(p) for p in self.cascade.promote(ks, wait=False).values())
+        promotions = self.cascade.promote(ks, wait=False, session=session)
+        return sum(self.cascade.await_promotion(p) for p in promotions.values())
 
     # --- zero-copy interface ---------------------------------------------------------------------------------
     def _pages(self, host_indices: torch.Tensor, n: int) -> torch.Tensor:

