@@ -221,6 +221,12 @@ def call_messages(url: str, session: ShapedSession, max_tokens: int) -> Result:
 CALLS = {"chat": call_chat, "messages": call_messages}
 
 
+def engine_steps(server: VllmServer) -> float:
+    """The engine steps that scheduled tokens so far (vLLM's ``iteration_tokens`` histogram)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in server.metrics().splitlines()
+               if line.startswith("vllm:iteration_tokens_total_count"))
+
+
 def kvtier_counters(server: VllmServer) -> dict[str, float]:
     """kvtier's counters on a worker's /metrics, by series and labels (engine labels left out):
     ``{"loaded_tokens{tier=G2}": 1024.0, "refused_store_chunks{reason=policy}": 3.0, ...}``."""
@@ -298,10 +304,13 @@ def run_config(config: Config, args: argparse.Namespace, plan: Plan) -> dict:
                     results[(session.index, c)] = r
                     bar.update()
 
+        cpu_before = [w.cpu_seconds() for w in workers]
         start = time.perf_counter()
         with ThreadPoolExecutor(plan.concurrency) as pool:
             list(pool.map(drive, sessions))
         wall = time.perf_counter() - start
+        cpu = sum(w.cpu_seconds() for w in workers) - sum(cpu_before)
+        steps = sum(engine_steps(w) for w in workers)
         bar.close()
         counters: dict[str, float] = {}
         for w in workers:
@@ -327,6 +336,7 @@ def run_config(config: Config, args: argparse.Namespace, plan: Plan) -> dict:
             "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "cached_token_frac": cached / prompt, "ceiling_cached_token_frac": ideal / prompt,
             "recomputed_tokens": prompt - cached, "prompt_tokens": prompt, "kv_cache_blocks": blocks,
+            "worker_cpu_s": cpu, "engine_steps": steps,
             "tier_tokens": {"G1": cached - sum(tiers.values()), **tiers}, "kvtier_counters": counters,
             "texts": {f"{s}:{c}": r.text for (s, c), r in sorted(results.items())}}
 
@@ -447,6 +457,9 @@ def report(configs: list[dict], plan: Plan, args: argparse.Namespace) -> None:
     for name, value in targets.items():
         print(f"{name}: {value:.3f}")
     for c in configs:
+        print(f"{c['key']}: servers' CPU {c['worker_cpu_s']:.0f} s in {c['wall_s']:.0f} s "
+              f"({c['worker_cpu_s'] / c['wall_s']:.2f} cores busy), "
+              f"{c['engine_steps']:.0f} engine steps")
         if c["kvtier_counters"]:
             print(f"{c['key']} kvtier: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(c["kvtier_counters"].items())))
     print(f"same tokens in every configuration: {same}")

@@ -140,6 +140,25 @@ class VllmServer:
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as resp:
             return resp.read().decode()
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server's processes have used so far: the API server, its engine core and
+        its workers."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total, todo, seen = 0.0, [self.proc.pid] if self.proc is not None else [], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue   # it ended meanwhile
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            todo.extend(int(c) for c in children)
+        return total
+
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path or not Path(self.log_path).exists():
             return ""
