@@ -242,19 +242,24 @@ class Manager:
                 raise ManagerError(f"complete_store without prepare_store: {key!r} in tier {tier}")
         self.release(keys)
         lane = self._lane
+        written_then_ephemeral = []   # marked ephemeral while written below G2, where ephemeral keys never stay
         for key in keys:
             size = state.pending.pop(key)
-            if ok:
+            if ok and (tier < FIRST_COLD_TIER or lane.get(key) != EPHEMERAL):
                 state.sizes[key] = size
                 self._place(state, key, lane.get(key, NORMAL))
-            else:
-                state.used -= size
-                state.stats.writes -= 1
-                state.stats.write_bytes -= size
-                state.stats.refused += 1
-        if not ok:
+                continue
+            state.used -= size
+            state.stats.writes -= 1
+            state.stats.write_bytes -= size
+            state.stats.refused += 1
+            if ok:
+                written_then_ephemeral.append(key)
+        if written_then_ephemeral and self.listener is not None:
+            self.listener.on_evict(tier, written_then_ephemeral)
+        if not ok or written_then_ephemeral:
             self._forget([k for k in keys if self.locate(k) is None and k not in self._busy])
-        elif self.write_through:  # a copy into every tier below (G4 too, so other machines see it); the source keeps it
+        if ok and self.write_through:  # a copy into every tier below (G4 too, so other machines see it); the source keeps it
             durable = [k for k in keys if lane.get(k) != EPHEMERAL]
             for lower in range(tier + 1, len(self.tiers)):
                 copied = self._store(lower, durable, self._busy, None, None)

@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -85,17 +86,24 @@ class Chooser:
         return self._rng.choices(names, weights)[0]
 
 
+class Home(NamedTuple):
+    """Where a session's latest call went, and how many prompt blocks it left there."""
+
+    worker: str
+    blocks: int
+
+
 class SessionTable:
-    """session_id -> worker, least recently used first out, entries expiring after ``ttl_s``."""
+    """session_id -> its :class:`Home`, least recently used first out, entries expiring after ``ttl_s``."""
 
     def __init__(self, max_sessions: int = 100_000, ttl_s: float = 1800.0) -> None:
         if max_sessions <= 0 or ttl_s <= 0:
             raise ValueError("max_sessions and ttl_s must be positive")
         self._max = max_sessions
         self._ttl = ttl_s
-        self._table: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._table: OrderedDict[str, tuple[Home, float]] = OrderedDict()
 
-    def get(self, session: str) -> str | None:
+    def get(self, session: str) -> Home | None:
         item = self._table.get(session)
         if item is None or item[1] < time.monotonic():
             self._table.pop(session, None)
@@ -103,14 +111,14 @@ class SessionTable:
         self._table.move_to_end(session)
         return item[0]
 
-    def put(self, session: str, worker: str) -> None:
-        self._table[session] = (worker, time.monotonic() + self._ttl)
+    def put(self, session: str, worker: str, blocks: int = 0) -> None:
+        self._table[session] = (Home(worker, blocks), time.monotonic() + self._ttl)
         self._table.move_to_end(session)
         while len(self._table) > self._max:
             self._table.popitem(last=False)
 
     def forget_worker(self, worker: str) -> None:
-        for session in [s for s, (w, _) in self._table.items() if w == worker]:
+        for session in [s for s, (home, _) in self._table.items() if home.worker == worker]:
             del self._table[session]
 
     def __len__(self) -> int:

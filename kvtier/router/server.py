@@ -300,12 +300,16 @@ class KvRouter:
                 self.metrics.waiting.set(len(self.gate))
         started = time.perf_counter()
         overlaps = self.indexer.find_matches(hashes)
-        sticky = self.sessions.get(session) if session else None
-        if sticky in free:
-            choice = sticky
-        else:
-            loads = {u: self.workers[u].load for u in free}
-            choice = self.chooser.choose(len(hashes), overlaps, loads, free, tie_key=hashes[0] if hashes else 0)
+        home = self.sessions.get(session) if session else None
+        if home is not None and home.worker in free:
+            # what the session's latest call left on its worker counts as held there (in host memory at least)
+            # even before the worker's KV events say so; the session stays unless another worker would still
+            # finish it sooner recomputing it (a session pinned to a busy worker leaves another one idle)
+            held = min(home.blocks, len(hashes))
+            known = overlaps.get(home.worker, Overlap(0, 0, 0))
+            overlaps[home.worker] = Overlap(known.device, max(known.host, held), max(known.any, held))
+        loads = {u: self.workers[u].load for u in free}
+        choice = self.chooser.choose(len(hashes), overlaps, loads, free, tie_key=hashes[0] if hashes else 0)
         self.metrics.route_seconds.observe(time.perf_counter() - started)
         return _Route(self.workers[choice], hashes, overlaps.get(choice, Overlap(0, 0, 0)), session, decode_blocks)
 
@@ -314,7 +318,7 @@ class KvRouter:
         refused or failed requests leave nothing behind."""
         url, overlap = route.worker.url, route.overlap
         if route.session:
-            self.sessions.put(route.session, url)
+            self.sessions.put(route.session, url, len(route.hashes))
         self.indexer.record_routing(url, route.hashes)
         self.metrics.prompt_blocks.inc(len(route.hashes))
         self.metrics.cached["device"].inc(overlap.device)

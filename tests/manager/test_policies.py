@@ -391,3 +391,21 @@ def test_a_store_with_a_tier_below_is_never_declined_and_a_prefetch_is_weighed()
     tiered.begin_request("never", now=2.0, hints=AgentHints(next_call_delay_s=5000.0))
     assert tiered.prepare_store([5, 6], tier=1, session="never", prefetch=True).store == []  # due after "late"
     assert tiered.prepare_store([1, 2], tier=1, session="soon", prefetch=True).store == [1, 2]
+
+
+def test_agent_policy_memory_stays_bounded_however_many_sessions_come(monkeypatch):
+    """Every conversation is a session: sessions that hold no block are forgotten beyond a bound, least recently
+    active first; the ones holding blocks are all kept."""
+    from kvtier.manager.policies import agent
+    monkeypatch.setattr(agent, "MAX_IDLE_SESSIONS", 8)
+    policy = agent.AgentAware(capacity=4)
+    policy.begin_request("holder", 0.0)
+    policy.touch_request([1, 2], (), "holder")
+    for i in range(100):
+        policy.begin_request(f"s{i}", float(i + 1))
+        policy.end_request(f"s{i}", float(i + 1.5), "end_turn")
+    assert len(policy._sessions) == 9 and "holder" in policy._sessions and "s99" in policy._sessions
+    assert policy.evict(2, busy=()) == [2, 1]      # the holder let go of its blocks: now it is idle too
+    for i in range(8):
+        policy.begin_request(f"t{i}", 200.0 + i)
+    assert "holder" not in policy._sessions and len(policy._sessions) == 8

@@ -184,13 +184,13 @@ def test_temperature_samples_favouring_the_cheapest() -> None:
 
 def test_sessions_are_sticky_bounded_and_forgettable() -> None:
     table = SessionTable(max_sessions=2)
-    table.put("s1", "a")
+    table.put("s1", "a", 7)
     table.put("s2", "b")
-    assert table.get("s1") == "a"
+    assert table.get("s1") == ("a", 7)
     table.put("s3", "c")  # s2 is the least recently used
     assert table.get("s2") is None and len(table) == 2
     table.forget_worker("a")
-    assert table.get("s1") is None and table.get("s3") == "c"
+    assert table.get("s1") is None and table.get("s3").worker == "c"
 
 
 def test_gate_wakes_the_most_latency_sensitive_first() -> None:

@@ -279,3 +279,26 @@ def test_with_derivation_off_only_explicit_hints_travel(tmp_path) -> None:
         assert hints_of(body) == {"session_id": "mine"}
     finally:
         stop_cluster(c)
+
+
+def test_a_session_stays_on_its_worker_unless_another_would_still_finish_it_sooner() -> None:
+    """Stickiness is a credit, not a rule: a session's last call left its blocks on its worker, which the cost
+    counts as held; a session moves only when that worker's queue outweighs recomputing the prompt elsewhere (a
+    session pinned to a busy worker would leave the other one idle)."""
+    two = start_cluster(2)
+    try:
+        router = two.router
+        home, other = (w.url for w in two.workers)
+        hashes = list(range(1000, 1040))           # 40 blocks the index knows nothing about
+        router.sessions.put("s", home, len(hashes))
+
+        def chosen() -> str:
+            return two.loop.run(router._acquire(hashes, "s", 0.0, len(hashes), set())).worker.url
+
+        assert chosen() == home
+        router.workers[home].load.prefill_blocks = 20    # less than the 40 blocks' credit (x 0.75): stays
+        assert chosen() == home
+        router.workers[home].load.prefill_blocks = 200   # a long queue: recomputing elsewhere is sooner
+        assert chosen() == other
+    finally:
+        stop_cluster(two)

@@ -51,6 +51,9 @@ DEFAULT_GAP_S = 30.0
 _GAP_WEIGHT = 0.3  # EMA weight of the newest gap (in log space)
 _MIN_GAP_S = 0.05
 _RETURN_WINDOW = 1000  # responses of one stop reason the share of returning sessions is learned over
+# sessions that hold no block are remembered (what was learned of their gaps) up to this many, the least recently
+# active forgotten first: a server sees ever more sessions (every conversation is one), memory must not grow with them
+MAX_IDLE_SESSIONS = 65_536
 _NOBODY = object()
 
 
@@ -84,6 +87,7 @@ class AgentAware(Policy):
         super().__init__(capacity)
         self._sessions: dict[Hashable, _Session] = {}
         self._holding: dict[Hashable, _Session] = {}   # sessions with at least one entry
+        self._idle: OrderedDict[Hashable, None] = OrderedDict()   # the others, least recently active first
         # every cached block -> its session (any one of them when several hold it); blocks several sessions hold
         # -> all of them. A set per block would cost ~200 B each where most blocks have one holder.
         self._holder: dict[Key, Hashable] = {}
@@ -99,7 +103,14 @@ class AgentAware(Policy):
         s = self._sessions.get(sid)
         if s is None:
             s = self._sessions[sid] = _Session()
+            self._went_idle(sid)
         return s
+
+    def _went_idle(self, sid: Hashable) -> None:
+        """``sid`` holds no block (now, or since it was first seen); forget the longest idle beyond the bound."""
+        self._idle[sid] = None
+        while len(self._idle) > MAX_IDLE_SESSIONS:
+            del self._sessions[self._idle.popitem(last=False)[0]]
 
     # --- request context ---------------------------------------------------------------------------------
     def begin_request(self, session: Hashable, now: float, next_call_delay_s: float | None = None) -> None:
@@ -117,6 +128,8 @@ class AgentAware(Policy):
         s.hinted_delay = None if next_call_delay_s is None else max(0.0, next_call_delay_s)
         s.live, s.fresh = s.fresh, 0
         self._now = max(self._now, now)
+        if session in self._idle:
+            self._idle.move_to_end(session)
 
     def end_request(self, session: Hashable, now: float, stop_reason: str | None = None, final: bool = False) -> None:
         s = self._session(session)
@@ -198,7 +211,9 @@ class AgentAware(Policy):
         else:
             self._sessions[holder].alone -= 1
             self._holders[key] = {holder, sid}
-        self._holding[sid] = s
+        if sid not in self._holding:
+            self._holding[sid] = s
+            self._idle.pop(sid, None)
 
     def _let_go(self, sid: Hashable, s: _Session, key: Key) -> bool:
         """``s`` no longer holds ``key`` (already out of its order); True when no session holds it now."""
@@ -239,6 +254,7 @@ class AgentAware(Policy):
             self._let_go(sid, s, key)
             if not s.order:
                 del self._holding[sid]
+                self._went_idle(sid)
 
     # --- admission ---------------------------------------------------------------------------------------
     def admit(self, keys: Sequence[Key], session: Hashable = None) -> Sequence[Key]:
@@ -304,6 +320,7 @@ class AgentAware(Policy):
             out.extend(key for key in got if self._let_go(sid, s, key))
             if not s.order:
                 del self._holding[sid]
+                self._went_idle(sid)
             elif len(got) == want:   # otherwise the rest of its blocks are busy: not a victim in this call
                 heapq.heappush(heap, (-self._front_prediction(s, now), rank, sid))
         return out
