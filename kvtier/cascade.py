@@ -109,7 +109,8 @@ class Cascade:
         self._gnum = [G1, G2] + sorted(g for g in self.tiers if g > G2)
         self._index = {g: i for i, g in enumerate(self._gnum)}
         self.manager = Manager(specs, config.policy, write_through=config.write_through,
-                               pin_budget_frac=config.pin_budget_frac, pin_lease_s=config.pin_lease_s,
+                               pin_budget_frac=config.pin_budget_frac,
+                               tenant_pin_budget_frac=config.tenant_pin_budget_frac, pin_lease_s=config.pin_lease_s,
                                block_bytes=unit, listener=self)
         # (key, G-number) of demotions the manager already lists below whose bytes are not written yet
         self._landing: Counter[tuple[int, int]] = Counter()

@@ -73,6 +73,7 @@ class KvtierConfig:
     # --- manager ------------------------------------------------------------------------------------------
     policy: PolicyName = "agent"
     pin_budget_frac: Fraction = 0.5           # share of each tier that pins may hold
+    tenant_pin_budget_frac: Fraction = 1.0    # share of that budget one tenant's pins may hold (see kvtier.hints)
     pin_lease_s: NonNegativeFloat = 600.0
     admission_min_hits: NonNegativeInt = 1    # G3/G4 admission: seen at least this often (1: whatever G2 evicts;
                                               # agent contexts are re-read once, after G2 let them go)

@@ -461,7 +461,8 @@ class KvtierEngine:
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def _apply_retention(self, state: _RequestState) -> None:
-        report = self.manager.apply_hints(state.chunk_keys, state.request.hints, self.chunk_tokens)
+        report = self.manager.apply_hints(state.chunk_keys, state.request.hints, self.chunk_tokens,
+                                          tenant=state.request.salt)
         if report.downgraded:
             log.info("kvtier: %d pinned chunks over the pin budget were given priority 100 instead",
                      len(report.downgraded))

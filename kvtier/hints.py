@@ -24,6 +24,9 @@ MAX_SESSION_ID_CHARS = 256
 MAX_HINT_LIST = 64                     # pins, priorities, ephemeral ranges
 MAX_HINTS_BYTES = 4096                 # the hints of one request, encoded as JSON
 MAX_SECONDS = 7 * 24 * 3600.0          # leases, durations and delays: a week at most
+# beside agent_hints in kv_transfer_params: the tenant whose share of the pin budget the request's pins count
+# against. kvtier router sets it from the API key's salt (a client's own value never passes the router).
+TENANT_FIELD = "kvtier_tenant"
 
 
 class HintError(ValueError):

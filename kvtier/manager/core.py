@@ -71,13 +71,16 @@ class EntryInfo:
 
 class Manager:
     def __init__(self, tiers: Sequence[TierSpec], policy: str = "agent", *, policy_kwargs: dict | None = None,
-                 write_through: bool = False, pin_budget_frac: float = 0.5, pin_lease_s: float = 600.0,
+                 write_through: bool = False, pin_budget_frac: float = 0.5, tenant_pin_budget_frac: float = 1.0,
+                 pin_lease_s: float = 600.0,
                  block_bytes: int = 1, listener: ManagerListener | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not tiers:
             raise ValueError("a manager needs at least one tier")
-        if not 0.0 <= pin_budget_frac <= 1.0:
-            raise ValueError(f"pin_budget_frac must be within [0, 1], got {pin_budget_frac}")
+        if not 0.0 <= pin_budget_frac <= 1.0 or not 0.0 <= tenant_pin_budget_frac <= 1.0:
+            raise ValueError(f"pin_budget_frac and tenant_pin_budget_frac must be within [0, 1], got "
+                             f"{pin_budget_frac}, {tenant_pin_budget_frac}")
+        self.tenant_pin_budget_frac = tenant_pin_budget_frac
         if block_bytes <= 0 or pin_lease_s <= 0:
             raise ValueError("block_bytes and pin_lease_s must be positive")
         self.block_bytes = block_bytes
@@ -99,6 +102,7 @@ class Manager:
         self._lane: dict[Key, int] = {}        # absent: NORMAL
         self._priority: dict[Key, tuple[int, float]] = {}
         self._pin_expiry: dict[Key, float] = {}
+        self._pin_owner: dict[Key, Hashable] = {}   # pinned keys -> the tenant whose budget they count against
         self._expiries: list[tuple[float, int, Key]] = []
         self._seq = 0
         self._track_freq = any(spec.admission_min_hits > 1 for spec in tiers)
@@ -286,7 +290,7 @@ class Manager:
         gone = []
         for key in keys:
             if key in state.sizes:
-                state.lane_remove(key, lane.get(key, NORMAL))
+                state.lane_remove(key, lane.get(key, NORMAL), self._pin_owner.get(key))
                 state.used -= state.sizes.pop(key)
                 gone.append(key)
         self._forget([k for k in gone if self.locate(k) is None and k not in self._busy])
@@ -294,9 +298,11 @@ class Manager:
             self.listener.on_evict(tier, gone)
 
     # --- retention -----------------------------------------------------------------------------------------------
-    def pin(self, keys: Iterable[Key], lease_s: float | None = None, now: float | None = None) -> PinReport:
-        """Pin (or renew the lease of) held keys for ``lease_s``. A pin that would exceed the pin budget of a
-        tier holding the key is downgraded to priority 100 for the same duration, and reported."""
+    def pin(self, keys: Iterable[Key], lease_s: float | None = None, now: float | None = None,
+            owner: Hashable = None) -> PinReport:
+        """Pin (or renew the lease of) held keys for ``lease_s``, on behalf of ``owner`` (a tenant; None: the
+        deployment). A pin that would exceed the pin budget of a tier holding the key, or the owner's share of it
+        (``tenant_pin_budget_frac``), is downgraded to priority 100 for the same duration, and reported."""
         now = self._clock() if now is None else now
         lease = self.pin_lease_s if lease_s is None else lease_s
         if lease <= 0:
@@ -308,10 +314,12 @@ class Manager:
                 report.missing.append(key)
                 continue
             if self._lane.get(key) != PINNED:
-                if any(t.pinned_bytes + t.sizes[key] > t.pin_budget for t in holders):
+                if any(t.pinned_bytes + t.sizes[key] > t.pin_budget or (owner is not None and t.pinned_by[owner]
+                       + t.sizes[key] > t.pin_budget * self.tenant_pin_budget_frac) for t in holders):
                     report.downgraded.append(key)
                     self.set_priority([key], 100, lease, now)
                     continue
+                self._pin_owner[key] = owner
                 self._relane(key, PINNED)
             self._pin_expiry[key] = now + lease
             self._push_expiry(now + lease, key)
@@ -360,8 +368,9 @@ class Manager:
                 self.discard([key], i)
 
     def apply_hints(self, keys: Sequence[Key], hints: AgentHints, block_size: int,
-                    now: float | None = None) -> PinReport:
-        """Map a request's hints onto its blocks (``keys[i]`` = tokens ``[i*bs, (i+1)*bs)``)."""
+                    now: float | None = None, tenant: Hashable = None) -> PinReport:
+        """Map a request's hints onto its blocks (``keys[i]`` = tokens ``[i*bs, (i+1)*bs)``); its pins count
+        against ``tenant``'s share of the pin budget."""
         now = self._clock() if now is None else now
         plan = block_plan(hints, len(keys), block_size)
         self.mark_ephemeral([keys[i] for i in plan.ephemeral])
@@ -369,7 +378,7 @@ class Manager:
             self.set_priority([keys[i] for i in blocks], priority, duration, now)
         report = PinReport()
         for lease, blocks in plan.pins.items():
-            got = self.pin([keys[i] for i in blocks], lease, now)
+            got = self.pin([keys[i] for i in blocks], lease, now, tenant)
             report.pinned += got.pinned
             report.downgraded += got.downgraded
             report.missing += got.missing
@@ -406,6 +415,11 @@ class Manager:
             _require(set(t.high) == {k for k in t.sizes if lane.get(k) == HIGH}, f"tier {i}: high lane")
             pinned = sum(s for k, s in t.sizes.items() if lane.get(k) == PINNED)
             _require(t.pinned_bytes == pinned, f"tier {i}: pinned bytes {t.pinned_bytes} != {pinned}")
+            by_owner = Counter()
+            for k, s in t.sizes.items():
+                if lane.get(k) == PINNED:
+                    by_owner[self._pin_owner.get(k)] += s
+            _require(t.pinned_by == +by_owner, f"tier {i}: pinned bytes by owner {t.pinned_by} != {by_owner}")
             _require(not set(t.sizes) & set(t.pending), f"tier {i}: a key both held and pending")
             if i >= FIRST_COLD_TIER:
                 _require(not t.ephemeral, f"tier {i}: ephemeral key below G2")
@@ -442,7 +456,9 @@ class Manager:
             return
         for t in self.tiers:
             if key in t.sizes:
-                t.lane_remove(key, old)
+                t.lane_remove(key, old, self._pin_owner.get(key))
+        if old == PINNED:
+            self._pin_owner.pop(key, None)
         if new == NORMAL:
             self._lane.pop(key, None)
         else:
@@ -454,7 +470,7 @@ class Manager:
     def _place(self, state: TierState, key: Key, lane: int, priority: int | None = None) -> None:
         if priority is None:
             priority = self._priority.get(key, (DEFAULT_PRIORITY, 0.0))[0]
-        state.lane_add(key, lane, priority, self._session_of.get(key))
+        state.lane_add(key, lane, priority, self._session_of.get(key), self._pin_owner.get(key))
 
     def _store(self, ti: int, keys: Sequence[Key], protect, sizes: dict[Key, int] | None = None,
                evicted: list | None = None, *, pending: bool = False, declined: list | None = None,
@@ -546,6 +562,7 @@ class Manager:
             self._lane.pop(key, None)
             self._priority.pop(key, None)
             self._pin_expiry.pop(key, None)
+            self._pin_owner.pop(key, None)
             self._freq.pop(key, None)
             session = self._session_of.pop(key, None)
             if session is not None:

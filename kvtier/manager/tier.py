@@ -8,6 +8,7 @@ are in no evictable lane at all; pins are bounded by the tier's pin budget.
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ class TierState:
     low: dict[Key, int] = field(default_factory=dict)          # key -> priority
     high: dict[Key, int] = field(default_factory=dict)
     pinned_bytes: int = 0
+    pinned_by: Counter[Hashable] = field(default_factory=Counter)   # owner (tenant) -> its pinned bytes here
     stats: TierStats = field(default_factory=TierStats)
     _low_heap: list[tuple[int, int, Key]] = field(default_factory=list)
     _high_heap: list[tuple[int, int, Key]] = field(default_factory=list)
@@ -77,27 +79,33 @@ class TierState:
         return self.spec.capacity - self.used
 
     # --- lanes ---------------------------------------------------------------------------------------------
-    def lane_add(self, key: Key, lane: int, priority: int = 0, session: Hashable = None) -> None:
-        """``key`` joins ``lane``; a normal key joins the policy's order as ``session``'s."""
+    def lane_add(self, key: Key, lane: int, priority: int = 0, session: Hashable = None,
+                 owner: Hashable = None) -> None:
+        """``key`` joins ``lane``; a normal key joins the policy's order as ``session``'s, a pinned one counts
+        against ``owner``'s (its tenant's) share of the pin budget."""
         if lane == NORMAL:
             self.policy.insert(key, session)
         elif lane == EPHEMERAL:
             self.ephemeral[key] = None
         elif lane == PINNED:
             self.pinned_bytes += self.sizes[key]
+            self.pinned_by[owner] += self.sizes[key]
         else:
             members, heap = (self.low, self._low_heap) if lane == LOW else (self.high, self._high_heap)
             members[key] = priority
             self._seq += 1
             heapq.heappush(heap, (priority, self._seq, key))
 
-    def lane_remove(self, key: Key, lane: int) -> None:
+    def lane_remove(self, key: Key, lane: int, owner: Hashable = None) -> None:
         if lane == NORMAL:
             self.policy.remove(key)
         elif lane == EPHEMERAL:
             del self.ephemeral[key]
         elif lane == PINNED:
             self.pinned_bytes -= self.sizes[key]
+            self.pinned_by[owner] -= self.sizes[key]
+            if not self.pinned_by[owner]:
+                del self.pinned_by[owner]
         elif lane == LOW:
             del self.low[key]
         else:

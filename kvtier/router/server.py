@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import xxhash
 import yarl
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kvtier.events import EventSubscriber, KVEventBatch
+from kvtier.hints import TENANT_FIELD
 from kvtier.router.auth import Auth, Tenant
 from kvtier.router.choice import Chooser, CostWeights, PriorityGate, QueueFull, SessionTable, WorkerLoad
 from kvtier.router.indexer import KvIndexer, Overlap
@@ -452,11 +454,14 @@ class KvRouter:
         if salt is not None:
             chat["cache_salt"] = salt
         need(params is None or isinstance(params, dict), "body.kv_transfer_params must be an object")
+        params = {k: v for k, v in (params or {}).items() if k not in ("agent_hints", TENANT_FIELD)}
         hints = derived.wire()
         if hints:
-            chat["kv_transfer_params"] = {**(params or {}), "agent_hints": hints}
-        elif params is not None:
-            chat["kv_transfer_params"] = {k: v for k, v in params.items() if k != "agent_hints"}
+            params["agent_hints"] = hints
+        if salt is not None:  # pins count against the tenant's share of the pin budget
+            params[TENANT_FIELD] = f"t{xxhash.xxh3_64_hexdigest(salt.encode())}"
+        if params or "kv_transfer_params" in chat:
+            chat["kv_transfer_params"] = params
         if derived.vllm_priority is not None and "priority" not in chat:
             chat["priority"] = derived.vllm_priority
 

@@ -26,7 +26,7 @@ EVERY_KEY = dataclasses.asdict(KvtierConfig(
     block_size=32, chunk_blocks=4, cache_salt="tenant", model_name="m", transfer_impl="torch", sm_budget=4,
     host_capacity_bytes=2**20, disk_capacity_bytes=2**30, disk_io_threads=2, disk_use_direct_io=False,
     disk_fsync=True, disk_max_pending_bytes=2**20, remote_password="pw", remote_username="user", remote_ttl_s=60,
-    remote_timeout_s=1.0, remote_part_bytes=2**20, remote_connections=2, policy="lru", pin_budget_frac=0.25,
+    remote_timeout_s=1.0, remote_part_bytes=2**20, remote_connections=2, policy="lru", pin_budget_frac=0.25, tenant_pin_budget_frac=0.5,
     pin_lease_s=5.0, admission_min_hits=3, write_through=True, lower_tier_deadline_ms=50.0, layerwise_load=True,
     events_endpoint="tcp://127.0.0.1:1", events_replay_endpoint="tcp://127.0.0.1:2"))
 

@@ -178,3 +178,21 @@ def test_write_through_copies_a_stored_chunk_into_every_lower_tier():
     assert demoted == [(1, 2, [1, 2]), (1, 3, [1, 2])]
     assert all(k in m.tiers[t].sizes for t in (1, 2, 3) for k in (1, 2))
     m.check_invariants()
+
+
+def test_a_tenant_pins_no_more_than_its_share_of_the_pin_budget():
+    """Pins count against their tenant's share of a tier's pin budget: tenant A cannot take the budget B's pins
+    need; what is over A's share gets priority 100 for the lease instead, like any pin over budget."""
+    from kvtier.manager import Manager
+    m = Manager([TierSpec("G1", 0), TierSpec("G2", 8)], policy="lru", pin_budget_frac=0.5, tenant_pin_budget_frac=0.5)
+    m.complete_store(m.prepare_store(list(range(8)), tier=1).store, tier=1)
+    a = m.pin([0, 1, 2], lease_s=60, owner="tenant-a")            # the pin budget is 4 keys, A's share 2
+    assert a.pinned == [0, 1] and a.downgraded == [2]
+    b = m.pin([4, 5, 6], lease_s=60, owner="tenant-b")
+    assert b.pinned == [4, 5] and b.downgraded == [6]
+    assert m.pin([3], lease_s=60).downgraded == [3]               # the whole budget is taken
+    assert m.tiers[1].pinned_by == {"tenant-a": 2, "tenant-b": 2}
+    m.check_invariants()
+    m.tick(now=m._clock() + 120)                                    # leases end: the shares are free again
+    assert not m.tiers[1].pinned_by and m.pin([2], lease_s=60, owner="tenant-a").pinned == [2]
+    m.check_invariants()

@@ -302,3 +302,22 @@ def test_a_session_stays_on_its_worker_unless_another_would_still_finish_it_soon
         assert chosen() == other
     finally:
         stop_cluster(two)
+
+
+def test_pins_count_against_the_tenant_of_the_api_key_which_a_client_cannot_claim(tmp_path) -> None:
+    from kvtier.hints import TENANT_FIELD
+    from kvtier.router.auth import Auth
+    c = start_cluster(1, tokenizer=make_tokenizer(tmp_path), config=RouterConfig(
+        block_size=BLOCK, health_interval_s=0.2, auth=Auth({"key-a": None, "key-b": "tenant-b"})))
+    try:
+        def tenant_of(key: str, extra: dict) -> str | None:
+            claude_b = anthropic.Anthropic(base_url=c.url, api_key=key, max_retries=0)
+            body = sent(c, lambda: claude_b.messages.create(**claude_code_request(), extra_body=extra))
+            return (body.get("kv_transfer_params") or {}).get(TENANT_FIELD)
+
+        forged = {"kv_transfer_params": {TENANT_FIELD: "tenant-a"}}
+        b = tenant_of("key-b", {})
+        assert b is not None and tenant_of("key-b", forged) == b and "tenant-b" not in b
+        assert tenant_of("key-a", forged) is None       # no salt, no tenant: the deployment's own budget
+    finally:
+        stop_cluster(c)

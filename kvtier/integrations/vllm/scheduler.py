@@ -48,7 +48,7 @@ from kvtier.cascade import G2, G4, TIER_NAMES, Cascade, spare_slots
 from kvtier.config import KvtierConfig
 from kvtier.events import MEDIUM_CPU
 from kvtier.hashing import Namespace
-from kvtier.hints import AgentHints, HintError, parse_hints
+from kvtier.hints import TENANT_FIELD, AgentHints, HintError, parse_hints
 from kvtier.integrations.common import engine_key
 from kvtier.integrations.vllm.ranks import lower_tiers, rank_namespace
 from kvtier.manager import ManagerError
@@ -124,6 +124,7 @@ class KvtierChunksSpec(BlockIDsLoadStoreSpec):
 @dataclass
 class _RequestHints:
     hints: AgentHints
+    tenant: str | None = None                              # whose pin budget its pins count against
     chunks: dict[int, int] = field(default_factory=dict)   # chunk index -> kvtier key
 
     def ordered_keys(self) -> list[int]:
@@ -219,7 +220,8 @@ class KvtierOffloadingManager(OffloadingManager):
             log.warning("kvtier: request %s: ignoring agent_hints: %s", req_context.req_id, exc)
             hints, kind = AgentHints(), "invalid"
         self._stats.increase_counter(REQUESTS, 1, (kind,))
-        req_context.set_state(_RequestHints(hints))
+        tenant = params.get(TENANT_FIELD) if isinstance(params, dict) else None
+        req_context.set_state(_RequestHints(hints, tenant if isinstance(tenant, str) else None))
         self.manager.begin_request(hints.session_id, hints=hints)
         return RequestOffloadingContext()
 
@@ -259,7 +261,7 @@ class KvtierOffloadingManager(OffloadingManager):
         state = ctx.get_state(_RequestHints)
         if state is None or state.hints == AgentHints():
             return
-        report = self.manager.apply_hints(state.ordered_keys(), state.hints, self.chunk_tokens)
+        report = self.manager.apply_hints(state.ordered_keys(), state.hints, self.chunk_tokens, tenant=state.tenant)
         if finished:
             self._stats.increase_counter(PINNED_CHUNKS, len(report.pinned), ("pinned",))
             self._stats.increase_counter(PINNED_CHUNKS, len(report.downgraded), ("over_budget",))
