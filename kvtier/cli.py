@@ -15,7 +15,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
-from kvtier.command_options import parse_with_config
+from kvtier.command_options import check_section, parse_with_config
+from kvtier.config import COMMAND_SECTIONS, KvtierConfig, read_yaml_mapping
 from kvtier.errors import UsageError
 
 # subcommand -> (module, one-line help)
@@ -89,13 +90,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         parser = command_parser(name)
-        args = parse_with_config(parser, name, argv[1:], _config_path(name, argv[1:]), os.environ)
+        config_path = _config_path(name, argv[1:])
+        if config_path is not None:
+            check_config_file(config_path, name)
+        args = parse_with_config(parser, name, argv[1:], config_path, os.environ)
         return int(importlib.import_module(SUBCOMMANDS[name][0]).run(args) or 0)
     except UsageError as exc:
         print(f"kvtier {name}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def check_config_file(path: str, command: str) -> None:
+    """The whole file, whichever command loads it: its top level against the engine's keys and every other
+    command's section against that command's options, so a typo is caught the first time the file is used (the
+    command's own section is read with its options)."""
+    data = read_yaml_mapping(path)
+    KvtierConfig.from_mapping({k: v for k, v in data.items() if k not in COMMAND_SECTIONS}, path)
+    for other in COMMAND_SECTIONS:
+        if other != command and other in data:
+            check_section(command_parser(other), other, path)
 
 
 def _config_path(name: str, argv: list[str]) -> str | None:

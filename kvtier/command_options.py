@@ -10,12 +10,13 @@ command line wins. Also the argument types the commands share.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from kvtier.config import ENV_PREFIX, parse_bool, read_yaml_mapping
-from kvtier.errors import UsageError
+from kvtier.config import ENV_PREFIX, KvtierConfig, parse_bool, parse_bytes, read_yaml_mapping
+from kvtier.errors import ConfigError, UsageError
 
 
 def positive_int(text: str) -> int:
@@ -23,6 +24,61 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expects an integer of 0 or more, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expects a finite number of 0 or more, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expects a finite number above 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expects a fraction within (0, 1], got {text!r}")
+    return value
+
+
+def byte_size(text: str) -> int:
+    """A positive size: bytes, or with a unit ("128MiB")."""
+    try:
+        value = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expects a positive size like 128MiB, got {text!r}")
+    return value
+
+
+def torch_device(text: str) -> str:
+    """cpu or cuda[:N], and only a CUDA device this machine has."""
+    import torch  # here: the commands without a device never import torch
+
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu or cuda[:N])") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expects cpu or cuda[:N]")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here (torch {torch.__version__} sees none); "
+                                         "use --device cpu")
+    return text
 
 
 def output_path(text: str) -> str:
@@ -33,11 +89,26 @@ def output_path(text: str) -> str:
     return text
 
 
+def directory(text: str) -> str:
+    """A directory that exists now."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no directory {text!r}")
+    return text
+
+
+def remote_url(text: str) -> str:
+    """A G4 URL, checked as the engine checks ``remote_url``."""
+    try:
+        return KvtierConfig.from_mapping({"remote_url": text}).remote_url
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_with_config(parser: argparse.ArgumentParser, command: str, argv: list[str], config_path: str | None,
                       env: Mapping[str, str]) -> argparse.Namespace:
     """``parser.parse_args(argv)`` over defaults from ``config_path``'s section for ``command`` and the
     environment. A repeatable flag given on the command line replaces the configured list, not extends it."""
-    options = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    options = _options(parser)
     configured = _configured(options, command, config_path, env)
     lists = {dest: value for dest, value in configured.items() if isinstance(options[dest], argparse._AppendAction)}
     for dest in configured:
@@ -48,6 +119,15 @@ def parse_with_config(parser: argparse.ArgumentParser, command: str, argv: list[
         if not getattr(args, dest):  # the flag was not given
             setattr(args, dest, value)
     return args
+
+
+def check_section(parser: argparse.ArgumentParser, command: str, config_path: str) -> None:
+    """The file's section for ``command`` against that command's options (names and values), as if it ran."""
+    _configured(_options(parser), command, config_path, {})
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
 
 
 def _configured(options: Mapping[str, argparse.Action], command: str, config_path: str | None,

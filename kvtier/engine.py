@@ -39,7 +39,7 @@ from kvtier.metrics import EngineMetrics
 from kvtier.tiers import open_remote_tier
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
-from kvtier.tiers.host import HostPool, HostTier
+from kvtier.tiers.host import HostPool, HostTier, host_slots
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +149,20 @@ class KvtierEngine:
         self._requests: dict[str, _RequestState] = {}
         self._closed = False
 
-        pool = HostPool(config.host_capacity_bytes, self.chunk_bytes)
-        if pool.num_slots <= spare_host_slots:
-            pool.close()
-            raise ValueError(f"host_capacity_bytes={config.host_capacity_bytes} holds {pool.num_slots} chunks of "
-                             f"{self.chunk_bytes} B; need more than {spare_host_slots} (the spare slots)")
+        host_slots(config.host_capacity_bytes, self.chunk_bytes, spare_host_slots)
         lower: dict[int, Tier] = {}
-        if config.disk_path:
-            lower[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
-        if config.remote_url:
-            lower[G4] = open_remote_tier(config, namespace)
+        try:
+            if config.disk_path:
+                lower[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
+            if config.remote_url:
+                lower[G4] = open_remote_tier(config, namespace)
+        except BaseException:
+            for tier in lower.values():
+                tier.close()
+            if self._own_events:
+                events.close()
+            raise
+        pool = HostPool(config.host_capacity_bytes, self.chunk_bytes)
         self._chunks = _ChunkEvents(events, config.block_size, lambda key: self.manager.locate(key) is not None)
         self.cascade = Cascade(config, self.metrics, HostTier(namespace, pool, own_pool=True), lower,
                                unit=pool.slot_bytes, chunk_bytes=self.chunk_bytes, spare_host_slots=spare_host_slots,

@@ -114,6 +114,39 @@ def test_bad_configured_values_are_one_line(tmp_path, yaml_text, env, expected):
     assert_one_line_error(kvtier(command, "--config", str(path), *args, env=env), *expected)
 
 
+@pytest.mark.parametrize("args, env, expected", [
+    (["demo", "--turns", "1"], {"KVTIER_HOST_CAPACITY_BYTES": "1KiB"}, ["host_capacity_bytes=1024", "smallest G2"]),
+    (["demo", "--turns", "1"], {"KVTIER_HOST_CAPACITY_BYTES": "0"}, ["host_capacity_bytes=0", "smallest G2"]),
+    (["demo", "--turns", "1"], {"KVTIER_DISK_PATH": "/proc/nope"}, ["disk_path='/proc/nope'", "cannot be created"]),
+    (["sim", "--format", "weka", "--trace", "{readme}"], {}, ["README.md", "not a Weka trace", ".tar.xz"]),
+    (["sim", "--format", "weka", "--trace", "{fake}"], {}, ["fake.tar.xz", "not a Weka trace"]),
+    (["bench", "router", "--workers", "0"], {}, ["--workers", "positive integer"]),
+    (["bench", "router", "--workers", "-1"], {}, ["--workers", "positive integer"]),
+])
+def test_what_ended_in_a_traceback_is_one_line_and_exit_2(args, env, expected, tmp_path):
+    fake = tmp_path / "fake.tar.xz"
+    fake.write_bytes(b"not an archive")
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    result = kvtier(*[a.replace("{fake}", str(fake)).replace("{readme}", str(readme)) for a in args], env=env)
+    assert result.returncode == 2, result
+    assert_one_line_error(result, *expected)
+
+
+@pytest.mark.parametrize("command, args", [("sim", ["--format", "synthetic"]), ("demo", ["--model", "tiny"]),
+                                           ("router", ["--port", "1", "--worker", "http://127.0.0.1:1"])])
+def test_a_typo_in_any_section_is_caught_by_whichever_command_loads_the_file(command, args, tmp_path):
+    """Each section of the file is checked against its own command's options, and its top level against the engine's
+    keys, whichever command reads it: the first use of a file finds its typos, not the day another command runs."""
+    typo = tmp_path / "kvtier.yaml"
+    other = "sim" if command == "router" else "router"
+    typo.write_text({"router": "router:\n  prot: 8000\n", "sim": "sim:\n  polcy: lru\n"}[other])
+    result = kvtier(command, "--config", str(typo), *args)
+    assert result.returncode == 2, result
+    assert_one_line_error(result, f"{other}.{'prot' if other == 'router' else 'polcy'}", "no such option")
+    typo.write_text("host_capacity_byte: 1GiB\n")
+    assert_one_line_error(kvtier(command, "--config", str(typo), *args), "did you mean 'host_capacity_bytes'")
+
+
 # --- what the command says about itself -------------------------------------------------------------------------
 def test_version_and_help_describe_kvtier():
     result = kvtier("--version")

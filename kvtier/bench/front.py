@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvtier.bench.common import machine_line, print_table, pyplot, write_json
+from kvtier.command_options import non_negative_int, output_path, positive_int
 from kvtier.testing.vllm_server import free_port, wait_healthy
 
 PROMPT = [{"role": "system", "content": "You are a coding agent. " * 40}, {"role": "user", "content": "next step?"}]
@@ -193,12 +194,12 @@ def plot(result: dict, path: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--requests", type=int, default=3000, help="requests per case and target")
-    parser.add_argument("--warmup", type=int, default=300, help="requests per case and target before the clock")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported")
+    parser.add_argument("--requests", type=positive_int, default=3000, help="requests per case and target")
+    parser.add_argument("--warmup", type=non_negative_int, default=300, help="requests per case and target before the clock")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="runs per case; medians are reported")
     parser.add_argument("--quick", action="store_true", help="500 requests per case, one run")
-    parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--plot", help="write a PNG of requests/s and p50 per case here")
+    parser.add_argument("--json", type=output_path, help="write the rows here")
+    parser.add_argument("--plot", type=output_path, help="write a PNG of requests/s and p50 per case here")
 
 
 def run(args: argparse.Namespace) -> int:

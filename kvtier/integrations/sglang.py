@@ -46,7 +46,8 @@ from sglang.srt.mem_cache.hicache_storage import (
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
 from kvtier import kernels
-from kvtier.cascade import G2, G3, G4, TIER_NAMES, Cascade, spare_slots
+from kvtier.cascade import G2, G3, G4, SPARE_SLOTS, TIER_NAMES, Cascade, spare_slots
+from kvtier.errors import ConfigError
 from kvtier.hashing import Namespace
 from kvtier.hints import AgentHints
 from kvtier.integrations.common import engine_key, kvtier_config, name_part, open_disk_tier, per_dp_rank
@@ -55,7 +56,7 @@ from kvtier.manager.core import PinReport
 from kvtier.metrics import EngineMetrics
 from kvtier.tiers import open_remote_tier
 from kvtier.tiers.base import Tier
-from kvtier.tiers.host import HostPool, HostTier
+from kvtier.tiers.host import HostPool, HostTier, host_slots
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,12 @@ class KvtierHiCacheStorage(HiCacheStorage):
         check_layout_against_pool(layout, mem_pool_host)
         namespace = sglang_namespace(config, mem_pool_host, layout.block_bytes, self.zero_copy, self._model_name,
                                      self.cfg.cache_salt)
-        pool = HostPool(self.cfg.host_capacity_bytes, layout.block_bytes) \
-            if self.cfg.host_capacity_bytes >= layout.block_bytes else None
-        if pool is None:
-            raise ValueError(f"{WHERE}: host_capacity_bytes={self.cfg.host_capacity_bytes} holds no page of "
-                             f"{layout.block_bytes} B")
+        below = self.cfg.remote_url or (self.cfg.disk_path and config.is_storage_writer)
+        try:
+            host_slots(self.cfg.host_capacity_bytes, layout.block_bytes, SPARE_SLOTS if below else 0, unit="page")
+        except ConfigError as exc:
+            raise ConfigError(f"{WHERE}: {exc}") from None
+        pool = HostPool(self.cfg.host_capacity_bytes, layout.block_bytes)
         self.close()
         lower: dict[int, Tier] = {}
         try:
@@ -128,9 +130,6 @@ class KvtierHiCacheStorage(HiCacheStorage):
             if self.cfg.remote_url:
                 lower[G4] = open_remote_tier(self.cfg, namespace)
             spare = spare_slots(pool.num_slots) if lower else 0
-            if pool.num_slots <= spare:
-                raise ValueError(f"{WHERE}: host_capacity_bytes holds {pool.num_slots} pages; with disk or remote "
-                                 f"tiers it must hold more than {spare} (the slots pages in flight use)")
         except BaseException:
             for tier in lower.values():
                 tier.close()

@@ -9,7 +9,7 @@ import socket
 
 from aiohttp import web
 
-from kvtier.command_options import positive_int
+from kvtier.command_options import non_negative_float, positive_float, positive_int
 from kvtier.errors import UsageError
 from kvtier.router.auth import Auth, load_keys
 from kvtier.router.choice import CostWeights
@@ -32,20 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "router hashes character blocks, which is approximate and only matches its own past decisions")
     parser.add_argument("--block-size", type=positive_int, default=16,
                         help="tokens per block, as the workers use")
-    parser.add_argument("--device-credit", type=float, default=1.0,
+    parser.add_argument("--device-credit", type=non_negative_float, default=1.0,
                         help="cost saved per prompt block a worker holds in GPU memory")
-    parser.add_argument("--host-credit", type=float, default=0.75,
+    parser.add_argument("--host-credit", type=non_negative_float, default=0.75,
                         help="cost saved per prompt block a worker holds in host memory (G2)")
-    parser.add_argument("--disk-credit", type=float, default=0.25,
+    parser.add_argument("--disk-credit", type=non_negative_float, default=0.25,
                         help="cost saved per prompt block a worker holds on disk or in its remote store (G3/G4)")
-    parser.add_argument("--decode-weight", type=float, default=1.0, help="cost per KV block a worker is decoding with")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: cheapest worker; >0: softmax sampling")
+    parser.add_argument("--decode-weight", type=non_negative_float, default=1.0, help="cost per KV block a worker is decoding with")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: cheapest worker; >0: softmax sampling")
     parser.add_argument("--max-inflight", type=positive_int, default=64,
                         help="requests per worker before it counts as saturated")
     parser.add_argument("--max-waiting", type=positive_int, default=1024,
                         help="bound of the queue when all are saturated (then 429)")
-    parser.add_argument("--approx-ttl", type=float, default=120.0, help="seconds a routed prefix is assumed cached")
-    parser.add_argument("--health-interval", type=float, default=2.0,
+    parser.add_argument("--approx-ttl", type=positive_float, default=120.0, help="seconds a routed prefix is assumed cached")
+    parser.add_argument("--health-interval", type=positive_float, default=2.0,
                         help="seconds between health checks of every worker (two failed in a row: dead)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[:SALT]",
                         help="a client API key (Authorization: Bearer KEY or x-api-key: KEY), repeat for several; "

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvtier.command_options import output_path, positive_int
+from kvtier.command_options import output_path, positive_int, remote_url, torch_device
 from kvtier.config import KvtierConfig
 from kvtier.engine import EngineRequest, KvtierEngine
 from kvtier.hashing import Namespace
@@ -79,11 +79,11 @@ def agentic_session(vocab: int, seed: int = 0, system_tokens: int = 768, turns: 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=model_arg, default="small", help="tiny, small or llama3-8b-l<N>")
-    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N]")
     parser.add_argument("--turns", type=positive_int, default=5, help="main-agent calls in the session")
     parser.add_argument("--new-tokens", type=positive_int, default=8, help="tokens generated per call")
-    parser.add_argument("--remote", help="G4: a redis://host:port URL (overrides remote_url of --config and "
+    parser.add_argument("--remote", type=remote_url, help="G4: a redis://host:port URL (overrides remote_url of --config and "
                         "KVTIER_REMOTE_URL); with G4, G3 is kept small so the session reaches it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the session's tokens")
     parser.add_argument("--json", type=output_path, help="write the results here")
@@ -94,19 +94,6 @@ def model_arg(name: str) -> str:
         ModelConfig.preset(name)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return name
-
-
-def device_arg(name: str) -> str:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device: {name!r} (cpu or cuda[:N])") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{name!r}: no CUDA device here (torch {torch.__version__} sees none); "
-                                         "use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{name!r}: the demo runs on cpu or cuda")
     return name
 
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import lzma
 import os
 import tarfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +42,9 @@ SOURCE = "callanjfox/kv-cache-tester traces/ (Apache-2.0), Claude Code sessions 
 SCOPES = ("local", "global")
 WEKA_BLOCK_TOKENS = 64
 DEFAULT_MAX_GAP_S = 60.0
+NOT_WEKA = "not a Weka trace (a .tar.xz of session JSON files or a directory of them)"
+# what a file that is no archive, or a truncated one, raises while it is read
+UNREADABLE = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError)
 
 
 class _Request(msgspec.Struct):
@@ -114,7 +119,11 @@ def parse_sessions(path: str | os.PathLike[str], progress: bool = True) -> dict[
     bar = tqdm(files, total=len(files), desc=f"parsing {path.name} (cached after this)", unit="session",
                disable=not progress, mininterval=1.0)
     for sid, read in enumerate(bar):
-        _flatten(decoder.decode(read()), sid, models, agents, out)
+        try:
+            session = decoder.decode(read())
+        except (msgspec.DecodeError, *UNREADABLE) as exc:
+            raise ValueError(f"{path}: {NOT_WEKA}: session file {sid + 1}: {exc}") from None
+        _flatten(session, sid, models, agents, out)
     arrays = {
         "session": np.asarray(out["session"], np.int32), "scope": np.asarray(out["scope"], np.int8),
         "duplicate": np.asarray(out["duplicate"], bool), "t": np.asarray(out["t"], np.float64),
@@ -132,11 +141,20 @@ def parse_sessions(path: str | os.PathLike[str], progress: bool = True) -> dict[
 def _json_files(path: Path) -> list[Callable[[], bytes]]:
     """One reader per session file, in name order (a list, so the progress bar knows the total)."""
     if path.is_dir():
-        return [f.read_bytes for f in sorted(path.rglob("trace_*.json"))]
-    tar = tarfile.open(path, "r:*")
-    members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")
-                      and Path(m.name).name.startswith("trace_")), key=lambda m: m.name)
-    return [lambda m=m: tar.extractfile(m).read() for m in members]
+        readers = [f.read_bytes for f in sorted(path.rglob("trace_*.json"))]
+    elif not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}")
+    else:
+        try:
+            tar = tarfile.open(path, "r:*")
+            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")
+                              and Path(m.name).name.startswith("trace_")), key=lambda m: m.name)
+        except UNREADABLE:
+            raise ValueError(f"{path}: {NOT_WEKA}") from None
+        readers = [lambda m=m: tar.extractfile(m).read() for m in members]
+    if not readers:
+        raise ValueError(f"{path}: {NOT_WEKA}: it holds no trace_*.json")
+    return readers
 
 
 def session_clock(parsed: dict[str, np.ndarray], max_gap: float | None) -> np.ndarray:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kvtier.chunk import HEADER_BYTES, ChunkError, ChunkHeader
 from kvtier.config import KvtierConfig
+from kvtier.errors import ConfigError
 from kvtier.hashing import Namespace
 from kvtier.tiers import fileio
 from kvtier.tiers.base import Buffer, CapacityIndex, LocalTier, buffer_address, check_key, gather, then
@@ -113,8 +114,15 @@ class DiskTier(LocalTier):
         """A tier for ``cfg``; ``chunk_bytes`` (the engine's chunk size) fixes the extent size up front."""
         if not cfg.disk_path:
             raise ValueError("disk_path is empty: no disk tier configured")
-        return cls(namespace, cfg.disk_path, cfg.disk_capacity_bytes, cfg.disk_io_threads,
-                   cfg.disk_use_direct_io, cfg.disk_fsync, cfg.disk_max_pending_bytes, chunk_bytes)
+        try:
+            return cls(namespace, cfg.disk_path, cfg.disk_capacity_bytes, cfg.disk_io_threads,
+                       cfg.disk_use_direct_io, cfg.disk_fsync, cfg.disk_max_pending_bytes, chunk_bytes)
+        except DirectoryInUseError as exc:
+            raise ConfigError(f"disk_path={cfg.disk_path!r}: {exc}: another process serves the same model from it; "
+                              "give each process (each engine or --dp-size replica) its own disk_path") from None
+        except OSError as exc:
+            raise ConfigError(f"disk_path={cfg.disk_path!r} cannot be created or written: "
+                              f"{exc.strerror or exc}") from None
 
     @property
     def capacity_bytes(self) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kvtier.config import KvtierConfig
+from kvtier.errors import ConfigError
 from kvtier.hashing import Namespace
 from kvtier.tiers.base import Buffer, CapacityIndex, LocalTier, TierClosedError, check_key, completed
 
@@ -29,6 +30,21 @@ CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02   # cudaHostRegisterPortable | 
 
 def round_up(n: int, multiple: int = PAGE) -> int:
     return -(-n // multiple) * multiple
+
+
+def host_slots(capacity_bytes: int, slot_bytes: int, spare: int = 0, unit: str = "chunk") -> int:
+    """The slots of ``slot_bytes`` (rounded as the pool rounds them) that ``host_capacity_bytes`` gives G2, checked
+    before any memory is taken: with no slot beyond the ``spare`` ones (those chunks in flight to the tiers below
+    use), a ConfigError naming the smallest G2 that works."""
+    slot = round_up(slot_bytes)
+    slots = capacity_bytes // slot
+    if slots <= spare:
+        smallest = (spare + 1) * slot
+        beside = f" beside the {spare} spare slots of chunks in flight to the tiers below" if spare else ""
+        raise ConfigError(f"host_capacity_bytes={capacity_bytes} holds {slots} {unit}s of {slot} B; the smallest G2 "
+                          f"that holds one{beside} is {smallest} B (host_capacity_bytes: "
+                          f"\"{-(-smallest // 2**20)}MiB\")")
+    return slots
 
 
 class PoolExhausted(MemoryError):

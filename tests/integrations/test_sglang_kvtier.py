@@ -270,7 +270,7 @@ def test_a_page_read_while_its_demotion_is_being_written_waits_for_the_write(bac
 @pytest.mark.parametrize("extra, error", [
     ({k: v for k, v in KVTIER.items() if k != "host_capacity_bytes"}, "host_capacity_bytes"),
     ({**KVTIER, "host_capacity_bytes": 0}, "host_capacity_bytes must be positive"),
-    ({**KVTIER, "host_capacity_bytes": 16}, "holds no page"),
+    ({**KVTIER, "host_capacity_bytes": 16}, "holds 0 pages"),
     ({**KVTIER, "disk_pth": "/tmp/x"}, "unknown configuration key 'disk_pth'"),
     ({**KVTIER, "remote_timeout_s": "soon"}, "remote_timeout_s"),
     ({**KVTIER, "file_storage_path": "/tmp/hicache", "host_capacity_bytes": 0}, "must be positive"),  # SGLang's key is fine

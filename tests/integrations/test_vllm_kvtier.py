@@ -177,15 +177,15 @@ def test_chunks_of_several_blocks_round_trip(harness):
 @pytest.mark.parametrize("extra, error", [
     ({"spec_name": "KvtierOffloadingSpec"}, "Unsupported spec type"),
     ({"spec_name": "KvtierOffloadingSpec", "spec_module_path": "kvtier.integrations.vllm"}, "host_capacity_bytes"),
-    (kvtier_spec(0), "holds no chunk"),
+    (kvtier_spec(0), "holds 0 chunks .* the smallest G2"),
     (kvtier_spec(8, host_capacity_byte=1), "unknown configuration key 'host_capacity_byte'"),
     (kvtier_spec(8, disk_paht="/tmp/x"), "did you mean 'disk_path'"),
     (kvtier_spec(8, policy="nope"), "policy"),
     (kvtier_spec(8, host_capacity_bytes="lots"), "host_capacity_bytes"),
-    (kvtier_spec(8, disk_path="/dev/null/g3"), "cannot use disk_path"),
+    (kvtier_spec(8, disk_path="/dev/null/g3"), "disk_path=.*cannot be created or written"),
     (kvtier_spec(8, remote_url="http://127.0.0.1:1"), "remote_url expects a URL starting with redis://"),
     (kvtier_spec(8, disk_path="/tmp/g3", disk_capacity_bytes=-5), "disk_capacity_bytes"),
-    (kvtier_spec(2, remote_url="redis://127.0.0.1:1"), "more than 2"),
+    (kvtier_spec(2, remote_url="redis://127.0.0.1:1"), "beside the 2 spare slots"),
 ])
 def test_bad_configuration_fails_at_startup(extra, error):
     shm_before = set(Path("/dev/shm").glob("kvtier-*"))

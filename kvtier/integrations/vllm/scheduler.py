@@ -57,7 +57,6 @@ from kvtier.metrics import EngineMetrics
 from kvtier.tiers.host import HostPool, HostTier
 from kvtier.tiers.shared_region import SharedRegion
 
-
 log = logging.getLogger(__name__)
 
 
@@ -175,12 +174,7 @@ class KvtierOffloadingManager(OffloadingManager):
         parts = [r.buffer[:num_slots * part_bytes] for r in self._regions]
         pool = HostPool(num_slots * part_bytes, part_bytes, pin=False, buffer=parts[0])
         lower = lower_tiers(cfg, namespace, len(parts), parts, chunk_bytes)
-        spare = spare_slots(num_slots) if lower else 0
-        if num_slots <= spare:
-            for tier in lower.values():
-                tier.close()
-            raise ValueError(f"KvtierOffloadingSpec: host_capacity_bytes holds {num_slots} chunks; with disk or "
-                             f"remote tiers it must hold more than {spare} (the slots chunks in flight use)")
+        spare = spare_slots(num_slots) if lower else 0   # the spec checked that G2 holds more than these
         self.cascade = Cascade(cfg, self.metrics, HostTier(rank_namespace(namespace, 0, len(parts)), pool,
                                                            own_pool=True),
                                lower, unit=part_bytes * len(parts), chunk_bytes=chunk_bytes, spare_host_slots=spare,

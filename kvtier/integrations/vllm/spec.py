@@ -14,14 +14,15 @@ from vllm.v1.kv_offload.base import (
 )
 from vllm.v1.kv_offload.config import OffloadingConfig
 
+from kvtier.cascade import SPARE_SLOTS
+from kvtier.errors import ConfigError
 from kvtier.hashing import Namespace
 from kvtier.integrations.common import kvtier_config, name_part, per_dp_rank
 from kvtier.integrations.vllm.scheduler import METRIC_DEFINITIONS, KvtierOffloadingManager
 from kvtier.integrations.vllm.worker import KvtierOffloadingWorker, canonical_layout
 from kvtier.layout import VLLM_ORDERS
-from kvtier.tiers.host import HostPool, round_up
+from kvtier.tiers.host import HostPool, host_slots, round_up
 from kvtier.tiers.shared_region import SharedRegion
-
 
 VLLM_KEYS = frozenset({"spec_name", "spec_module_path", "blocks_per_chunk", "block_size", "canonical_layout",
                        "sync_load_budget_bytes", "self_describing_kv_events", "offload_prompt_only",
@@ -67,10 +68,11 @@ class KvtierOffloadingSpec(OffloadingSpec):
             raise ValueError(f"{where}: KV cache layout {config.kv_cache_layout!r} is not one of {VLLM_ORDERS}")
         self.chunk_bytes = config.worker_kv_bytes_per_block * config.cache.blocks_per_chunk
         self.slot_bytes = slot_bytes(config)
-        self.num_slots = self.kvtier.host_capacity_bytes // self.slot_bytes
-        if self.num_slots <= 0:
-            raise ValueError(f"{where}: host_capacity_bytes={self.kvtier.host_capacity_bytes} holds no chunk of "
-                             f"{self.slot_bytes} B; give at least one chunk")
+        spare = SPARE_SLOTS if self.kvtier.disk_path or self.kvtier.remote_url else 0
+        try:
+            self.num_slots = host_slots(self.kvtier.host_capacity_bytes, self.slot_bytes, spare)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         self.world_size = config.parallel.world_size
         self.namespace = vllm_namespace(config, self.kvtier.model_name if "model_name" in self.extra_config else "",
                                         self.kvtier.cache_salt)
