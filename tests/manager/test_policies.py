@@ -409,3 +409,21 @@ def test_agent_policy_memory_stays_bounded_however_many_sessions_come(monkeypatc
     for i in range(8):
         policy.begin_request(f"t{i}", 200.0 + i)
     assert "holder" not in policy._sessions and len(policy._sessions) == 8
+
+
+def test_agent_policy_keeps_the_context_of_a_request_waiting_in_the_queue():
+    """A request that has arrived and not read its context yet (queued in vLLM behind longer prefills) needs it as
+    soon as the scheduler reaches it: its context is kept over one whose next call is still to come, and is not
+    taken for a stale branch of its previous request (before, arrival reset it to stale: evicted just before the
+    read, at a served capacity cliff the policy did no better than LRU)."""
+    from kvtier.manager.policies.agent import AgentAware
+    policy = AgentAware(capacity=4)
+    for session, keys, t in (("a", [1, 2], 0.0), ("b", [3, 4], 10.0)):
+        policy.begin_request(session, t)
+        policy.touch_request(keys, set(keys), session)
+        policy.end_request(session, t + 1.0, "tool_use")
+    policy.begin_request("a", 100.0)                      # a's next call waits; b's is still to come
+    assert policy.evict(2, busy=()) == [4, 3]
+    policy.touch_request([1, 2], (), "a")                  # read: a is generating, needed after its response
+    policy.begin_request("b", 101.0)
+    assert policy.evict(1, busy=()) == [2]

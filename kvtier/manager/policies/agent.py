@@ -23,7 +23,11 @@ How it evicts:
    so a branch left out a moment ago is not thrown away ahead of contexts idle for minutes (nor taken in one
    batch with the session's older stale blocks).
 2. Whole sessions in order of their predicted next call, furthest first. A session that has been quiet
-   for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses).
+   for longer than its usual gap is predicted to stay quiet for as long again (heavy-tailed pauses). A session
+   whose request has arrived and waits in the server's queue (it has read and stored nothing yet) is needed
+   first, the earliest arrival before later ones: served behind the router its context sat in the queue as a
+   stale branch of a request that ended minutes ago and was evicted just before it was read (at a capacity
+   cliff the policy then served no more from cache than LRU).
 3. Within a session, leaves first: the deepest blocks of its context go before their ancestors, so what is
    kept is always a usable prefix.
 4. A block is held by every session whose latest request used it (a common system prompt and tools, the
@@ -63,7 +67,7 @@ def _ema(old: float | None, new: float, weight: float) -> float:
 
 class _Session:
     __slots__ = ("order", "fresh", "live", "alone", "last_arrival", "log_gap", "hinted_delay", "last_end",
-                 "last_stop", "log_gap_after", "final")
+                 "last_stop", "log_gap_after", "final", "waiting")
 
     def __init__(self) -> None:
         # the blocks it holds, leaf-first (oldest / deepest first) -> when a request last used it
@@ -78,6 +82,7 @@ class _Session:
         self.last_stop: str | None = None
         self.log_gap_after: dict[str | None, float] = {}  # log gap from a response's end to the next call
         self.final = False                    # the client said its latest request was the last
+        self.waiting = False                  # its latest request arrived and has not read or stored a block yet
 
 
 class AgentAware(Policy):
@@ -124,15 +129,16 @@ class AgentAware(Policy):
             log_gap = math.log(max(_MIN_GAP_S, now - s.last_end))
             s.log_gap_after[s.last_stop] = _ema(s.log_gap_after.get(s.last_stop), log_gap, _GAP_WEIGHT)
             self._log_gap_after[s.last_stop] = _ema(self._log_gap_after.get(s.last_stop), log_gap, 0.01)
-        s.last_arrival, s.last_end, s.final = now, None, False
+        s.last_arrival, s.last_end, s.final, s.waiting = now, None, False, True
         s.hinted_delay = None if next_call_delay_s is None else max(0.0, next_call_delay_s)
-        s.live, s.fresh = s.fresh, 0
+        s.live = s.fresh   # until the request reads or stores, its context is what the previous one used
         self._now = max(self._now, now)
         if session in self._idle:
             self._idle.move_to_end(session)
 
     def end_request(self, session: Hashable, now: float, stop_reason: str | None = None, final: bool = False) -> None:
         s = self._session(session)
+        s.waiting = False
         if s.last_arrival is not None and s.last_end is None:
             self._log_busy = _ema(self._log_busy, math.log(max(_MIN_GAP_S, now - s.last_arrival)), 0.01)
         s.last_end, s.last_stop, s.final = now, stop_reason, final
@@ -171,6 +177,8 @@ class AgentAware(Policy):
         is predicted to stay quiet for as long again (heavy-tailed pauses)."""
         if s.last_arrival is None or s.final:
             return math.inf
+        if s.waiting:  # queued in the server: its context is read as soon as the scheduler reaches it
+            return s.last_arrival
         if s.hinted_delay is not None and now <= s.last_arrival + s.hinted_delay:
             return s.last_arrival + s.hinted_delay
         if self._log_busy is not None:  # the server reports when responses end and why
@@ -234,6 +242,8 @@ class AgentAware(Policy):
         """``session`` holds ``key`` as its newest entry (a demoted key too: victims arrive leaf-first, so
         appending keeps that order)."""
         s = self._session(session)
+        if s.waiting:  # the request's first block: what it did not read is stale from now
+            s.waiting, s.fresh = False, 0
         self._hold(session, s, key)
         s.fresh = min(s.fresh + 1, len(s.order))
 
@@ -244,7 +254,7 @@ class AgentAware(Policy):
         s, hold = self._session(session), self._hold
         for key in reversed(keys):
             hold(session, s, key)
-        s.fresh = min(len(keys), len(s.order))
+        s.fresh, s.waiting = min(len(keys), len(s.order)), False
 
     def remove(self, key: Key) -> None:
         for sid in self._holders.get(key, {self._holder[key]}).copy():
