@@ -274,6 +274,8 @@ class AgentAware(Policy):
             return keys
         now = self._now
         cur = self._session(session)
+        if cur.waiting:  # a request that stores has been computed: it waits in no queue now
+            cur.waiting, cur.fresh = False, 0
         mine = self.predicted_next_call(cur, now)
         parts = []   # (predicted next use, blocks evicting it frees): each session's stale and live blocks
         for sid, s in self._holding.items():
