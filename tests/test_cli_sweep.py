@@ -45,9 +45,9 @@ BAD_VALUES: dict[object, list[str]] = {
     router_cli.events_arg: ["nope"],
     serving.configs_arg: ["e", ""],
     tiers.sizes_arg: ["0", "x,1"],
-    policies.regimes_arg: ["nope", ""],
-    policies.policies_arg: ["nope", ""],
-    policies.admission_arg: ["nope", ""],
+    policies.regimes_arg: ["nope", "agentic,nope"],   # empty: none of them (--regimes "" skips the synthetic ones)
+    policies.policies_arg: ["nope"],
+    policies.admission_arg: ["nope"],
 }
 BAD_CHOICE = ["nope"]
 # options that take any text: why, and the bad values their command checks when it starts

@@ -169,7 +169,7 @@ def _choices(kind: str, known) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [x.strip() for x in text.split(",") if x.strip()]
         unknown = [n for n in names if n not in known]
-        if unknown or not names:
+        if unknown:
             raise argparse.ArgumentTypeError(f"unknown {kind} {', '.join(unknown)}; choose from {', '.join(known)}")
         return names
     return parse
