@@ -156,13 +156,13 @@ class KvtierEngine:
                 lower[G3] = DiskTier.from_config(config, namespace, self.chunk_bytes)
             if config.remote_url:
                 lower[G4] = open_remote_tier(config, namespace)
-        except BaseException:
+            pool = HostPool(config.host_capacity_bytes, self.chunk_bytes)
+        except BaseException:  # nothing opened so far outlives a failed start
             for tier in lower.values():
                 tier.close()
             if self._own_events:
                 events.close()
             raise
-        pool = HostPool(config.host_capacity_bytes, self.chunk_bytes)
         self._chunks = _ChunkEvents(events, config.block_size, lambda key: self.manager.locate(key) is not None)
         self.cascade = Cascade(config, self.metrics, HostTier(namespace, pool, own_pool=True), lower,
                                unit=pool.slot_bytes, chunk_bytes=self.chunk_bytes, spare_host_slots=spare_host_slots,

@@ -238,12 +238,18 @@ class AgentAware(Policy):
             self._sessions[last].alone += 1
         return False
 
+    @staticmethod
+    def _started(s: _Session) -> None:
+        """``s``'s queued request stores without having read: it waits in no queue now, and what it did not read is
+        stale (reading, ``touch_request`` recounts its fresh blocks instead)."""
+        if s.waiting:
+            s.waiting, s.fresh = False, 0
+
     def insert(self, key: Key, session: Hashable = None) -> None:
         """``session`` holds ``key`` as its newest entry (a demoted key too: victims arrive leaf-first, so
         appending keeps that order)."""
         s = self._session(session)
-        if s.waiting:  # the request's first block: what it did not read is stale from now
-            s.waiting, s.fresh = False, 0
+        self._started(s)
         self._hold(session, s, key)
         s.fresh = min(s.fresh + 1, len(s.order))
 
@@ -274,8 +280,7 @@ class AgentAware(Policy):
             return keys
         now = self._now
         cur = self._session(session)
-        if cur.waiting:  # a request that stores has been computed: it waits in no queue now
-            cur.waiting, cur.fresh = False, 0
+        self._started(cur)   # a request that stores has been computed
         mine = self.predicted_next_call(cur, now)
         parts = []   # (predicted next use, blocks evicting it frees): each session's stale and live blocks
         for sid, s in self._holding.items():
